@@ -1,0 +1,235 @@
+"""Tests for finetune.gpt2 (architecture, per-example losses/gradients, taps, generation)
+and finetune.checkpoint (Hugging Face safetensors and MindSpore .ckpt, both directions)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+from mindspore import Tensor, ops  # noqa: E402
+
+from finetune.gpt2 import GPT2Config, GPT2LMHeadModel, generate  # noqa: E402
+
+# Small enough that graph compilation stays a few seconds, big enough to have 2 blocks and 2 heads.
+CFG = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=24)
+B, T = 3, 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPT2LMHeadModel(CFG, seed=1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.float32)
+    mask[1, 6:] = 0.0
+    mask[2, 8:] = 0.0
+    return ids, mask
+
+
+# ---------------------------------------------------------------- numpy reference (HF maths)
+def _gelu_new(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _ln(x, w, b, eps=1e-5):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * w + b
+
+
+def hf_reference_logits(sd, cfg, ids):
+    """GPT-2 forward in float64 numpy from a Hugging Face state dict (Conv1D weights [in, out])."""
+    g = {k.removeprefix("transformer."): v.astype(np.float64) for k, v in sd.items()}
+    t = ids.shape[-1]
+    x = g["wte.weight"][ids] + g["wpe.weight"][np.arange(t)]
+    hd = cfg.n_embd // cfg.n_head
+    causal = np.tril(np.ones((t, t), bool))
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        h = _ln(x, g[p + "ln_1.weight"], g[p + "ln_1.bias"])
+        qkv = h @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]
+        q, k, v = np.split(qkv, 3, -1)
+        sh = lambda z: z.reshape(z.shape[0], t, cfg.n_head, hd).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = sh(q), sh(k), sh(v)
+        s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)
+        s = np.where(causal, s, -np.inf)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = (s / s.sum(-1, keepdims=True)) @ v
+        a = a.transpose(0, 2, 1, 3).reshape(x.shape)
+        x = x + a @ g[p + "attn.c_proj.weight"] + g[p + "attn.c_proj.bias"]
+        h = _ln(x, g[p + "ln_2.weight"], g[p + "ln_2.bias"])
+        h = _gelu_new(h @ g[p + "mlp.c_fc.weight"] + g[p + "mlp.c_fc.bias"])
+        x = x + h @ g[p + "mlp.c_proj.weight"] + g[p + "mlp.c_proj.bias"]
+    x = _ln(x, g["ln_f.weight"], g["ln_f.bias"])
+    return x @ g["wte.weight"].T
+
+
+def random_hf_state_dict(cfg, seed=0, prefix="transformer."):
+    """Random weights in the real Hugging Face GPT-2 layout: HF key names, Conv1D [in, out]."""
+    rng = np.random.default_rng(seed)
+    c = cfg.n_embd
+    r = lambda *s: (rng.normal(0, 0.3, s)).astype(np.float32)  # noqa: E731
+    sd = {"wte.weight": r(cfg.vocab_size, c), "wpe.weight": r(cfg.n_positions, c),
+          "ln_f.weight": 1 + r(c), "ln_f.bias": r(c)}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(c), p + "ln_1.bias": r(c),
+                   p + "attn.c_attn.weight": r(c, 3 * c), p + "attn.c_attn.bias": r(3 * c),
+                   p + "attn.c_proj.weight": r(c, c), p + "attn.c_proj.bias": r(c),
+                   p + "ln_2.weight": 1 + r(c), p + "ln_2.bias": r(c),
+                   p + "mlp.c_fc.weight": r(c, 4 * c), p + "mlp.c_fc.bias": r(4 * c),
+                   p + "mlp.c_proj.weight": r(4 * c, c), p + "mlp.c_proj.bias": r(c)})
+    return {prefix + k: v for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------- config
+def test_config_presets_and_validation(tmp_path):
+    tiny, small = GPT2Config.tiny(), GPT2Config.small()
+    assert (tiny.n_layer, tiny.n_embd, tiny.n_head) == (2, 128, 2)
+    assert (small.n_layer, small.n_embd, small.n_head, small.vocab_size) == (12, 768, 12, 50257)
+    assert GPT2Config.preset("tiny") == tiny
+    with pytest.raises(ValueError, match="unknown GPT-2 preset"):
+        GPT2Config.preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        GPT2Config(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="positive integer"):
+        GPT2Config(n_layer=0)
+    path = tmp_path / "config.json"
+    CFG.to_json(path)
+    assert json.loads(path.read_text())["model_type"] == "gpt2"
+    assert GPT2Config.from_json(path) == CFG
+    with pytest.raises(ValueError, match="model_type"):
+        GPT2Config.from_dict({"model_type": "bert"})
+
+
+def _count(cfg):
+    c = cfg.n_embd
+    per_block = 2 * 2 * c + (3 * c * c + 3 * c) + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
+    return (cfg.vocab_size + cfg.n_positions) * c + cfg.n_layer * per_block + 2 * c
+
+
+def test_parameter_count_and_gpt2_small_size():
+    assert GPT2LMHeadModel(CFG).num_parameters() == _count(CFG)
+    # the published size of GPT-2 small (tied head); the model itself is not built to save time
+    assert _count(GPT2Config.small()) == 124_439_808
+
+
+def test_parameter_names_follow_hugging_face(model):
+    names = [n for n, _ in model.parameters_and_names()]
+    expected = set(random_hf_state_dict(CFG))
+    assert set(names) == expected
+    assert [p.name for p in model.get_parameters()] == names
+    assert model.transformer.h[1].attn.c_attn.weight.shape == (3 * CFG.n_embd, CFG.n_embd)  # [out, in]
+
+
+# ---------------------------------------------------------------- forward / loss
+def test_forward_matches_numpy_reference(model, batch):
+    ids, _ = batch
+    sd = {}
+    for n, p in model.parameters_and_names():
+        a = p.asnumpy()
+        if n.endswith(".weight") and any(k in n for k in ("c_attn", "c_proj", "c_fc")):
+            a = a.T  # our [out, in] -> HF Conv1D [in, out]
+        sd[n] = a
+    ref = hf_reference_logits(sd, CFG, ids)
+    got = model(Tensor(ids), Tensor(np.ones_like(ids, np.float32))).asnumpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_is_masked_mean_token_nll(model, batch):
+    ids, mask = batch
+    logits = model(Tensor(ids), Tensor(mask)).asnumpy().astype(np.float64)
+    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = []
+    for b in range(B):
+        n = int(mask[b].sum())
+        want.append(-np.mean([lp[b, t, ids[b, t + 1]] for t in range(n - 1)]))
+    got = model.loss(Tensor(ids), Tensor(mask)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    single = [float(model.loss_single(Tensor(ids[b]), Tensor(mask[b])).asnumpy()) for b in range(B)]
+    np.testing.assert_allclose(single, got, rtol=1e-6)
+
+
+def test_padding_and_future_tokens_are_invisible(model, batch):
+    ids, mask = batch
+    base = model(Tensor(ids), Tensor(mask)).asnumpy()
+    ids2 = ids.copy()
+    ids2[1, 6:] = (ids2[1, 6:] + 7) % CFG.vocab_size   # change padded tokens only
+    ids2[0, 7] = (ids2[0, 7] + 3) % CFG.vocab_size      # change a future token of row 0
+    out = model(Tensor(ids2), Tensor(mask)).asnumpy()
+    np.testing.assert_allclose(out[1, :6], base[1, :6], atol=1e-6)
+    np.testing.assert_allclose(out[0, :7], base[0, :7], atol=1e-6)
+    assert np.abs(out[0, 7:] - base[0, 7:]).max() > 1e-4   # ...but it does change later positions
+    np.testing.assert_allclose(model.loss(Tensor(ids2), Tensor(mask)).asnumpy()[1],
+                               model.loss(Tensor(ids), Tensor(mask)).asnumpy()[1], rtol=1e-6)
+
+
+def test_vmap_per_example_gradients_in_graph_mode(model, batch):
+    ids, mask = batch
+    params = ms.ParameterTuple(model.trainable_params())
+    grad_one = ms.grad(model.loss_single, grad_position=None, weights=params)
+
+    @ms.jit
+    def per_example(i, m):
+        return ops.vmap(grad_one, in_axes=(0, 0))(i, m)
+
+    pe = per_example(Tensor(ids), Tensor(mask))
+    assert len(pe) == len(params)
+    for b in (0, 1):
+        single = grad_one(Tensor(ids[b]), Tensor(mask[b]))
+        for g_all, g_one in zip(pe, single):
+            np.testing.assert_allclose(g_all.asnumpy()[b], g_one.asnumpy(), atol=2e-6, rtol=1e-4)
+    # examples differ, so their gradients must differ
+    assert np.abs(pe[0].asnumpy()[0] - pe[0].asnumpy()[1]).max() > 1e-6
+
+
+def test_probes_give_book_keeping_gradients(model, batch):
+    ids, mask = batch
+    probes = model.zero_probes(B, T)
+    assert len(probes) == len(model.tap_names()) == 6 * CFG.n_layer + 1
+    assert model.tap_names()[1] == "transformer.h.0.attn.c_attn"
+    loss, saved = model.loss(Tensor(ids), Tensor(mask), probes)
+    np.testing.assert_allclose(loss.asnumpy(), model.loss(Tensor(ids), Tensor(mask)).asnumpy(), atol=1e-6)
+
+    def total(pr, i, m):
+        lo, _ = model.loss(i, m, pr)
+        return lo.sum()
+
+    g_out = ms.jit(ms.grad(total, grad_position=0))(ms.mutable(probes), Tensor(ids), Tensor(mask))
+    names = [p.name for p in model.trainable_params()]
+    grad_one = ms.grad(model.loss_single, grad_position=None, weights=model.trainable_params())
+    ex = 2
+    ref = dict(zip(names, grad_one(Tensor(ids[ex]), Tensor(mask[ex]))))
+    for k, tap in enumerate(model.tap_names()):
+        g = g_out[k].asnumpy()[ex]
+        a = saved[k].asnumpy()[ex]
+        np.testing.assert_allclose(g.sum(0), ref[tap + ".bias"].asnumpy(), atol=1e-6)
+        w = ref[tap + ".weight"].asnumpy()
+        if w.ndim == 2:
+            np.testing.assert_allclose(g.T @ a, w, atol=1e-6)
+        else:  # LayerNorm: weight grad = sum_t g_t * x_hat_t
+            np.testing.assert_allclose((g * a).sum(0), w, atol=1e-6)
+
+
+# ---------------------------------------------------------------- generation
+def test_generate_greedy_matches_stepwise_argmax(model):
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    out = generate(model, prompts, max_new_tokens=4)
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        for _ in range(4):
+            x = np.array([seq], np.int32)
+            logits = model(Tensor(x), Tensor(np.ones_like(x, np.float32))).asnumpy()
+            seq.append(int(logits[0, -1].argmax()))
+        assert o == seq[len(p):]
+    s1 = generate(model, prompts, 4, top_k=5, seed=3)
+    assert s1 == generate(model, prompts, 4, top_k=5, seed=3)
+    assert all(len(o) == 4 for o in s1)
+    with pytest.raises(ValueError, match="n_positions"):
+        generate(model, prompts, CFG.n_positions)
