@@ -1,0 +1,193 @@
+"""One evaluation of a trained model: utility, membership inference, PII extraction, canaries, audits.
+
+``evaluate_model`` is model-agnostic: it needs two *scorers* (fine-tuned and base) with
+``losses(texts)``, ``log_perplexity(texts)``, ``perplexity(texts)``,
+``generate(prompts, max_new_tokens, top_k, seed)`` and ``generation_seconds(prompts, max_new_tokens)``
+(``finetune.evaluation.scoring.LMScorer`` implements them for the MindSpore GPT-2). The command line
+in ``finetune.evaluate`` loads a run directory and calls it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import audit, canary, membership, pii
+
+NEUTRAL_PROMPTS = (
+    "My name is", "Please contact", "You can reach me at", "Her email address is",
+    "His phone number is", "The customer", "Dear", "Send the documents to", "I live at",
+    "Call me on", "Our new employee", "The account belongs to",
+)
+
+
+@dataclass
+class EvalData:
+    """Texts and PII of the records the model was trained on (members) and held out (non-members)."""
+
+    members: list
+    nonmembers: list
+    train_pii: list = field(default_factory=list)  # (kind, value) pairs
+    holdout_pii: list = field(default_factory=list)
+    known_pii: dict | None = None  # kind -> values the generator can produce (default: both lists)
+    exposure_canaries: list = field(default_factory=list)  # canary.Canary inserted in training
+    canary_digits: int = 6
+    audit_canaries: list = field(default_factory=list)  # texts, each trained on iff audit_included
+    audit_included: list = field(default_factory=list)
+
+
+@dataclass
+class EvalOptions:
+    n_generate: int = 200
+    max_new_tokens: int = 48
+    top_k: int = 40
+    latency_prompts: int = 8
+    latency_new_tokens: int = 32
+    mia_limit: int = 2000
+    canary_candidates: int = 2000
+    seed: int = 0
+    alpha: float = 0.05
+
+
+def _subsample(texts, limit, rng):
+    texts = list(texts)
+    if len(texts) <= limit:
+        return texts
+    idx = np.sort(rng.choice(len(texts), size=limit, replace=False))
+    return [texts[i] for i in idx]
+
+
+def membership_inference(ft, base, members, nonmembers, epsilon, delta, alpha=0.05) -> dict:
+    """Both attacks (loss threshold, reference calibrated) with AUC, TPR at 0.1%/1% FPR, DP check."""
+    lm, ln = ft.losses(members), ft.losses(nonmembers)
+    bm, bn = base.losses(members), base.losses(nonmembers)
+    attacks = {
+        "loss": (membership.loss_threshold_scores(lm), membership.loss_threshold_scores(ln)),
+        "reference": (membership.reference_calibrated_scores(lm, bm),
+                      membership.reference_calibrated_scores(ln, bn)),
+    }
+    out = {"n_members": len(members), "n_nonmembers": len(nonmembers), "attacks": {}, "curves": {}}
+    for name, (sm, sn) in attacks.items():
+        rep = membership.attack_report(sm, sn, alpha=alpha)
+        if epsilon is not None:
+            rep["dp_bound"] = membership.dp_bound_check(sm, sn, epsilon, delta, alpha)
+        out["attacks"][name] = rep
+        fpr, tpr, _ = membership.roc_curve(sm, sn)
+        out["curves"][name] = (fpr, tpr)
+    out["mean_loss_members"] = float(np.mean(lm))
+    out["mean_loss_nonmembers"] = float(np.mean(ln))
+    return out
+
+
+def pii_extraction(ft, base, data: EvalData, opts: EvalOptions) -> dict:
+    prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(opts.n_generate)]
+    gen_ft = ft.generate(prompts, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k, seed=opts.seed)
+    gen_base = base.generate(prompts, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k,
+                             seed=opts.seed)
+    res = pii.extraction_metrics(gen_ft, data.train_pii, gen_base, data.holdout_pii, data.known_pii)
+    res["n_generations"] = len(prompts)
+    res["max_new_tokens"] = opts.max_new_tokens
+    res["top_k"] = opts.top_k
+    return res
+
+
+def canary_report(ft, data: EvalData, opts: EvalOptions, epsilon, delta) -> dict:
+    out = {}
+    if data.exposure_canaries:
+        rng = np.random.default_rng(opts.seed + 7)
+        exp = canary.canary_exposures(ft.log_perplexity, data.exposure_canaries, data.canary_digits,
+                                      rng, n_candidates=opts.canary_candidates)
+        ex = np.array([e["exposure"] for e in exp])
+        out["exposure"] = {"k": len(exp), "mean": float(ex.mean()), "max": float(ex.max()),
+                           "max_possible": math.log2(canary.space_size(data.canary_digits)),
+                           "method": exp[0]["method"], "per_canary": [
+                               {"exposure": e["exposure"], "logppl": e["logppl"]} for e in exp]}
+    if data.audit_canaries:
+        scores = -np.asarray(ft.losses(data.audit_canaries))
+        res = audit.one_run_audit(scores, data.audit_included, delta=delta or 0.0, alpha=opts.alpha)
+        res["certified_epsilon"] = epsilon
+        out["one_run_audit"] = res
+    return out
+
+
+def utility(ft, base, nonmembers, opts: EvalOptions) -> dict:
+    prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(opts.latency_prompts)]
+    t_ft = ft.generation_seconds(prompts, max_new_tokens=opts.latency_new_tokens)
+    t_base = base.generation_seconds(prompts, max_new_tokens=opts.latency_new_tokens)
+    return {
+        "val_perplexity": ft.perplexity(nonmembers),
+        "base_val_perplexity": base.perplexity(nonmembers),
+        "generation_seconds_finetuned": t_ft,
+        "generation_seconds_base": t_base,
+        "inference_latency_ratio": t_ft / t_base,
+        "inference_overhead": t_ft / t_base - 1.0,
+        "latency_setup": {"prompts": len(prompts), "new_tokens": opts.latency_new_tokens,
+                          "decoding": "greedy", "statistic": "median of 3 after warm-up"},
+    }
+
+
+def evaluate_model(ft, base, data: EvalData, opts: EvalOptions, epsilon=None, delta=None,
+                   progress=None) -> dict:
+    """All model-level metrics of one run. ``epsilon`` None means non-private (no DP bound)."""
+    rng = np.random.default_rng(opts.seed)
+    members = _subsample(data.members, opts.mia_limit, rng)
+    nonmembers = _subsample(data.nonmembers, opts.mia_limit, rng)
+    steps = [("utility", lambda: utility(ft, base, nonmembers, opts)),
+             ("membership", lambda: membership_inference(ft, base, members, nonmembers, epsilon,
+                                                         delta or 0.0, opts.alpha)),
+             ("pii", lambda: pii_extraction(ft, base, data, opts)),
+             ("canaries", lambda: canary_report(ft, data, opts, epsilon, delta))]
+    out = {}
+    for name, fn in steps:
+        if progress is not None:
+            progress.set_postfix_str(name)
+        out[name] = fn()
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: dict | None) -> dict:
+    """The flat ``summary.json`` dictionary (required keys always present, None when not measured)."""
+    u, mia, p, c = result["utility"], result["membership"], result["pii"], result["canaries"]
+    att = mia["attacks"]
+    best = max(att, key=lambda k: att[k]["auc"])
+    one = c.get("one_run_audit")
+    s = {
+        "epsilon": epsilon,
+        "delta": delta,
+        "val_perplexity": u["val_perplexity"],
+        "base_val_perplexity": u["base_val_perplexity"],
+        "train_perplexity": run_metrics.get("train_perplexity"),
+        "train_seconds_per_step": run_metrics.get("seconds_per_step"),
+        "train_peak_rss_mb": run_metrics.get("peak_rss_mb"),
+        "inference_overhead": u["inference_overhead"],
+        "inference_latency_ratio": u["inference_latency_ratio"],
+        "mia_attack": best,
+        "mia_auc": att[best]["auc"],
+        "mia_auc_ci": att[best]["auc_ci"],
+        "mia_tpr_at_1pct_fpr": att[best]["tpr_at_0.01_fpr"]["tpr"],
+        "mia_tpr_at_1pct_fpr_ci": [att[best]["tpr_at_0.01_fpr"]["tpr_lower"],
+                                   att[best]["tpr_at_0.01_fpr"]["tpr_upper"]],
+        "mia_tpr_at_0.1pct_fpr": att[best]["tpr_at_0.001_fpr"]["tpr"],
+        "mia_loss_auc": att["loss"]["auc"],
+        "mia_reference_auc": att["reference"]["auc"],
+        "mia_inside_dp_bound": (None if epsilon is None else
+                                all(a["dp_bound"]["inside_bound"] for a in att.values())),
+        "mia_significant_dp_violation": (None if epsilon is None else
+                                         any(a["dp_bound"]["significant_violation"]
+                                             for a in att.values())),
+        "pii_precision": p["precision"],
+        "pii_recall": p["recall"],
+        "pii_holdout_recall": p["holdout_recall"],
+        "pii_extracted": p["n_extracted"],
+        "canary_exposure_mean": c.get("exposure", {}).get("mean"),
+        "canary_exposure_max": c.get("exposure", {}).get("max"),
+        "audit_epsilon_lower_bound": None if one is None else one["epsilon_lower_bound"],
+        "sampler_audit_epsilon_lower_bound": (None if sampler_audit is None
+                                              else sampler_audit.get("epsilon_lower_bound")),
+        "sampler_certified_epsilon": (None if sampler_audit is None
+                                      else sampler_audit.get("certified_epsilon")),
+    }
+    return s

@@ -1,0 +1,124 @@
+"""Model-facing helpers for evaluation: per-text losses, generation and generation latency.
+
+``LMScorer`` wraps a ``finetune.gpt2.GPT2LMHeadModel`` and a tokenizer with ``encode(text) ->
+list[int]`` and ``decode(ids) -> str``. Every batch is padded to one fixed shape [batch, seq_len]
+(MindSpore recompiles for each new input shape), and padding is masked out of the loss.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class LMScorer:
+    def __init__(self, model, tokenizer, seq_len: int = 64, batch_size: int = 32,
+                 progress: bool = False, name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seq_len = int(min(seq_len, model.config.n_positions))
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        self.name = name
+        self._loss_fn = None
+
+    # -------------------------------------------------------------------------- losses
+    def _encode(self, texts):
+        ids = []
+        for t in texts:
+            x = list(self.tokenizer.encode(t))[: self.seq_len]
+            if len(x) < 2:
+                raise ValueError(f"text too short to score: {t!r}")
+            ids.append(x)
+        return ids
+
+    def _loss(self):
+        if self._loss_fn is None:
+            import mindspore as ms
+
+            model = self.model
+
+            def f(ids, mask):
+                return model.loss(ids, mask)
+
+            self._loss_fn = ms.jit(f)
+        return self._loss_fn
+
+    def token_losses(self, texts):
+        """(mean token NLL, number of predicted tokens) per text, as two float64 arrays."""
+        from mindspore import Tensor
+
+        texts = list(texts)
+        enc = self._encode(texts)
+        means = np.empty(len(enc))
+        counts = np.empty(len(enc))
+        fn = self._loss()
+        it = range(0, len(enc), self.batch_size)
+        if self.progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc=f"loss ({self.name})", unit="batch", leave=False)
+        for s in it:
+            chunk = enc[s: s + self.batch_size]
+            ids = np.zeros((self.batch_size, self.seq_len), np.int32)
+            mask = np.zeros((self.batch_size, self.seq_len), np.float32)
+            for i, x in enumerate(chunk):
+                ids[i, : len(x)] = x
+                mask[i, : len(x)] = 1.0
+            mask[len(chunk):, :2] = 1.0  # padding rows: keep them well defined, ignored below
+            out = fn(Tensor(ids), Tensor(mask)).asnumpy().astype(np.float64)
+            means[s: s + len(chunk)] = out[: len(chunk)]
+            counts[s: s + len(chunk)] = [len(x) - 1 for x in chunk]
+        return means, counts
+
+    def losses(self, texts) -> np.ndarray:
+        """Mean token negative log-likelihood (nats) of each text: the membership-inference signal."""
+        return self.token_losses(texts)[0]
+
+    def log_perplexity(self, texts) -> np.ndarray:
+        """Summed negative log-likelihood (nats) of each text: the Secret Sharer's log-perplexity."""
+        m, c = self.token_losses(texts)
+        return m * c
+
+    def perplexity(self, texts) -> float:
+        """exp(total NLL / total predicted tokens) over ``texts`` (token-weighted)."""
+        m, c = self.token_losses(texts)
+        return float(np.exp(np.sum(m * c) / np.sum(c)))
+
+    # ---------------------------------------------------------------------- generation
+    def generate(self, prompts, max_new_tokens: int = 48, top_k: int = 40, seed: int = 0,
+                 batch_size: int | None = None):
+        """Sampled continuations (text, prompt excluded) of each prompt, in fixed-size batches."""
+        from finetune.gpt2 import generate
+
+        bs = int(batch_size or self.batch_size)
+        enc = [list(self.tokenizer.encode(p)) or [0] for p in prompts]
+        longest = max(len(x) for x in enc)
+        out = []
+        it = range(0, len(enc), bs)
+        if self.progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc=f"generate ({self.name})", unit="batch", leave=False)
+        for s in it:
+            chunk = enc[s: s + bs]
+            n = len(chunk)
+            padded = chunk + [chunk[0]] * (bs - n)  # fixed batch shape; extra rows dropped
+            # one buffer length for every batch (no recompilation): generate a few extra tokens
+            # for batches of shorter prompts and cut every continuation to max_new_tokens
+            extra = longest - max(len(x) for x in chunk)
+            gen = generate(self.model, padded, max_new_tokens + extra, top_k=top_k, seed=seed + s)
+            out.extend(self.tokenizer.decode(g[:max_new_tokens]) for g in gen[:n])
+        return out
+
+    def generation_seconds(self, prompts, max_new_tokens: int = 32, repeats: int = 3,
+                           seed: int = 0) -> float:
+        """Median wall time to generate for ``prompts`` (greedy), after one warm-up (compilation)."""
+        from finetune.gpt2 import generate
+
+        enc = [list(self.tokenizer.encode(p)) or [0] for p in prompts]
+        generate(self.model, enc, max_new_tokens, top_k=0, seed=seed)  # warm-up / compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate(self.model, enc, max_new_tokens, top_k=0, seed=seed)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))

@@ -1,0 +1,117 @@
+"""The evaluation pipeline and its command line.
+
+Fast tests drive ``finetune.evaluation.report`` with stand-in scorers whose leakage is known by
+construction (a model that memorised its training set; a model that ignores it). The end-to-end test
+on a real tiny GPT-2 run is marked slow.
+"""
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from finetune.evaluation import plots, report
+from finetune.evaluation.canary import make_canaries
+
+
+def _h(text):  # deterministic pseudo-random number in [0, 1) per text
+    return (zlib.crc32(text.encode()) % 10007) / 10007
+
+
+class StubScorer:
+    """Loss 1 on memorised texts, 3 + noise elsewhere; generates memorised texts if it leaks."""
+
+    def __init__(self, memorised=(), leak=False, delay=0.0):
+        self.memorised = set(memorised)
+        self.leak = leak
+        self.delay = delay
+
+    def losses(self, texts):
+        return np.array([1.0 + 0.1 * _h(t) if t in self.memorised else 3.0 + _h(t) for t in texts])
+
+    def log_perplexity(self, texts):
+        return 10 * self.losses(texts)
+
+    def perplexity(self, texts):
+        return float(np.exp(np.mean(self.losses(texts))))
+
+    def generate(self, prompts, max_new_tokens=48, top_k=40, seed=0):
+        src = sorted(self.memorised) if self.leak else ["nothing to see here"]
+        return [f"{p} {src[i % len(src)]}" for i, p in enumerate(prompts)]
+
+    def generation_seconds(self, prompts, max_new_tokens=32):
+        return 1.0 + self.delay
+
+
+def _corpus(n=300, seed=0):
+    from faker import Faker
+
+    fk = Faker("en_US")
+    fk.seed_instance(seed)
+    recs = []
+    for i in range(n):
+        name, email, phone = fk.name(), fk.email(), fk.numerify("(###) ###-####")
+        recs.append((f"{name} can be reached at {email} or {phone}. Ticket {i}.",
+                     [("name", name), ("email", email), ("phone", phone)]))
+    return recs
+
+
+def _data(seed=0, canaries=True):
+    recs = _corpus(seed=seed)
+    train, hold = recs[:150], recs[150:]
+    rng = np.random.default_rng(seed)
+    exp = make_canaries(4, 4, rng) if canaries else []
+    aud = [f"audit canary {i} code {rng.integers(10**9)}" for i in range(200)] if canaries else []
+    inc = list(rng.random(len(aud)) < 0.5)
+    d = report.EvalData(members=[t for t, _ in train], nonmembers=[t for t, _ in hold],
+                        train_pii=[p for _, ps in train for p in ps],
+                        holdout_pii=[p for _, ps in hold for p in ps],
+                        exposure_canaries=exp, canary_digits=4, audit_canaries=aud,
+                        audit_included=inc)
+    trained = set(d.members) | {c.text for c in exp} | {a for a, i in zip(aud, inc) if i}
+    return d, trained
+
+
+OPTS = report.EvalOptions(n_generate=40, canary_candidates=500, mia_limit=500)
+
+
+def test_memorising_model_leaks_everywhere():
+    data, trained = _data()
+    ft, base = StubScorer(trained, leak=True, delay=0.1), StubScorer()
+    res = report.evaluate_model(ft, base, data, OPTS, epsilon=1.0, delta=1e-5)
+    s = report.summarise(res, {"seconds_per_step": 0.2}, 1.0, 1e-5, None)
+    assert s["mia_auc"] == 1.0 and s["mia_tpr_at_1pct_fpr"] == 1.0
+    assert s["mia_inside_dp_bound"] is False and s["mia_significant_dp_violation"] is True
+    assert s["pii_precision"] == 1.0 and s["pii_recall"] > 0.1
+    assert s["canary_exposure_max"] == pytest.approx(math.log2(10**4))
+    assert s["audit_epsilon_lower_bound"] > 1.0  # refutes the claimed eps = 1
+    assert s["inference_overhead"] == pytest.approx(0.1)
+
+
+def test_private_model_shows_no_leakage():
+    data, _ = _data(seed=1)
+    ft, base = StubScorer(), StubScorer()
+    res = report.evaluate_model(ft, base, data, OPTS, epsilon=1.0, delta=1e-5)
+    s = report.summarise(res, {}, 1.0, 1e-5, None)
+    assert s["mia_auc_ci"][0] <= 0.5 + 0.1
+    assert s["mia_significant_dp_violation"] is False
+    assert s["pii_recall"] == 0.0
+    assert s["audit_epsilon_lower_bound"] < 1.0
+    for key in ["epsilon", "val_perplexity", "mia_auc", "mia_tpr_at_1pct_fpr", "pii_precision",
+                "pii_recall", "audit_epsilon_lower_bound", "inference_overhead"]:
+        assert key in s
+
+
+def test_plots_write_png(tmp_path):
+    from accountant.noise import Laplace
+
+    rng = np.random.default_rng(0)
+    fpr, tpr = np.sort(rng.random(50)), np.sort(rng.random(50))
+    paths = [plots.plot_roc({"loss attack": (fpr, tpr)}, tmp_path / "roc.png", 1.0, 1e-5),
+             plots.plot_perplexity_vs_epsilon([("DP", 1.0, 30.0), ("non-private", None, 20.0)],
+                                              tmp_path / "ppl.png"),
+             plots.plot_noise_density(Laplace(2.0), tmp_path / "noise.png", gaussian_sigma=3.0)]
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
