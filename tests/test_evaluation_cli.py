@@ -115,3 +115,35 @@ def test_plots_write_png(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for the scorer test: one id per UTF-8 byte."""
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode(errors="replace")
+
+
+def test_lm_scorer_matches_model_loss_and_generates():
+    from mindspore import Tensor
+
+    from finetune.evaluation.scoring import LMScorer
+    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=256, n_positions=64)
+    model = GPT2LMHeadModel(cfg, seed=0)
+    sc = LMScorer(model, ByteTokenizer(), seq_len=32, batch_size=4)
+    texts = ["hello world", "a b c d e f", "x" * 40, "PII: jane@doe.org", "zz"]
+    means, counts = sc.token_losses(texts)
+    ids = list("hello world".encode())
+    direct = model.loss(Tensor(np.array([ids], np.int32)), Tensor(np.ones((1, len(ids)), np.float32)))
+    assert means[0] == pytest.approx(float(direct.asnumpy()[0]), rel=1e-5)
+    assert counts.tolist() == [10, 10, 31, 16, 1]
+    assert sc.log_perplexity(texts)[0] == pytest.approx(means[0] * 10, rel=1e-6)
+    assert sc.perplexity(texts) == pytest.approx(math.exp(np.sum(means * counts) / counts.sum()))
+    gen = sc.generate(["ab", "hello"], max_new_tokens=5, top_k=5, seed=1)
+    assert len(gen) == 2 and all(isinstance(g, str) for g in gen)
+    assert sc.generation_seconds(["ab", "cd"], max_new_tokens=3) > 0
