@@ -233,3 +233,155 @@ def test_generate_greedy_matches_stepwise_argmax(model):
     assert all(len(o) == 4 for o in s1)
     with pytest.raises(ValueError, match="n_positions"):
         generate(model, prompts, CFG.n_positions)
+
+
+# ---------------------------------------------------------------- checkpoints
+from finetune import checkpoint as ckpt  # noqa: E402
+from finetune import peft  # noqa: E402
+
+
+def _write_hf_dir(path, cfg, sd):
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "n_ctx": cfg.n_positions}))
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _ones(ids):
+    return Tensor(np.ones_like(ids, np.float32))
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_load_real_hf_layout_matches_reference(tmp_path, batch, prefix):
+    ids, _ = batch
+    sd = random_hf_state_dict(CFG, seed=3, prefix=prefix)
+    extra = dict(sd)
+    extra[prefix + "h.0.attn.bias"] = np.tril(np.ones((1, 1, CFG.n_positions, CFG.n_positions), np.float32))
+    extra["lm_head.weight"] = sd[prefix + "wte.weight"].copy()   # tied head, as HF may store it
+    _write_hf_dir(tmp_path / "m", CFG, extra)
+    model = ckpt.from_pretrained(tmp_path / "m")
+    assert model.config == CFG
+    ref = hf_reference_logits(sd, CFG, ids)
+    np.testing.assert_allclose(model(Tensor(ids), _ones(ids)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_safetensors_and_ckpt_round_trip(tmp_path, batch, model):
+    from safetensors.numpy import load_file
+
+    ids, mask = batch
+    want = model(Tensor(ids), Tensor(mask)).asnumpy()
+    f = ckpt.save_pretrained(model, tmp_path / "st")
+    saved = load_file(f)
+    assert saved["transformer.h.0.attn.c_attn.weight"].shape == (CFG.n_embd, 3 * CFG.n_embd)  # HF [in, out]
+    assert set(saved) == set(random_hf_state_dict(CFG))
+    again = ckpt.from_pretrained(tmp_path / "st", seed=99)
+    np.testing.assert_array_equal(again(Tensor(ids), Tensor(mask)).asnumpy(), want)
+
+    ckpt.save_pretrained(model, tmp_path / "ck", fmt="ckpt")
+    other = ckpt.from_pretrained(tmp_path / "ck", seed=98)
+    for (n1, p1), (n2, p2) in zip(model.parameters_and_names(), other.parameters_and_names()):
+        assert n1 == n2
+        np.testing.assert_array_equal(p1.asnumpy(), p2.asnumpy())
+
+
+def test_checkpoint_mismatches_are_clear_errors(tmp_path):
+    sd = random_hf_state_dict(CFG, seed=4)
+    m = GPT2LMHeadModel(CFG)
+    broken = dict(sd)
+    del broken["transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(ckpt.CheckpointError, match=r"missing 1 key.*h\.1\.mlp\.c_fc\.bias"):
+        ckpt.load_hf_state_dict(m, broken)
+    broken = dict(sd, **{"transformer.h.0.attn.c_attn.weight": sd["transformer.h.0.attn.c_attn.weight"].T})
+    with pytest.raises(ckpt.CheckpointError, match=r"c_attn\.weight: shape .*Conv1D"):
+        ckpt.load_hf_state_dict(m, broken)
+    with pytest.raises(ckpt.CheckpointError, match="unexpected 1 key"):
+        ckpt.load_hf_state_dict(m, dict(sd, **{"transformer.h.9.ln_1.weight": np.ones(16, np.float32)}))
+    with pytest.raises(ckpt.CheckpointError, match="lm_head"):
+        ckpt.load_hf_state_dict(m, dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"] + 1}))
+    # a file made for another config
+    _write_hf_dir(tmp_path / "m", CFG, sd)
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=61, n_positions=24))
+    with pytest.raises(ckpt.CheckpointError, match="unexpected"):
+        ckpt.load_safetensors(other, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "config.json").write_text(json.dumps(CFG.to_dict()))
+    (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ckpt.CheckpointError, match="pickle"):
+        ckpt.from_pretrained(tmp_path / "p")
+    with pytest.raises(ckpt.CheckpointError, match="neither a preset"):
+        ckpt.from_pretrained(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- LoRA / BiTFiT
+def _params(model):
+    return {n: p.asnumpy().copy() for n, p in model.parameters_and_names()}
+
+
+def _sgd_step(model, ids, mask, lr=0.5):
+    from mindspore import nn
+
+    opt = nn.SGD(model.trainable_params(), learning_rate=lr)
+
+    def total(i, m):
+        return model.loss(i, m).mean()
+
+    _, grads = ms.value_and_grad(total, None, opt.parameters)(Tensor(ids), Tensor(mask))
+    opt(grads)
+
+
+def test_lora_starts_at_base_and_merge_unmerge_is_exact(batch):
+    ids, mask = batch
+    model = GPT2LMHeadModel(CFG, seed=2)
+    base = model(Tensor(ids), Tensor(mask)).asnumpy()
+    w0 = model.transformer.h[0].attn.c_attn.weight.asnumpy().copy()
+    names = peft.apply_lora(model, r=4, alpha=8, targets=("c_attn", r"attn\.c_proj"))
+    assert names == [f"transformer.h.{i}.attn.{k}" for i in range(2) for k in ("c_attn", "c_proj")]
+    np.testing.assert_array_equal(model(Tensor(ids), Tensor(mask)).asnumpy(), base)  # B = 0
+    tn = peft.trainable_parameter_names(model)
+    assert len(tn) == 8 and all(peft.is_adapter_name(n) for n in tn)
+    assert [p.name for p in model.trainable_params()] == tn
+    rng = np.random.default_rng(0)
+    for _, layer in peft.lora_layers(model):
+        layer.lora_B.set_data(Tensor(rng.normal(0, 0.5, layer.lora_B.shape).astype(np.float32)))
+    adapted = model(Tensor(ids), Tensor(mask)).asnumpy()
+    assert np.abs(adapted - base).max() > 1e-3
+    peft.merge_lora(model)
+    np.testing.assert_allclose(model(Tensor(ids), Tensor(mask)).asnumpy(), adapted, atol=1e-4)
+    assert not np.array_equal(model.transformer.h[0].attn.c_attn.weight.asnumpy(), w0)
+    peft.unmerge_lora(model)
+    np.testing.assert_array_equal(model.transformer.h[0].attn.c_attn.weight.asnumpy(), w0)
+    np.testing.assert_allclose(model(Tensor(ids), Tensor(mask)).asnumpy(), adapted, atol=1e-6)
+    with pytest.raises(peft.AdapterError, match="no Dense layer matches"):
+        peft.apply_lora(GPT2LMHeadModel(CFG), targets=("q_proj",))
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_training_step_changes_only_trainable_and_adapter_round_trip(tmp_path, batch, method):
+    ids, mask = batch
+    model = GPT2LMHeadModel(CFG, seed=6)
+    if method == "lora":
+        peft.apply_lora(model, r=2, alpha=4, targets=("c_attn", "c_fc"))
+        expect = {n for n, _ in model.parameters_and_names() if peft.is_adapter_name(n)}
+        # B = 0 means A gets no gradient on the first step; a second step moves A too
+        steps = 2
+    else:
+        peft.apply_bitfit(model)
+        expect = {n for n, _ in model.parameters_and_names() if n.endswith(".bias")}
+        steps = 1
+    assert set(peft.trainable_parameter_names(model)) == expect
+    before = _params(model)
+    for _ in range(steps):
+        _sgd_step(model, ids, mask)
+    after = _params(model)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed == expect
+    saved = peft.save_adapter(model, tmp_path / "adapter.safetensors")
+    assert set(saved) == expect
+    fresh = GPT2LMHeadModel(CFG, seed=6)
+    peft.load_adapter(fresh, tmp_path / "adapter.safetensors")
+    np.testing.assert_array_equal(fresh(Tensor(ids), Tensor(mask)).asnumpy(),
+                                  model(Tensor(ids), Tensor(mask)).asnumpy())
+    wrong = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61, n_positions=24))
+    with pytest.raises(peft.AdapterError, match="shape"):
+        peft.load_adapter(wrong, tmp_path / "adapter.safetensors")

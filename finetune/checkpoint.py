@@ -1,0 +1,203 @@
+"""Load and save ``finetune.gpt2`` weights: Hugging Face safetensors and MindSpore .ckpt.
+
+Hugging Face GPT-2 files (``config.json`` + ``model.safetensors``, optionally sharded with
+``model.safetensors.index.json``) use ``Conv1D`` layers whose weights are stored [in, out]; this
+model stores Dense weights [out, in] for ``ops.dense``. The four Conv1D weights per block
+(``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) are transposed on the way in and
+out. Keys may carry the ``transformer.`` prefix (``GPT2LMHeadModel.save_pretrained``) or not
+(``GPT2Model`` files such as the original ``gpt2`` upload). The causal-mask buffers
+``attn.bias`` / ``attn.masked_bias`` of old files are ignored; ``lm_head.weight``, if present,
+must equal the token embedding (GPT-2 ties them).
+
+Nothing here unpickles: safetensors is a flat tensor format and MindSpore .ckpt is protobuf.
+PyTorch ``pytorch_model.bin`` files (pickles) are refused.
+
+    from finetune.checkpoint import from_pretrained, save_pretrained
+    model = from_pretrained("tiny")                 # preset, random init
+    model = from_pretrained("path/to/gpt2-dir")     # config.json + model.safetensors (or model.ckpt)
+    save_pretrained(model, "out-dir")               # config.json + model.safetensors (HF layout)
+    save_pretrained(model, "out-dir", fmt="ckpt")   # config.json + model.ckpt (MindSpore names)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor
+
+from .gpt2 import GPT2Config, GPT2LMHeadModel
+
+__all__ = ["CheckpointError", "hf_state_dict", "load_hf_state_dict", "load_safetensors",
+           "save_safetensors", "load_ckpt", "save_ckpt", "from_pretrained", "save_pretrained"]
+
+_CONV1D = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_BUFFERS = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model (missing, unexpected or mis-shaped tensors)."""
+
+
+def _base_params(model: GPT2LMHeadModel):
+    """(name, Parameter) of the GPT-2 weights proper (adapter parameters such as LoRA excluded)."""
+    from .peft import is_adapter_name  # local import: peft imports gpt2, not the reverse
+
+    return [(n, p) for n, p in model.parameters_and_names() if not is_adapter_name(n)]
+
+
+def hf_state_dict(model: GPT2LMHeadModel) -> dict:
+    """The model's weights as a Hugging Face GPT-2 state dict (numpy float32, Conv1D [in, out])."""
+    out = {}
+    for name, p in _base_params(model):
+        a = p.asnumpy()
+        out[name] = np.ascontiguousarray(a.T) if _CONV1D.match(name) else a
+    return out
+
+
+def _normalise_key(k: str) -> str:
+    return k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+
+
+def load_hf_state_dict(model: GPT2LMHeadModel, state: dict, source: str = "state dict") -> None:
+    """Copy a Hugging Face GPT-2 state dict into ``model``; raises CheckpointError on any mismatch."""
+    params = dict(_base_params(model))
+    arrays, unexpected = {}, []
+    lm_head = None
+    for k, v in state.items():
+        key = _normalise_key(k)
+        if _BUFFERS.match(key):
+            continue
+        if key == "lm_head.weight":
+            lm_head = v
+            continue
+        if key not in params:
+            unexpected.append(k)
+            continue
+        arrays[key] = v
+    missing = sorted(set(params) - set(arrays))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s), e.g. {sorted(unexpected)[:3]}")
+    for key, v in arrays.items():
+        want = tuple(params[key].shape)
+        if _CONV1D.match(key):
+            want = want[::-1]
+        if tuple(v.shape) != want:
+            problems.append(f"{key}: shape {tuple(v.shape)} in file, model expects {want}"
+                            + (" (Hugging Face Conv1D layout [in, out])" if _CONV1D.match(key) else ""))
+    if problems:
+        raise CheckpointError(f"{source} does not match GPT2Config{model.config}: " + "; ".join(problems))
+    if lm_head is not None:
+        wte = arrays["transformer.wte.weight"]
+        if lm_head.shape != wte.shape or not np.array_equal(lm_head, wte):
+            raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight; "
+                                  "only tied GPT-2 heads are supported")
+    for key, v in arrays.items():
+        if v.dtype.kind != "f":
+            raise CheckpointError(f"{source}: {key} has dtype {v.dtype}, expected a float tensor")
+        a = v.T if _CONV1D.match(key) else v
+        params[key].set_data(Tensor(np.ascontiguousarray(a, dtype=np.float32)))
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types; give one clear line
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def load_safetensors(model: GPT2LMHeadModel, path: str) -> None:
+    """Load a Hugging Face GPT-2 ``.safetensors`` file (or a sharded ``.index.json``) into ``model``."""
+    path = os.fspath(path)
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_safetensors(os.path.join(os.path.dirname(path), shard)))
+    else:
+        state = _read_safetensors(path)
+    load_hf_state_dict(model, state, source=path)
+
+
+def save_safetensors(model: GPT2LMHeadModel, path: str) -> None:
+    """Write the base weights in Hugging Face GPT-2 layout (adapters excluded: merge them first)."""
+    from safetensors.numpy import save_file
+
+    save_file(hf_state_dict(model), os.fspath(path), metadata={"format": "pt"})
+
+
+def save_ckpt(model: GPT2LMHeadModel, path: str) -> None:
+    """MindSpore .ckpt with this model's parameter names ([out, in] Dense weights), base weights only."""
+    ms.save_checkpoint([{"name": n, "data": p.data} for n, p in _base_params(model)], os.fspath(path))
+
+
+def load_ckpt(model: GPT2LMHeadModel, path: str) -> None:
+    """Load a MindSpore .ckpt written by ``save_ckpt`` (exact names and shapes required)."""
+    path = os.fspath(path)
+    try:
+        loaded = ms.load_checkpoint(path)
+    except Exception as e:
+        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {e}") from None
+    params = dict(_base_params(model))
+    missing = sorted(set(params) - set(loaded))
+    unexpected = sorted(set(loaded) - set(params))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+    for k in set(params) & set(loaded):
+        if tuple(loaded[k].shape) != tuple(params[k].shape):
+            problems.append(f"{k}: shape {tuple(loaded[k].shape)} in file, model expects "
+                            f"{tuple(params[k].shape)}")
+    if problems:
+        raise CheckpointError(f"{path} does not match GPT2Config{model.config}: " + "; ".join(problems))
+    for k, p in params.items():
+        p.set_data(Tensor(loaded[k].asnumpy().astype(np.float32)))
+
+
+def from_pretrained(name_or_path: str, seed: int = 0) -> GPT2LMHeadModel:
+    """A preset name (``tiny``/``small``: random init with ``seed``) or a directory holding
+    ``config.json`` and ``model.safetensors`` / ``model.safetensors.index.json`` / ``model.ckpt``."""
+    p = os.fspath(name_or_path)
+    if p in ("tiny", "small"):
+        return GPT2LMHeadModel(GPT2Config.preset(p), seed=seed)
+    if not os.path.isdir(p):
+        raise CheckpointError(f"{p!r} is neither a preset (tiny, small) nor a model directory")
+    cfg_path = os.path.join(p, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{p}: no config.json (a Hugging Face GPT-2 config is required)")
+    model = GPT2LMHeadModel(GPT2Config.from_json(cfg_path), seed=seed)
+    for fname, loader in (("model.safetensors", load_safetensors),
+                          ("model.safetensors.index.json", load_safetensors),
+                          ("model.ckpt", load_ckpt)):
+        f = os.path.join(p, fname)
+        if os.path.exists(f):
+            loader(model, f)
+            return model
+    if os.path.exists(os.path.join(p, "pytorch_model.bin")):
+        raise CheckpointError(f"{p}: only pytorch_model.bin found; it is a pickle and is not loaded. "
+                              "Convert it to model.safetensors first.")
+    raise CheckpointError(f"{p}: no model.safetensors or model.ckpt found")
+
+
+def save_pretrained(model: GPT2LMHeadModel, directory: str, fmt: str = "safetensors") -> str:
+    """Write ``config.json`` plus ``model.safetensors`` (HF layout) or ``model.ckpt``; returns the
+    weights path."""
+    if fmt not in ("safetensors", "ckpt"):
+        raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    model.config.to_json(os.path.join(directory, "config.json"))
+    out = os.path.join(directory, "model." + fmt)
+    (save_safetensors if fmt == "safetensors" else save_ckpt)(model, out)
+    return out

@@ -1,0 +1,238 @@
+"""Parameter-efficient fine-tuning for ``finetune.gpt2``: LoRA and BiTFiT.
+
+* LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685):
+  a frozen Dense weight W [out, in] gets a trainable low-rank update,
+  ``y = x W^T + b + (alpha / r) * (x A^T) B^T`` with ``A`` [r, in] random and ``B`` [out, r] zero,
+  so the adapted model starts exactly at the base model. Yu et al. (ICLR 2022) use it for DP
+  fine-tuning: only A and B are privatised. ``merge_lora`` folds the update into W (for export);
+  ``unmerge_lora`` restores the exact pre-merge weights (a copy is kept, no float round-off).
+* BiTFiT (Ben Zaken et al., arXiv 2106.10199; DP-BiTFiT: Bu et al., arXiv 2210.00036): every
+  weight frozen, only bias terms (Dense and LayerNorm biases) train.
+
+Parameter names: a LoRA layer keeps the Hugging Face names of its base weights and adds
+``<layer>.lora_A`` / ``<layer>.lora_B`` (e.g. ``transformer.h.0.attn.c_attn.lora_A``).
+
+    from finetune.peft import apply_lora, apply_bitfit, trainable_parameter_names, save_adapter
+    apply_lora(model, r=8, alpha=16, targets=("c_attn",))   # or apply_bitfit(model)
+    model.trainable_params()                                 # only what the method trains
+    save_adapter(model, "adapter.safetensors")               # only the trained tensors
+    load_adapter(model2, "adapter.safetensors")              # re-applies LoRA from the metadata
+
+Book-keeping with LoRA: a LoRA layer is still one tap; its saved activation is its input x and its
+probe sits on its full output y, so for output gradient g: dL/dB = (alpha/r) sum_t g_t (A x_t)^T and
+dL/dA = (alpha/r) sum_t (B^T g_t) x_t^T.
+
+Note: ``merged`` is a Python attribute read when a graph is compiled; rebuild ``ms.jit`` functions
+after merging or unmerging.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from mindspore import Tensor, ops
+
+from .gpt2 import GPT2LMHeadModel, Linear, _param, refresh_parameter_names
+
+__all__ = ["LoRALinear", "apply_lora", "apply_bitfit", "merge_lora", "unmerge_lora",
+           "lora_layers", "trainable_parameter_names", "is_adapter_name", "save_adapter",
+           "load_adapter", "AdapterError"]
+
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+
+
+class AdapterError(ValueError):
+    """An adapter file or request does not fit the model."""
+
+
+def is_adapter_name(name: str) -> bool:
+    return name.endswith(ADAPTER_SUFFIXES)
+
+
+class LoRALinear(Linear):
+    """A ``Linear`` with a frozen base weight and a trainable rank-r update (see module docstring)."""
+
+    def __init__(self, base: Linear, r: int, alpha: float, rng: np.random.Generator):
+        # deliberately not Linear.__init__: reuse the base Parameters (same objects, same data)
+        super(Linear, self).__init__()
+        self.n_in, self.n_out = base.n_in, base.n_out
+        self.weight = base.weight
+        self.bias = base.bias
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.r
+        # A ~ N(0, 1/in) (random, as in Hu et al.), B = 0 so the update starts at zero
+        self.lora_A = _param(rng.normal(0.0, 1.0 / np.sqrt(self.n_in), (self.r, self.n_in)), "lora_A")
+        self.lora_B = _param(np.zeros((self.n_out, self.r)), "lora_B")
+        self.merged = False
+        self._premerge_weight = None
+
+    def construct(self, x, probe=None):
+        y = ops.dense(x, self.weight, self.bias)
+        if not self.merged:
+            y = y + ops.dense(ops.dense(x, self.lora_A), self.lora_B) * self.scaling
+        if probe is not None:
+            y = y + probe
+        return y
+
+    def delta_weight(self) -> np.ndarray:
+        """scaling * B A in float64, the update merge adds to W."""
+        return self.scaling * (self.lora_B.asnumpy().astype(np.float64)
+                               @ self.lora_A.asnumpy().astype(np.float64))
+
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = self.weight.asnumpy()
+        self._premerge_weight = w.copy()
+        self.weight.set_data(Tensor((w.astype(np.float64) + self.delta_weight()).astype(np.float32)))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        merged_now = self.weight.asnumpy()
+        expected = (self._premerge_weight.astype(np.float64) + self.delta_weight()).astype(np.float32)
+        if np.array_equal(merged_now, expected):
+            restored = self._premerge_weight            # exact: nothing changed since merge
+        else:                                            # weight or adapter changed: subtract
+            restored = (merged_now.astype(np.float64) - self.delta_weight()).astype(np.float32)
+        self.weight.set_data(Tensor(restored))
+        self._premerge_weight = None
+        self.merged = False
+
+
+def _linear_layers(model):
+    return [(n, c) for n, c in model.cells_and_names() if isinstance(c, Linear)]
+
+
+def lora_layers(model):
+    """[(name, LoRALinear)] in model order."""
+    return [(n, c) for n, c in model.cells_and_names() if isinstance(c, LoRALinear)]
+
+
+def _set_child(model, dotted: str, new) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = dict(model.cells_and_names())[parent_name] if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _freeze_all_but(model, keep) -> list:
+    names = []
+    for n, p in model.parameters_and_names():
+        p.requires_grad = bool(keep(n))
+        if p.requires_grad:
+            names.append(n)
+    return names
+
+
+def apply_lora(model: GPT2LMHeadModel, r: int = 8, alpha: float = 16.0,
+               targets=("c_attn",), seed: int = 0) -> list:
+    """Replace every Dense layer whose name matches one of ``targets`` (regular expressions searched
+    in names like ``transformer.h.3.attn.c_attn``) by a LoRA layer; freeze everything else.
+    Returns the adapted layer names."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(r, (int, np.integer)) or r <= 0:
+        raise AdapterError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not alpha > 0:
+        raise AdapterError(f"LoRA alpha must be positive, got {alpha!r}")
+    if lora_layers(model):
+        raise AdapterError("model already has LoRA layers")
+    pats = [re.compile(t) for t in targets]
+    chosen = [(n, c) for n, c in _linear_layers(model) if any(p.search(n) for p in pats)]
+    if not chosen:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in _linear_layers(model)})
+        raise AdapterError(f"no Dense layer matches targets {list(targets)}; layer names end in {names}")
+    rng = np.random.default_rng(seed)
+    for n, c in chosen:
+        if min(c.n_in, c.n_out) < r:
+            raise AdapterError(f"rank {r} exceeds the size of {n} ({c.n_out}x{c.n_in})")
+        _set_child(model, n, LoRALinear(c, r, alpha, rng))
+    refresh_parameter_names(model)
+    _freeze_all_but(model, is_adapter_name)
+    model.peft = {"method": "lora", "r": int(r), "alpha": float(alpha), "targets": list(targets)}
+    return [n for n, _ in chosen]
+
+
+def apply_bitfit(model: GPT2LMHeadModel) -> list:
+    """Freeze all weights; train only bias terms (Dense and LayerNorm). Returns their names."""
+    if lora_layers(model):
+        raise AdapterError("BiTFiT on a LoRA model is not supported; start from the base model")
+    names = _freeze_all_but(model, lambda n: n.endswith(".bias"))
+    model.peft = {"method": "bitfit"}
+    return names
+
+
+def merge_lora(model) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def trainable_parameter_names(model) -> list:
+    return [n for n, p in model.parameters_and_names() if p.requires_grad]
+
+
+def save_adapter(model, path) -> list:
+    """Save only the trainable tensors (LoRA A/B, or BiTFiT biases) as safetensors, with the method
+    in the metadata. Returns the saved names."""
+    from safetensors.numpy import save_file
+
+    info = getattr(model, "peft", None)
+    if not info:
+        raise AdapterError("model has no LoRA/BiTFiT applied; use finetune.checkpoint for full weights")
+    if info["method"] == "lora" and any(c.merged for _, c in lora_layers(model)):
+        raise AdapterError("LoRA layers are merged; unmerge_lora(model) before saving the adapter")
+    tensors = {n: p.asnumpy() for n, p in model.parameters_and_names() if p.requires_grad}
+    save_file(tensors, os.fspath(path), metadata={"peft": json.dumps(info)})
+    return sorted(tensors)
+
+
+def load_adapter(model, path) -> list:
+    """Load a file written by ``save_adapter``. LoRA is applied first if the model has none yet
+    (rank, alpha and targets from the file). Raises AdapterError on missing/mismatched tensors."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+        info = json.loads(meta["peft"])
+    except (KeyError, json.JSONDecodeError):
+        raise AdapterError(f"{path}: not an adapter file (no 'peft' metadata)") from None
+    except Exception as e:
+        raise AdapterError(f"cannot read adapter file {path}: {e}") from None
+    method = info.get("method")
+    if method == "lora":
+        if not lora_layers(model):
+            apply_lora(model, r=info["r"], alpha=info["alpha"], targets=info["targets"])
+        elif getattr(model, "peft", {}).get("r") != info["r"]:
+            raise AdapterError(f"{path}: LoRA rank {info['r']} != model's {model.peft.get('r')}")
+    elif method == "bitfit":
+        if getattr(model, "peft", None) != info:
+            apply_bitfit(model)
+    else:
+        raise AdapterError(f"{path}: unknown adapter method {method!r}")
+    params = {n: p for n, p in model.parameters_and_names() if p.requires_grad}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"{path} does not fit the model: missing {missing[:3]} "
+                           f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    for n, p in params.items():
+        if tuple(tensors[n].shape) != tuple(p.shape):
+            raise AdapterError(f"{path}: {n} has shape {tuple(tensors[n].shape)}, model expects "
+                               f"{tuple(p.shape)}")
+    for n, p in params.items():
+        p.set_data(Tensor(tensors[n].astype(np.float32)))
+    return sorted(params)
