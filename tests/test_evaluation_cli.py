@@ -147,3 +147,27 @@ def test_lm_scorer_matches_model_loss_and_generates():
     gen = sc.generate(["ab", "hello"], max_new_tokens=5, top_k=5, seed=1)
     assert len(gen) == 2 and all(isinstance(g, str) for g in gen)
     assert sc.generation_seconds(["ab", "cd"], max_new_tokens=3) > 0
+
+
+def test_prepare_inserts_canaries_with_fair_coins(tmp_path, capsys):
+    from finetune.data import generate_records, load_records, write_jsonl
+    from finetune.evaluation import prepare
+
+    src = tmp_path / "d.jsonl"
+    write_jsonl(generate_records(50, seed=0), src)
+    out = tmp_path / "c.jsonl"
+    assert prepare.main(["--data", str(src), "--out", str(out), "--exposure-canaries", "3",
+                         "--repeats", "2", "--audit-canaries", "400", "--digits", "4"]) == 0
+    truth = prepare.load_truth(str(out) + prepare.SIDE_SUFFIX)
+    recs = load_records(out)
+    texts = [r["text"] for r in recs if r.get("canary")]
+    assert all(r["split"] == "train" for r in recs if r.get("canary"))
+    included = [t for t, i in zip(truth["audit_texts"], truth["audit_included"]) if i]
+    excluded = [t for t, i in zip(truth["audit_texts"], truth["audit_included"]) if not i]
+    assert set(included) <= set(texts) and not set(excluded) & set(texts)
+    assert 150 < len(included) < 250  # fair coins: Binomial(400, 1/2)
+    for s in truth["exposure_secrets"]:
+        assert sum(s in t for t in texts) == 2
+    assert len(recs) == 50 + 6 + len(included)
+    assert prepare.main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "error" in capsys.readouterr().err

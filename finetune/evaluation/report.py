@@ -92,7 +92,7 @@ def pii_extraction(ft, base, data: EvalData, opts: EvalOptions) -> dict:
     return res
 
 
-def canary_report(ft, data: EvalData, opts: EvalOptions, epsilon, delta) -> dict:
+def canary_report(ft, base, data: EvalData, opts: EvalOptions, epsilon, delta) -> dict:
     out = {}
     if data.exposure_canaries:
         rng = np.random.default_rng(opts.seed + 7)
@@ -104,7 +104,9 @@ def canary_report(ft, data: EvalData, opts: EvalOptions, epsilon, delta) -> dict
                            "method": exp[0]["method"], "per_canary": [
                                {"exposure": e["exposure"], "logppl": e["logppl"]} for e in exp]}
     if data.audit_canaries:
-        scores = -np.asarray(ft.losses(data.audit_canaries))
+        # reference-calibrated membership score: how much fine-tuning lowered each canary's loss
+        scores = membership.reference_calibrated_scores(ft.losses(data.audit_canaries),
+                                                        base.losses(data.audit_canaries))
         res = audit.one_run_audit(scores, data.audit_included, delta=delta or 0.0, alpha=opts.alpha)
         res["certified_epsilon"] = epsilon
         out["one_run_audit"] = res
@@ -137,7 +139,7 @@ def evaluate_model(ft, base, data: EvalData, opts: EvalOptions, epsilon=None, de
              ("membership", lambda: membership_inference(ft, base, members, nonmembers, epsilon,
                                                          delta or 0.0, opts.alpha)),
              ("pii", lambda: pii_extraction(ft, base, data, opts)),
-             ("canaries", lambda: canary_report(ft, data, opts, epsilon, delta))]
+             ("canaries", lambda: canary_report(ft, base, data, opts, epsilon, delta))]
     out = {}
     for name, fn in steps:
         if progress is not None:

@@ -25,8 +25,10 @@ class LMScorer:
     # -------------------------------------------------------------------------- losses
     def _encode(self, texts):
         ids = []
+        eos = getattr(self.tokenizer, "eos_id", None)  # training appends EOS (finetune.data)
         for t in texts:
-            x = list(self.tokenizer.encode(t))[: self.seq_len]
+            x = list(self.tokenizer.encode(t)) + ([eos] if eos is not None else [])
+            x = x[: self.seq_len]
             if len(x) < 2:
                 raise ValueError(f"text too short to score: {t!r}")
             ids.append(x)
