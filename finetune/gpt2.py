@@ -400,9 +400,13 @@ class GPT2LMHeadModel(nn.Cell):
 
 
 def _masked_nll(logits, input_ids, attention_mask):
-    logp = ops.log_softmax(logits[:, :-1, :], -1)
-    target = input_ids[:, 1:]
-    tok_mask = attention_mask[:, 1:] * attention_mask[:, :-1]
+    # Targets are the ids shifted left by one; the last position (and any position whose target or
+    # input is padding) gets weight 0. Shifting the small [B, T] ids instead of slicing the
+    # [B, T, V] logits avoids a copy of the largest tensor.
+    target = ops.concat((input_ids[:, 1:], input_ids[:, :1]), 1)
+    next_mask = ops.concat((attention_mask[:, 1:], attention_mask[:, :1] * 0.0), 1)
+    tok_mask = attention_mask * next_mask
+    logp = ops.log_softmax(logits, -1)
     nll = -ops.gather_elements(logp, -1, ops.expand_dims(target, -1)).squeeze(-1)
     count = ops.maximum(tok_mask.sum(-1), 1.0)
     return (nll * tok_mask).sum(-1) / count
