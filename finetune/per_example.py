@@ -1,0 +1,575 @@
+"""Per-example gradients, clipped and summed, in MindSpore graph mode.
+
+DP-SGD (Abadi et al. 2016, Algorithm 1) needs every example's gradient ``g_i``, clipped to norm at
+most ``C`` (``g_i * min(1, C / ||g_i||)``) and summed.  Two ways, same result:
+
+``vmap``
+    ``ops.vmap(ms.value_and_grad(loss_of_one_example))`` materialises every example's gradient
+    (memory: batch x trainable parameters).  Works for any trainable parameter.
+
+``bookkeeping``
+    Book-keeping / ghost clipping (Bu, Wang, Zha, Karypis, "Differentially private optimization on
+    large model at small cost", ICML 2023; ghost norm: Goodfellow 2015, Li et al. ICLR 2022).  For a
+    Dense layer ``y = x W^T + b`` applied to the tokens of example ``i``, the weight gradient is
+    ``G_i = sum_t g_it a_it^T`` with ``a`` the layer input and ``g = dL/dy``.  Its norm needs no ``G_i``:
+    ``||G_i||_F^2 = sum_{t,t'} (a_it . a_it')(g_it . g_it')`` (ghost norm, cheaper when ``2 T^2 < in*out``),
+    and the clipped sum is ``sum_i c_i G_i = (c * g)^T a``, a single matmul.  ``g`` is obtained in graph
+    mode (hooks are ignored there) by adding a zero "probe" tensor to each layer output and
+    differentiating the summed loss with respect to the probes; the layer input is stored during the
+    forward pass.  Covered layers: ``nn.Dense`` (no activation), ``nn.LayerNorm`` over the last axis, and
+    any layer registered with :func:`register_dense`.
+
+``auto`` picks book-keeping when every trainable parameter sits in a covered layer, ``vmap`` otherwise.
+
+Geometry: ``l2`` clips the Euclidean norm of the concatenated per-example gradient (Gaussian tables),
+``l1`` the sum of absolute values (Laplace-type tables, DESIGN.md rule 2).  Norms are computed in
+float32; the clip factor keeps a relative margin ``CLIP_MARGIN`` so rounding cannot push a clipped
+gradient above ``C``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+__all__ = ["PerExampleGradients", "SummedGradients", "register_dense", "bookkeeping_coverage", "CLIP_MARGIN",
+           "GEOMETRIES", "METHODS"]
+
+CLIP_MARGIN = 1e-4
+GEOMETRIES = ("l1", "l2")
+METHODS = ("auto", "vmap", "bookkeeping")
+_TINY = 1e-30
+
+
+# --------------------------------------------------------------------------------------------
+# Layer rules for book-keeping.  A rule says how to run a layer functionally and which of its
+# parameters are a "weight" (per-example grad g^T a) or a "bias" (per-example grad sum_t g).
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _DenseRule:
+    """A layer computing ``x @ W^T + b`` with ``W`` stored [out, in] (attribute names given)."""
+
+    weight: str = "weight"
+    bias: str | None = "bias"
+
+
+_DENSE_RULES: dict[type, _DenseRule] = {}
+
+
+def register_dense(cls: type, weight: str = "weight", bias: str | None = "bias") -> None:
+    """Declare that cells of class ``cls`` compute ``x @ W^T + b`` with ``W`` stored [out, in].
+
+    The class's ``construct`` is replaced by an equivalent ``ops.dense`` during book-keeping, so only
+    register layers for which that is exactly true (no activation, no dropout, no extra terms).
+    """
+    _DENSE_RULES[cls] = _DenseRule(weight, bias)
+
+
+def _dense_rule(cell: nn.Cell) -> _DenseRule | None:
+    if type(cell) in _DENSE_RULES:
+        return _DENSE_RULES[type(cell)]
+    if type(cell) is nn.Dense and not getattr(cell, "activation_flag", False):
+        return _DenseRule("weight", "bias" if getattr(cell, "has_bias", True) else None)
+    return None
+
+
+def _is_layernorm(cell: nn.Cell) -> bool:
+    return (type(cell) is nn.LayerNorm and len(cell.normalized_shape) == 1
+            and cell.begin_norm_axis in (-1,) and cell.begin_params_axis in (-1,))
+
+
+class _ProbedDense(nn.Cell):
+    """Dense layer with a zero probe on its output and its input saved for book-keeping."""
+
+    def __init__(self, weight: Parameter, bias: Parameter | None, tag: str):
+        super().__init__(auto_prefix=False)
+        self.weight = weight
+        self.bias = bias
+        self.has_bias = bias is not None
+        self.tag = tag
+        self.recording = True
+        self.in_shape = None
+        self.out_shape = None
+
+    def allocate(self):
+        self.probe = Parameter(ops.zeros(self.out_shape, ms.float32), name=f"_bk.{self.tag}.probe",
+                               requires_grad=False)
+        self.act = Parameter(ops.zeros(self.in_shape, ms.float32), name=f"_bk.{self.tag}.act",
+                             requires_grad=False)
+        self.recording = False
+
+    def construct(self, x):
+        if self.recording:
+            y = ops.dense(x, self.weight, self.bias) if self.has_bias else ops.dense(x, self.weight)
+            self.in_shape = x.shape
+            self.out_shape = y.shape
+            return y
+        ops.assign(self.act, x)
+        if self.has_bias:
+            return ops.dense(x, self.weight, self.bias) + self.probe
+        return ops.dense(x, self.weight) + self.probe
+
+
+class _ProbedLayerNorm(nn.Cell):
+    """LayerNorm over the last axis, ``xhat * gamma + beta``; saves ``xhat`` and probes the output."""
+
+    def __init__(self, gamma: Parameter, beta: Parameter, eps: float, tag: str):
+        super().__init__(auto_prefix=False)
+        self.gamma = gamma
+        self.beta = beta
+        self.eps = float(eps)
+        self.tag = tag
+        self.recording = True
+        self.in_shape = None
+
+    def allocate(self):
+        self.probe = Parameter(ops.zeros(self.in_shape, ms.float32), name=f"_bk.{self.tag}.probe",
+                               requires_grad=False)
+        self.act = Parameter(ops.zeros(self.in_shape, ms.float32), name=f"_bk.{self.tag}.act",
+                             requires_grad=False)
+        self.recording = False
+
+    def _normalise(self, x):
+        mean = x.mean(-1, keep_dims=True)
+        var = ops.square(x - mean).mean(-1, keep_dims=True)
+        return (x - mean) * ops.rsqrt(var + self.eps)
+
+    def construct(self, x):
+        xhat = self._normalise(x)
+        if self.recording:
+            self.in_shape = x.shape
+            return xhat * self.gamma + self.beta
+        ops.assign(self.act, xhat)
+        return xhat * self.gamma + self.beta + self.probe
+
+
+def _walk_replaceable(network: nn.Cell):
+    """Yield (parent, child_name, child, path) for every direct child of every cell."""
+    for path, parent in network.cells_and_names():
+        for name, child in list(parent._cells.items()):  # pylint: disable=protected-access
+            if child is None:
+                continue
+            yield parent, name, child, f"{path}.{name}" if path else name
+
+
+def bookkeeping_coverage(network: nn.Cell, params: Sequence[Parameter]) -> list[str]:
+    """Names of trainable ``params`` that book-keeping cannot handle (empty list: fully covered)."""
+    covered = set()
+    for _, _, child, _ in _walk_replaceable(network):
+        rule = _dense_rule(child)
+        if rule is not None:
+            covered.add(id(getattr(child, rule.weight)))
+            if rule.bias is not None and getattr(child, rule.bias, None) is not None:
+                covered.add(id(getattr(child, rule.bias)))
+        elif _is_layernorm(child):
+            covered.update({id(child.gamma), id(child.beta)})
+        elif isinstance(child, (_ProbedDense, _ProbedLayerNorm)):
+            covered.update(id(p) for p in child.get_parameters() if not p.name.startswith("_bk."))
+    return [p.name for p in params if id(p) not in covered]
+
+
+# --------------------------------------------------------------------------------------------
+# Clip factors
+# --------------------------------------------------------------------------------------------
+def _clip_factors(norms, mask, clip):
+    """``mask_i * min(1, C (1 - margin) / ||g_i||)``; ``clip`` may be +inf (no clipping)."""
+    scale = clip * (1.0 - CLIP_MARGIN) / ops.maximum(norms, _TINY)
+    return mask * ops.minimum(scale, ops.ones_like(scale))
+
+
+# --------------------------------------------------------------------------------------------
+# vmap route
+# --------------------------------------------------------------------------------------------
+class _SingleLoss(nn.Cell):
+    """Loss of one example: the batched network applied to a batch of one."""
+
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, *inputs):
+        batched = [ops.expand_dims(x, 0) for x in inputs]
+        return self.network(*batched)[0]
+
+
+class _VmapClipSum(nn.Cell):
+    def __init__(self, network, params, geometry, n_inputs):
+        super().__init__(auto_prefix=False)
+        self.params = ms.ParameterTuple(params)
+        self.single = _SingleLoss(network)
+        grad = ms.value_and_grad(self.single, grad_position=None, weights=self.params)
+        self.per_example = ops.vmap(grad, in_axes=tuple([0] * n_inputs))
+        self.l1 = geometry == "l1"
+
+    def _norms(self, grads):
+        total = None
+        for g in grads:
+            flat = g.reshape(g.shape[0], -1)
+            part = ops.abs(flat).sum(1) if self.l1 else ops.square(flat).sum(1)
+            total = part if total is None else total + part
+        return total if self.l1 else ops.sqrt(total)
+
+    def construct(self, inputs, mask, clip):
+        losses, grads = self.per_example(*inputs)
+        norms = self._norms(grads)
+        factors = _clip_factors(norms, mask, clip)
+        out = []
+        for g in grads:
+            shape = (-1,) + (1,) * (g.ndim - 1)
+            out.append((g * factors.reshape(shape)).sum(0))
+        return tuple(out), losses * mask, norms * mask
+
+
+# --------------------------------------------------------------------------------------------
+# book-keeping route
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Slot:
+    """Where one trainable parameter's gradient comes from.
+
+    ``role``: ``weight`` (``sum_t g_t a_t^T``), ``bias``/``beta`` (``sum_t g_t``), ``gamma``
+    (``sum_t g_t * xhat_t``), ``lora_A`` / ``lora_B`` (LoRA factors, Hu et al. 2021: with
+    ``y = ... + s (x A^T) B^T``, ``dL/dB = s sum_t g_t (A x_t)^T`` and ``dL/dA = s sum_t (B^T g_t) x_t^T``).
+    ``other``: the other LoRA factor; ``scale``: the LoRA scaling ``s``.
+    """
+
+    tap: int
+    role: str
+    other: Parameter | None = None
+    scale: float = 1.0
+
+
+class _BookkeepingCore(nn.Cell):
+    """Per-example norms and the clipped sum from tap output gradients ``gs`` and inputs ``acts``."""
+
+    def __init__(self, slots, in_shapes, out_shapes, geometry):
+        super().__init__(auto_prefix=False)
+        self.roles = tuple(s.role for s in slots)
+        self.taps = tuple(s.tap for s in slots)
+        self.scales = tuple(float(s.scale) for s in slots)
+        others = [s.other for s in slots if s.other is not None]
+        self.others = ms.ParameterTuple(others) if others else ()
+        idx, k = [], 0
+        for s in slots:
+            idx.append(k if s.other is not None else -1)
+            k += s.other is not None
+        self.other_idx = tuple(idx)
+        self.l1 = geometry == "l1"
+        ghost = []
+        for s in slots:  # ghost norm when the T x T Gram matrices are cheaper than [B, out, in]
+            t = int(np.prod(in_shapes[s.tap][1:-1])) if len(in_shapes[s.tap]) > 2 else 1
+            d_in, d_out = in_shapes[s.tap][-1], out_shapes[s.tap][-1]
+            if s.role == "lora_A":
+                d_out = s.other.shape[1]
+            elif s.role == "lora_B":
+                d_in = s.other.shape[0]
+            ghost.append((not self.l1) and s.role in ("weight", "lora_A", "lora_B")
+                         and 2 * t * t < d_in * d_out)
+        self.ghost = tuple(ghost)
+
+    @staticmethod
+    def _tokens(x):
+        """[B, ..., d] -> [B, T, d]."""
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def _outer(self, i, g, a):
+        """(R, L) with per-example gradient sum_t R_t L_t^T."""
+        role = self.roles[i]
+        if role == "lora_B":
+            return g * self.scales[i], ops.dense(a, self.others[self.other_idx[i]])
+        if role == "lora_A":
+            return ops.matmul(g, self.others[self.other_idx[i]]) * self.scales[i], a
+        return g, a
+
+    def _part(self, x):
+        flat = x.reshape(x.shape[0], -1)
+        return ops.abs(flat).sum(1) if self.l1 else ops.square(flat).sum(1)
+
+    def construct(self, probe_grads, saved, mask, clip):
+        gs = [self._tokens(g) for g in probe_grads]
+        acts = [self._tokens(a) for a in saved]
+        total = ops.zeros_like(mask)
+        for i in range(len(self.roles)):
+            role, g, a = self.roles[i], gs[self.taps[i]], acts[self.taps[i]]
+            if role in ("weight", "lora_A", "lora_B"):
+                r, l = self._outer(i, g, a)
+                if self.ghost[i]:
+                    gram_l = ops.bmm(l, l.transpose(0, 2, 1))
+                    gram_r = ops.bmm(r, r.transpose(0, 2, 1))
+                    total = total + (gram_l * gram_r).sum((1, 2))
+                else:
+                    total = total + self._part(ops.bmm(r.transpose(0, 2, 1), l))
+            elif role == "gamma":
+                total = total + self._part((g * a).sum(1))
+            else:
+                total = total + self._part(g.sum(1))
+        norms = total if self.l1 else ops.sqrt(ops.maximum(total, ops.zeros_like(total)))
+        factors = _clip_factors(norms, mask, clip).reshape(-1, 1, 1)
+        out = []
+        for i in range(len(self.roles)):
+            role, g, a = self.roles[i], gs[self.taps[i]], acts[self.taps[i]]
+            if role in ("weight", "lora_A", "lora_B"):
+                r, l = self._outer(i, g * factors, a)
+                out.append(ops.matmul(r.reshape(-1, r.shape[-1]).T, l.reshape(-1, l.shape[-1])))
+            elif role == "gamma":
+                out.append((g * factors * a).sum((0, 1)))
+            else:
+                out.append((g * factors).sum((0, 1)))
+        return tuple(out), norms
+
+
+class _MaskedSum(nn.Cell):
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, inputs, mask):
+        losses = self.network(*inputs)
+        return (losses * mask).sum(), losses
+
+
+class _ProbedClipSum(nn.Cell):
+    """Book-keeping front-end for plain Cells: probe/activation Parameters installed in the model."""
+
+    def __init__(self, network, layers, slots, geometry):
+        super().__init__(auto_prefix=False)
+        self.probes = ms.ParameterTuple([layer.probe for layer in layers])
+        self.acts = ms.ParameterTuple([layer.act for layer in layers])
+        self.masked = _MaskedSum(network)
+        self.grad = ms.value_and_grad(self.masked, grad_position=None, weights=self.probes,
+                                      has_aux=True)
+        outs = [layer.out_shape if isinstance(layer, _ProbedDense) else layer.in_shape
+                for layer in layers]
+        self.core = _BookkeepingCore(slots, [layer.in_shape for layer in layers], outs, geometry)
+
+    def construct(self, inputs, mask, clip):
+        (_, losses), probe_grads = self.grad(inputs, mask)
+        grads, norms = self.core(probe_grads, self.acts, mask, clip)
+        return grads, losses * mask, norms
+
+
+class _TapLoss(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, inputs, probes, mask):
+        losses, saved = self.model.loss(*inputs, probes)
+        return (losses * mask).sum(), losses, saved
+
+
+class _TappedClipSum(nn.Cell):
+    """Book-keeping front-end for models exposing taps (``finetune.gpt2`` protocol):
+    ``model.loss(*inputs, probes) -> (losses, saved)`` with one probe per tap."""
+
+    def __init__(self, model, slots, in_shapes, out_shapes, geometry):
+        super().__init__(auto_prefix=False)
+        self.tap_loss = _TapLoss(model)
+        self.grad = ms.value_and_grad(self.tap_loss, grad_position=1, has_aux=True)
+        self.core = _BookkeepingCore(slots, in_shapes, out_shapes, geometry)
+
+    def construct(self, inputs, probes, mask, clip):
+        (_, losses, saved), probe_grads = self.grad(inputs, probes, mask)
+        grads, norms = self.core(probe_grads, saved, mask, clip)
+        return grads, losses * mask, norms
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------
+def _is_tapped(network) -> bool:
+    """The ``finetune.gpt2`` book-keeping protocol: ``taps()``, ``loss(*inputs[, probes])``."""
+    return callable(getattr(network, "taps", None)) and callable(getattr(network, "loss", None))
+
+
+def _tap_roles(tap):
+    """[(parameter, role, other, scale)] for one tap of a tapped model."""
+    if hasattr(tap, "lora_A") and hasattr(tap, "lora_B"):
+        if getattr(tap, "merged", False):
+            raise ValueError("LoRA layers are merged; unmerge them before training")
+        s = float(tap.scaling)
+        return [(tap.weight, "weight", None, 1.0), (tap.bias, "bias", None, 1.0),
+                (tap.lora_A, "lora_A", tap.lora_B, s), (tap.lora_B, "lora_B", tap.lora_A, s)]
+    if callable(getattr(tap, "normalise", None)):
+        return [(tap.weight, "gamma", None, 1.0), (tap.bias, "beta", None, 1.0)]
+    return [(tap.weight, "weight", None, 1.0), (getattr(tap, "bias", None), "bias", None, 1.0)]
+
+
+class _LossOf(nn.Cell):
+    """``model.loss`` as a Cell (tapped models return logits from ``construct``)."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, *inputs):
+        return self.model.loss(*inputs)
+
+
+class PerExampleGradients:
+    """Clipped sums of per-example gradients.
+
+    ``network``: either a Cell whose ``construct(*inputs)`` takes a batch (leading axis = examples)
+    and returns the per-example losses [B], or a tapped model (``finetune.gpt2.GPT2LMHeadModel``:
+    ``loss(*inputs)`` gives the per-example losses, ``taps()`` the book-keeping layers).
+    ``params``: the trainable parameters, in the order the gradients are returned (default
+    ``network.trainable_params()``).  ``geometry``: ``"l2"`` or ``"l1"``.  ``method``: ``"auto"``,
+    ``"vmap"`` or ``"bookkeeping"``.
+
+    :meth:`clipped_sum` takes inputs of one fixed micro-batch shape, a 0/1 mask (padding rows 0)
+    and the clipping norm (``inf``: no clipping).  For plain Cells book-keeping installs probe
+    layers into ``network`` in place (parameter names and values untouched).
+    """
+
+    def __init__(self, network: nn.Cell, params: Sequence[Parameter] | None = None,
+                 geometry: str = "l2", method: str = "auto"):
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"per-example clipping needs geometry 'l1' or 'l2', got {geometry!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.network = network
+        self.params = list(params) if params is not None else list(network.trainable_params())
+        if not self.params:
+            raise ValueError("no trainable parameters: nothing to differentiate")
+        self.param_names = [p.name for p in self.params]
+        self.geometry = geometry
+        self.tapped = _is_tapped(network)
+        self.loss_network = _LossOf(network) if self.tapped else network
+        uncovered = self.uncovered()
+        if method == "auto":
+            method = "bookkeeping" if not uncovered else "vmap"
+        elif method == "bookkeeping" and uncovered:
+            shown = ", ".join(uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
+            raise ValueError("book-keeping covers Dense/Linear, LoRA and LayerNorm parameters only; "
+                             f"not covered: {shown} (use method='vmap')")
+        self.method = method
+        self._cell = None
+        self._shapes = None
+        self._probes = None
+
+    def uncovered(self) -> list[str]:
+        """Names of trainable parameters book-keeping cannot handle."""
+        if not self.tapped:
+            return bookkeeping_coverage(self.network, self.params)
+        covered = {id(p) for tap in self.network.taps() for p, *_ in _tap_roles(tap) if p is not None}
+        return [p.name for p in self.params if id(p) not in covered]
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _install_probes(self, example_inputs):
+        ids = {id(p): k for k, p in enumerate(self.params)}
+        layers, slots = [], [None] * len(self.params)
+        for parent, name, child, path in list(_walk_replaceable(self.network)):
+            rule = _dense_rule(child)
+            if rule is not None:
+                w = getattr(child, rule.weight)
+                b = getattr(child, rule.bias) if rule.bias is not None else None
+                roles = [(w, "weight"), (b, "bias")]
+                new = _ProbedDense(w, b, path)
+            elif _is_layernorm(child):
+                roles = [(child.gamma, "gamma"), (child.beta, "beta")]
+                new = _ProbedLayerNorm(child.gamma, child.beta, child.epsilon, path)
+            else:
+                continue
+            wanted = [(p, kind) for p, kind in roles if p is not None and id(p) in ids]
+            if not wanted:
+                continue  # frozen layer: leave it alone
+            for p, kind in wanted:
+                slots[ids[id(p)]] = _Slot(len(layers), kind)
+            parent._cells[name] = new  # pylint: disable=protected-access
+            layers.append(new)
+        # one eager pass records the activation shapes, then the buffers are allocated
+        mode = ms.get_context("mode")
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        try:
+            self.network(*example_inputs)
+        finally:
+            ms.set_context(mode=mode)
+        for layer in layers:
+            layer.allocate()
+        return _ProbedClipSum(self.network, layers, slots, self.geometry)
+
+    def _tapped_cell(self, inputs):
+        ids = {id(p): k for k, p in enumerate(self.params)}
+        taps = list(self.network.taps())
+        slots = [None] * len(self.params)
+        batch, seq = inputs[0].shape[:2]
+        out_shapes = [tuple(s) for s in self.network.probe_shapes(batch, seq)]
+        in_shapes = []
+        for t, tap in enumerate(taps):
+            n_in = getattr(tap, "n_in", out_shapes[t][-1])
+            in_shapes.append(out_shapes[t][:-1] + (n_in,))
+            for p, role, other, scale in _tap_roles(tap):
+                if p is not None and id(p) in ids:
+                    slots[ids[id(p)]] = _Slot(t, role, other, scale)
+        self._probes = ms.mutable(tuple(ops.zeros(s, ms.float32) for s in out_shapes))
+        return _TappedClipSum(self.network, slots, in_shapes, out_shapes, self.geometry)
+
+    def _build(self, inputs):
+        shapes = tuple(tuple(x.shape) for x in inputs)
+        if self._cell is not None:
+            if shapes != self._shapes:
+                raise ValueError(f"micro-batch shapes changed from {self._shapes} to {shapes}; "
+                                 "pad every micro-batch to one shape (finetune.poisson)")
+            return
+        self._shapes = shapes
+        if self.method == "vmap":
+            self._cell = _VmapClipSum(self.loss_network, self.params, self.geometry, len(inputs))
+        elif self.tapped:
+            self._cell = self._tapped_cell(inputs)
+        else:
+            self._cell = self._install_probes(inputs)
+        names = [p.name for p in self.params]
+        if names != self.param_names:  # pragma: no cover - defensive
+            raise RuntimeError(f"installing probes renamed parameters: {self.param_names} -> {names}")
+
+    # ---- use --------------------------------------------------------------------------------
+    def clipped_sum(self, inputs: Sequence, mask, clip: float):
+        """Return (clipped sum per parameter as float32 Tensors, per-example losses, norms).
+
+        Losses and norms of padding rows are 0.
+        """
+        inputs = [x if isinstance(x, Tensor) else Tensor(np.asarray(x)) for x in inputs]
+        self._build(inputs)
+        mask = mask if isinstance(mask, Tensor) else Tensor(np.asarray(mask, dtype=np.float32))
+        clip_t = Tensor(np.float32(clip))
+        batch = ms.mutable(tuple(inputs))
+        if self._probes is not None:
+            return self._cell(batch, self._probes, mask, clip_t)
+        return self._cell(batch, mask, clip_t)
+
+
+class SummedGradients:
+    """Non-private counterpart of :class:`PerExampleGradients`: the plain gradient of the masked
+    loss sum (no per-example work, no clipping).  Same ``clipped_sum`` interface; ``clip`` must be inf.
+    """
+
+    method = "none"
+
+    def __init__(self, network: nn.Cell, params: Sequence[Parameter] | None = None):
+        self.network = network
+        self.params = list(params) if params is not None else list(network.trainable_params())
+        self.loss_network = _LossOf(network) if _is_tapped(network) else network
+        self._cell = _PlainSum(self.loss_network, self.params)
+
+    def clipped_sum(self, inputs: Sequence, mask, clip: float = float("inf")):
+        if not np.isinf(clip):
+            raise ValueError("SummedGradients does not clip; use PerExampleGradients")
+        inputs = [x if isinstance(x, Tensor) else Tensor(np.asarray(x)) for x in inputs]
+        mask = mask if isinstance(mask, Tensor) else Tensor(np.asarray(mask, dtype=np.float32))
+        return self._cell(ms.mutable(tuple(inputs)), mask)
+
+
+class _PlainSum(nn.Cell):
+    def __init__(self, network, params):
+        super().__init__(auto_prefix=False)
+        self.masked = _MaskedSum(network)
+        self.params = ms.ParameterTuple(params)
+        self.grad = ms.value_and_grad(self.masked, grad_position=None, weights=self.params,
+                                      has_aux=True)
+
+    def construct(self, inputs, mask):
+        (_, losses), grads = self.grad(inputs, mask)
+        return grads, losses * mask, ops.zeros_like(mask)

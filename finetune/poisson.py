@@ -1,0 +1,103 @@
+"""Poisson subsampling for DP-SGD, packed into fixed-shape micro-batches.
+
+Privacy amplification by subsampling (Abadi et al. 2016; Zhu & Wang 2019, "Poisson subsampled Renyi
+differential privacy") assumes *Poisson* sampling: every example joins a step independently with
+probability ``q``, so the batch size is Binomial(N, q) and may even be zero.  The accountant certifies
+exactly that mechanism (DESIGN.md rule 7), so this module never drops, duplicates or resamples an
+example to fit a shape.
+
+MindSpore recompiles for every new input shape, so a logical batch of variable size ``n`` is split
+into ``ceil(n / micro_batch_size)`` micro-batches of one fixed shape; the last one is padded with
+copies of row 0 whose ``mask`` is 0.  Callers multiply per-example losses by the mask, which makes a
+padded row's gradient exactly zero.  An empty logical batch still yields one all-padding micro-batch,
+so a step (noise only) is taken and accounted like every other step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from accountant.randomness import make_rng, raw_words
+
+__all__ = ["PoissonSampler", "MicroBatch", "micro_batches", "pack"]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Row indices into the dataset (length = micro-batch size) and a 0/1 mask of real rows."""
+
+    indices: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def n_real(self) -> int:
+        return int(self.mask.sum())
+
+
+class PoissonSampler:
+    """Yields, for each step, the sorted indices of the examples sampled with probability ``q``.
+
+    ``rng`` may be a seeded numpy Generator or the secure generator from
+    ``accountant.randomness.make_rng(secure=True)``; ``seed`` / ``secure`` build one for you.
+    Inclusion uses 53-bit uniform integers: example ``i`` is in the batch iff ``U_i < round(q 2^53)``,
+    so the inclusion probability is ``q`` up to 2^-53 (exact whenever ``q`` is a dyadic rational).
+    """
+
+    def __init__(self, dataset_size: int, sampling_rate: float, steps: int, *, rng=None,
+                 seed: int | None = None, secure: bool = False):
+        if int(dataset_size) < 1:
+            raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+        if not 0.0 < float(sampling_rate) <= 1.0:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+        if int(steps) < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.dataset_size = int(dataset_size)
+        self.sampling_rate = float(sampling_rate)
+        self.steps = int(steps)
+        self.rng = rng if rng is not None else make_rng(seed=seed, secure=secure)
+        self._threshold = np.uint64(round(self.sampling_rate * 2.0 ** 53))
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sampling_rate * self.dataset_size
+
+    def sample(self) -> np.ndarray:
+        """One Poisson batch: indices of the examples whose coin came up heads."""
+        words = raw_words(self.rng, self.dataset_size) >> np.uint64(11)
+        return np.flatnonzero(words < self._threshold)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for _ in range(self.steps):
+            yield self.sample()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def micro_batches(indices: Sequence[int], micro_batch_size: int) -> list[MicroBatch]:
+    """Split a logical batch into fixed-size micro-batches; pad the last one (mask 0).
+
+    Every sampled index appears exactly once with mask 1.  An empty batch gives one all-padding
+    micro-batch so the (noise-only) step is still taken.
+    """
+    b = int(micro_batch_size)
+    if b < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    n_chunks = max(1, -(-idx.size // b))
+    out = []
+    for c in range(n_chunks):
+        part = idx[c * b:(c + 1) * b]
+        rows = np.zeros(b, dtype=np.int64)
+        mask = np.zeros(b, dtype=np.float32)
+        rows[:part.size] = part
+        mask[:part.size] = 1.0
+        out.append(MicroBatch(rows, mask))
+    return out
+
+
+def pack(arrays: Sequence[np.ndarray], micro: MicroBatch) -> list[np.ndarray]:
+    """Gather the rows of each dataset array for one micro-batch (padding rows repeat row 0)."""
+    return [np.asarray(a)[micro.indices] for a in arrays]
