@@ -171,3 +171,39 @@ def test_prepare_inserts_canaries_with_fair_coins(tmp_path, capsys):
     assert len(recs) == 50 + 6 + len(included)
     assert prepare.main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def _notebooks():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.name)
+def test_committed_notebooks_are_executed_and_clean(path):
+    """Executed (every code cell has run, in order), no error outputs, no machine paths."""
+    nb = json.loads(path.read_text())
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert cells and all(c.get("execution_count") for c in cells)
+    counts = [c["execution_count"] for c in cells]
+    assert counts == sorted(counts)
+    assert not any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
+    assert any(c.get("outputs") for c in cells)
+    text = path.read_text()
+    for bad in ("/work/", "/home/", "/tmp/"):
+        assert bad not in text
+
+
+@pytest.mark.slow
+def test_notebook_2_reexecutes(tmp_path):
+    """Re-run the cheapest notebook from its builder (about a minute)."""
+    import sys
+
+    sys.path.insert(0, str(_notebooks()[0].parent))
+    import build_notebooks
+
+    nb = build_notebooks.execute(build_notebooks.build(build_notebooks.NB2), timeout=600)
+    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not any(o.output_type == "error" for o in outs)
+    text = "".join(o.get("text", "") for o in outs)
+    assert "VIOLATION" not in text and "-> caught" in text
