@@ -1,0 +1,198 @@
+"""A drop-in DP-SGD wrapper around any MindSpore optimizer, with noise from a certified table.
+
+One step (Abadi et al. 2016, Algorithm 1, with the noise law replaced by the table's):
+
+1. per-example gradients of the Poisson-sampled examples (``finetune.per_example``), each clipped
+   to norm ``C`` in the norm the table's certificate covers: ``l2`` for Gaussian tables, ``l1`` for
+   Laplace-type / LMO tables (DESIGN.md rule 2); a ``scalar`` table certifies one real number and
+   is refused for a gradient with more than one coordinate;
+2. their sum ``S`` (float32 on the device, then float64 on the host);
+3. ``S + C * Z`` in float64 with ``Z = table.noise.sample(n, rng)`` drawn outside the compiled graph
+   (float64, exact for the certified law including its tails, rule 1); only this noisy sum is cast
+   to float32, which is post-processing of the certified release;
+4. division by the *expected* batch size ``q * N`` (not the realised one, which would leak it);
+5. the wrapped optimizer's update.
+
+``secure=True`` draws the noise from ``accountant.randomness.make_rng(secure=True)`` (ChaCha20 keyed
+from the OS CSPRNG, DESIGN.md rule 8).  The optimizer is wrapped in a Cell, not subclassed
+(subclassing ``nn.Adam`` breaks in PyNative mode).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from accountant.randomness import make_rng
+
+from .per_example import PerExampleGradients, SummedGradients
+
+__all__ = ["DPOptimizer", "StepStats", "GeometryError", "clip_geometry"]
+
+
+class GeometryError(ValueError):
+    """The table's certificate does not cover the query being released."""
+
+
+def clip_geometry(table_geometry: str, n_coordinates: int) -> str:
+    """The clipping norm a table's certificate requires for a gradient of ``n_coordinates``.
+
+    ``l2`` -> clip the L2 norm; ``l1`` -> clip the L1 norm.  ``scalar`` certifies one real-valued
+    query with sensitivity 1, which covers a gradient only if it has a single coordinate.
+    """
+    if table_geometry in ("l1", "l2"):
+        return table_geometry
+    if table_geometry == "scalar":
+        if int(n_coordinates) == 1:
+            return "l2"
+        raise GeometryError(
+            f"the noise table certifies a scalar query (geometry 'scalar'), but the gradient has "
+            f"{n_coordinates} coordinates; a scalar certificate covers one real-valued query only. "
+            "Use a table certified for geometry 'l2' (Gaussian) or 'l1' (Laplace-type, LMO).")
+    raise GeometryError(f"unknown table geometry {table_geometry!r}; expected 'l1', 'l2' or 'scalar'")
+
+
+class _Apply(nn.Cell):
+    """The wrapped optimizer as a Cell taking a gradient tuple (compiled once)."""
+
+    def __init__(self, optimizer):
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+
+    def construct(self, grads):
+        return self.optimizer(grads)
+
+
+@dataclass
+class StepStats:
+    loss: float           # mean per-example loss over the sampled examples (nan if none)
+    batch_size: int       # realised Poisson batch size
+    clipped_fraction: float
+    noise_std: float      # standard deviation of the noise added to each coordinate of the sum
+
+
+class DPOptimizer:
+    """Wrap ``optimizer`` (any MindSpore optimizer: SGD, Adam, AdamWeightDecay, ...) for DP-SGD.
+
+    Parameters
+    ----------
+    optimizer: the MindSpore optimizer; its ``parameters`` are the ones trained.
+    network: a Cell returning per-example losses, or a tapped model (``finetune.gpt2``).
+    table: a certified ``accountant.table.NoiseTable`` (noise law and geometry); ``None`` only with
+        ``private=False``.
+    max_grad_norm: clipping norm ``C`` (in the table's geometry); the noise is ``C * Z``.
+    expected_batch_size: ``q * N``; the noisy sum is divided by it.
+    per_example: ``"auto"``, ``"vmap"`` or ``"bookkeeping"``.
+    seed / secure / rng: the noise source (seeded PCG64, OS-keyed ChaCha20, or your own).
+    guard: optional ``finetune.privacy.PrivacyGuard``; checked before and charged after each step.
+    private: ``False`` runs the same pipeline without clipping or noise (non-private baseline).
+    add_noise: testing switch; ``False`` makes the step non-private.
+    """
+
+    def __init__(self, optimizer: nn.Optimizer, network: nn.Cell, table=None, *,
+                 max_grad_norm: float = 1.0, expected_batch_size: float,
+                 per_example: str = "auto", seed: int | None = None, secure: bool = False,
+                 rng=None, guard=None, private: bool = True, add_noise: bool = True):
+        self.optimizer = optimizer
+        self.params = list(optimizer.parameters)
+        self.n_coordinates = int(sum(int(np.prod(p.shape)) for p in self.params))
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
+        self.expected_batch_size = float(expected_batch_size)
+        self.private = bool(private)
+        self.add_noise = bool(add_noise) and self.private
+        self.guard = guard
+        if self.private:
+            if table is None:
+                raise ValueError("a private run needs a certified noise table")
+            self.geometry = clip_geometry(table.geometry, self.n_coordinates)
+            self.max_grad_norm = float(max_grad_norm)
+            if not (self.max_grad_norm > 0 and (math.isfinite(self.max_grad_norm) or not self.add_noise)):
+                raise ValueError(f"max_grad_norm must be positive and finite, got {max_grad_norm}")
+            self.noise = table.noise
+            self.grads = PerExampleGradients(network, self.params, geometry=self.geometry,
+                                             method=per_example)
+        else:
+            self.geometry = None
+            self.max_grad_norm = math.inf
+            self.noise = None
+            self.grads = SummedGradients(network, self.params)
+        if rng is not None and (seed is not None or secure):
+            raise ValueError("pass either rng or seed/secure, not both")
+        self.rng = rng if rng is not None else make_rng(seed=seed, secure=secure)
+        self.secure = bool(secure)
+        self._apply = _Apply(optimizer)
+        self._sum = None
+        self._stats = [0.0, 0, 0]  # loss sum, examples, clipped examples
+        self.steps_taken = 0
+
+    @property
+    def method(self) -> str:
+        return self.grads.method
+
+    @property
+    def noise_std(self) -> float:
+        """Per-coordinate standard deviation of the noise added to the clipped sum."""
+        if not self.add_noise:
+            return 0.0
+        return self.max_grad_norm * math.sqrt(self.noise.variance())
+
+    # ---- accumulation over micro-batches -----------------------------------------------------
+    def accumulate(self, inputs: Sequence, mask) -> None:
+        """Add one micro-batch's clipped per-example gradients to the running sum."""
+        mask = np.asarray(mask, dtype=np.float32)
+        grads, losses, norms = self.grads.clipped_sum(inputs, mask, self.max_grad_norm)
+        parts = [g.asnumpy().astype(np.float64) for g in grads]
+        if self._sum is None:
+            self._sum = parts
+        else:
+            for acc, part in zip(self._sum, parts):
+                acc += part
+        real = mask > 0
+        self._stats[0] += float(losses.asnumpy()[real].astype(np.float64).sum())
+        self._stats[1] += int(real.sum())
+        if self.private:
+            self._stats[2] += int((norms.asnumpy()[real] > self.max_grad_norm * (1 - 1e-4)).sum())
+
+    def apply(self) -> StepStats:
+        """Add noise to the accumulated sum, divide by the expected batch size, update.
+
+        With no accumulated micro-batch (an empty Poisson batch) the sum is zero and the noise is
+        still added: every step of the certified mechanism releases a noisy sum.
+        """
+        if self.guard is not None:
+            self.guard.check_next()
+        if self._sum is None:
+            self._sum = [np.zeros(p.shape, np.float64) for p in self.params]
+        flat = np.concatenate([s.reshape(-1) for s in self._sum])
+        if self.add_noise:
+            z = np.asarray(self.noise.sample(flat.size, self.rng), dtype=np.float64)
+            flat = flat + self.max_grad_norm * z
+        update = (flat / self.expected_batch_size).astype(np.float32)
+        grads, k = [], 0
+        for p in self.params:
+            size = int(np.prod(p.shape))
+            grads.append(Tensor(update[k:k + size].reshape(p.shape)))
+            k += size
+        self._apply(ms.mutable(tuple(grads)))
+        if self.guard is not None:
+            self.guard.record_step()
+        loss_sum, n, clipped = self._stats
+        stats = StepStats(loss=loss_sum / n if n else float("nan"), batch_size=n,
+                          clipped_fraction=clipped / n if n else 0.0, noise_std=self.noise_std)
+        self._sum = None
+        self._stats = [0.0, 0, 0]
+        self.steps_taken += 1
+        return stats
+
+    def step(self, micro_batches: Iterable) -> StepStats:
+        """One DP step over a logical batch given as ``(inputs, mask)`` micro-batches."""
+        if self.guard is not None:
+            self.guard.check_next()
+        for inputs, mask in micro_batches:
+            self.accumulate(inputs, mask)
+        return self.apply()

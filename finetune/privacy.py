@@ -1,0 +1,164 @@
+"""Privacy ledger wiring: the run must be the mechanism the table certifies, and stops before it isn't.
+
+A noise table certifies ``T`` steps of the Poisson-subsampled mechanism with rate ``q``, noise law
+``table.noise`` and clipping geometry ``table.geometry``, at ``(epsilon, delta)``.  A training run
+is covered by that certificate only if it
+
+* samples with the same rate ``q`` (Poisson, ``finetune.poisson``; DESIGN.md rule 7),
+* takes at most ``T`` steps (composition: fewer steps never cost more), and
+* clips in the table's geometry (``finetune.dp_optimizer.clip_geometry``).
+
+:func:`check_table` refuses anything else with :class:`TableMismatchError`.  :class:`PrivacyGuard`
+charges every step to an ``accountant.ledger.PrivacyLedger`` whose budget is the table's certified
+epsilon and raises :class:`PrivacyBudgetExceeded` *before* a step that the certificate (or the
+ledger) does not cover; :class:`PrivacyBudgetCallback` ends a ``mindspore.train.Model`` run at the
+same point.
+"""
+from __future__ import annotations
+
+__all__ = ["TableMismatchError", "PrivacyBudgetExceeded", "check_table", "PrivacyGuard",
+           "PrivacyBudgetCallback", "certified_epsilon"]
+
+_RATE_RTOL = 1e-12
+
+
+class TableMismatchError(ValueError):
+    """The run is not the mechanism the table certifies."""
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """The next step would exceed what the certificate covers."""
+
+
+def certified_epsilon(table) -> float:
+    """The table's final certified epsilon (the larger upper bound of the two accountants)."""
+    eps = table.certified_epsilon
+    if isinstance(eps, dict):
+        eps = eps["final"]
+    return float(eps)
+
+
+def check_table(table, *, dataset_size: int, sampling_rate: float | None = None,
+                steps: int | None = None) -> tuple[float, int]:
+    """Return the run's ``(q, steps)``, taken from the table unless given; refuse a mismatch."""
+    q_table, t_table = float(table.sampling_rate), int(table.steps)
+    if table.geometry not in ("l1", "l2", "scalar"):
+        raise TableMismatchError(f"table geometry {table.geometry!r} is not one of l1, l2, scalar")
+    if int(dataset_size) < 1:
+        raise TableMismatchError("the dataset is empty")
+    q = q_table if sampling_rate is None else float(sampling_rate)
+    if abs(q - q_table) > _RATE_RTOL * q_table:
+        raise TableMismatchError(
+            f"sampling rate {q:g} does not match the table's certified rate {q_table:g}; "
+            "omit the rate to use the table's, or search/certify a table for this rate")
+    t = t_table if steps is None else int(steps)
+    if t < 1:
+        raise TableMismatchError(f"steps must be >= 1, got {t}")
+    if t > t_table:
+        raise TableMismatchError(
+            f"{t} steps requested but the table certifies only {t_table} steps at rate {q_table:g}; "
+            "use at most that many steps or a table certified for more")
+    if q * int(dataset_size) < 1.0:
+        raise TableMismatchError(
+            f"expected batch size q*N = {q:g}*{int(dataset_size)} = {q * int(dataset_size):.3g} "
+            "is below one example; use more data or a table with a larger sampling rate")
+    return q, t
+
+
+class PrivacyGuard:
+    """Charges each step to a ``PrivacyLedger`` and stops before the certified budget is exceeded.
+
+    The per-step mechanism is the table's noise at sensitivity 1 (noise and clipping share the unit
+    ``C``), geometry ``table.geometry``, rate ``q``, one step.  The number of steps allowed
+    (``limit``) is the smaller of the run's steps (at most the table's ``T``) and what the ledger
+    certifies within its budget (by default the table's certified epsilon; pass your own ledger for a
+    smaller budget or one that already holds earlier releases).
+    """
+
+    def __init__(self, table, *, dataset_size: int, sampling_rate: float | None = None,
+                 steps: int | None = None, ledger=None):
+        from accountant.ledger import PrivacyLedger
+        from accountant.mechanism import Mechanism
+
+        self.table = table
+        self.sampling_rate, self.steps = check_table(table, dataset_size=dataset_size,
+                                                     sampling_rate=sampling_rate, steps=steps)
+        self.dataset_size = int(dataset_size)
+        self.delta = float(table.delta)
+        self.budget = certified_epsilon(table)
+        self.mechanism = Mechanism(table.noise, sensitivity=1.0, geometry=table.geometry,
+                                   sampling_rate=self.sampling_rate, steps=1)
+        self.ledger = ledger if ledger is not None else PrivacyLedger(self.delta, self.budget)
+        if self.ledger.epsilon_budget is None:
+            raise ValueError("the guard's ledger needs an epsilon budget")
+        self.steps_taken = 0
+        self._eps_cache = (0, 0.0)
+        # One certification up front: does the whole run fit the ledger's budget?  If not (a ledger
+        # with earlier entries or a smaller budget), find how many steps do (bisection, slower).
+        self.limit = self.steps
+        self.epsilon_at_limit = float(self.ledger.epsilon_after(self.steps, self.mechanism))
+        if self.epsilon_at_limit > float(self.ledger.epsilon_budget):
+            self.limit = min(self.steps, int(self.ledger.steps_remaining(self.mechanism)))
+            self.epsilon_at_limit = (float(self.ledger.epsilon_after(self.limit, self.mechanism))
+                                     if self.limit else float(self.ledger.epsilon()))
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sampling_rate * self.dataset_size
+
+    def remaining(self) -> int:
+        """Steps that may still be taken within the certificate and the ledger's budget."""
+        return max(0, self.limit - self.steps_taken)
+
+    def check_next(self) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` if one more step is not covered."""
+        if self.steps_taken >= self.limit:
+            raise PrivacyBudgetExceeded(
+                f"privacy budget reached: {self.steps_taken} steps taken; the budget (epsilon "
+                f"{float(self.ledger.epsilon_budget):.4g}, delta {self.delta:g}, table certified for "
+                f"{self.steps} steps at rate {self.sampling_rate:g}) covers {self.limit}; "
+                f"stopping before step {self.steps_taken + 1}")
+
+    def record_step(self) -> None:
+        self.check_next()
+        self.ledger.record(self.mechanism)
+        self.steps_taken += 1
+
+    def epsilon_spent(self) -> float:
+        """Epsilon of the steps taken so far, from the ledger (cached per step count)."""
+        if self.steps_taken == 0:
+            return 0.0
+        if self._eps_cache[0] != self.steps_taken:
+            self._eps_cache = (self.steps_taken, float(self.ledger.epsilon()))
+        return self._eps_cache[1]
+
+
+try:  # the callback is only defined when mindspore is importable
+    from mindspore.train import Callback as _Callback
+except Exception:  # pragma: no cover - mindspore missing
+    _Callback = object
+
+
+class PrivacyBudgetCallback(_Callback):
+    """``mindspore.train.Model`` callback: ends training when no further step is covered.
+
+    Checked at the end of every step (and before the first), so the step that would exceed the
+    certificate never starts.  Keep the guard on the optimizer too: it raises if a step is tried
+    anyway.
+    """
+
+    def __init__(self, guard: PrivacyGuard):
+        super().__init__()
+        self.guard = guard
+        self.stopped = False
+
+    def _maybe_stop(self, run_context):
+        if self.guard.remaining() == 0:
+            self.stopped = True
+            run_context.request_stop()
+
+    def on_train_begin(self, run_context):
+        self._maybe_stop(run_context)
+
+    def on_train_step_end(self, run_context):
+        self._maybe_stop(run_context)

@@ -1,0 +1,188 @@
+"""The DP fine-tuning loop: Poisson batches -> clipped per-example sums -> table noise -> optimizer.
+
+``train(...)`` is the functional loop the CLI (``python -m finetune``) runs; the pieces it wires are
+usable on their own (``finetune.poisson``, ``finetune.per_example``, ``finetune.dp_optimizer``,
+``finetune.privacy``).  ``DPModelStep`` plugs the same step into ``mindspore.train.Model`` (with
+``PrivacyBudgetCallback`` ending training before the budget is exceeded).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from accountant.randomness import make_rng
+
+from .dp_optimizer import DPOptimizer
+from .poisson import PoissonSampler, micro_batches
+from .privacy import PrivacyGuard, TableMismatchError, check_table
+
+__all__ = ["TrainResult", "train", "perplexity", "peak_rss_mb", "DPModelStep"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MiB (Linux reports KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
+
+
+class _EvalLoss(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, ids, mask):
+        return self.model.loss(ids, mask)
+
+
+def perplexity(model, ids: np.ndarray, mask: np.ndarray, batch_size: int = 16,
+               _cache: dict = {}) -> float:  # noqa: B006 - per-model compiled evaluator cache
+    """exp(mean next-token NLL over all real target tokens) of a tapped GPT-2 model."""
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+    if len(ids) == 0:
+        return float("nan")
+    key = id(model)
+    if key not in _cache or _cache[key][0] is not model:
+        _cache[key] = (model, _EvalLoss(model))
+    fn = _cache[key][1]
+    total, count = 0.0, 0.0
+    for start in range(0, len(ids), batch_size):
+        b_ids = np.zeros((batch_size, ids.shape[1]), np.int32)
+        b_mask = np.zeros((batch_size, ids.shape[1]), np.float32)
+        part = slice(start, min(start + batch_size, len(ids)))
+        n = part.stop - part.start
+        b_ids[:n], b_mask[:n] = ids[part], mask[part]
+        losses = fn(Tensor(b_ids), Tensor(b_mask)).asnumpy().astype(np.float64)[:n]
+        tokens = (b_mask[:n, 1:] * b_mask[:n, :-1]).sum(1).astype(np.float64)
+        total += float((losses * tokens).sum())
+        count += float(tokens.sum())
+    return math.exp(total / count) if count else float("nan")
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    guard: PrivacyGuard | None
+    optimizer: DPOptimizer
+
+
+def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndarray | None = None,
+          val_mask: np.ndarray | None = None, *, table=None, private: bool = True,
+          optimizer: nn.Optimizer | None = None, lr: float = 1e-3, max_grad_norm: float = 1.0,
+          sampling_rate: float | None = None, steps: int | None = None,
+          micro_batch_size: int = 16, per_example: str = "auto", seed: int | None = 0,
+          secure: bool = False, progress: bool = True, epsilon_updates: int = 10,
+          eval_batch_size: int = 16) -> TrainResult:
+    """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
+
+    The sampling rate and number of steps come from ``table`` (a run that does not match it is
+    refused, :func:`finetune.privacy.check_table`); ``steps`` may lower the number of steps.  The
+    noisy sum is divided by the expected batch size ``q * N``.  Returns the metrics (``steps``,
+    ``epsilon_spent``, ``delta``, ``train_perplexity``, ``val_perplexity``, ``seconds_per_step``,
+    ``peak_rss_mb``, ...), the privacy guard (its ledger holds what was spent) and the optimizer.
+    """
+    n = int(len(train_ids))
+    if private and table is None:
+        raise TableMismatchError("a private run needs a certified noise table")
+    if table is not None:
+        q, t = check_table(table, dataset_size=n, sampling_rate=sampling_rate, steps=steps)
+    else:
+        if sampling_rate is None or steps is None:
+            raise ValueError("without a table, give sampling_rate and steps")
+        q, t = float(sampling_rate), int(steps)
+    guard = PrivacyGuard(table, dataset_size=n, sampling_rate=q, steps=t) if private else None
+    params = list(model.trainable_params())
+    if optimizer is None:
+        optimizer = nn.Adam(params, learning_rate=lr)
+    rng = make_rng(seed=None if secure else seed, secure=secure)
+    dp = DPOptimizer(optimizer, model, table if private else None, max_grad_norm=max_grad_norm,
+                     expected_batch_size=q * n, per_example=per_example, rng=rng, guard=guard,
+                     private=private)
+    sampler = PoissonSampler(n, q, t, rng=rng)
+    every = max(1, t // max(1, epsilon_updates))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=t, desc="DP fine-tuning" if private else "fine-tuning (no DP)", unit="step")
+    times, losses, batch_sizes = [], [], []
+    eps = 0.0
+    try:
+        for step in range(t):
+            if guard is not None and guard.remaining() == 0:
+                break
+            start = time.perf_counter()
+            idx = sampler.sample()
+            mbs = [([train_ids[m.indices], train_mask[m.indices]], m.mask)
+                   for m in micro_batches(idx, micro_batch_size)]
+            stats = dp.step(mbs)
+            times.append(time.perf_counter() - start)
+            losses.append(stats.loss)
+            batch_sizes.append(stats.batch_size)
+            if guard is not None and ((step + 1) % every == 0 or step + 1 == t):
+                eps = guard.epsilon_spent()
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats.loss:.3f}", eps=f"{eps:.3g}", batch=stats.batch_size)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if guard is not None:
+        eps = guard.epsilon_spent()
+    metrics = {
+        "private": bool(private),
+        "per_example": dp.method,
+        "steps": len(times),
+        "sampling_rate": q,
+        "expected_batch_size": q * n,
+        "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+        "epsilon_spent": float(eps) if private else math.inf,
+        "delta": float(table.delta) if table is not None else None,
+        "certified_epsilon_of_table": float(guard.budget) if guard is not None else None,
+        "max_grad_norm": max_grad_norm if private else None,
+        "noise_std": dp.noise_std,
+        "final_train_loss": float(np.nanmean(losses[-max(1, len(losses) // 10):])) if losses else None,
+        "train_perplexity": perplexity(model, train_ids, train_mask, eval_batch_size),
+        "val_perplexity": (perplexity(model, val_ids, val_mask, eval_batch_size)
+                           if val_ids is not None and len(val_ids) else None),
+        # the first step includes graph compilation; report it separately
+        "first_step_seconds": times[0] if times else None,
+        "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
+        "peak_rss_mb": peak_rss_mb(),
+        "secure_rng": bool(secure),
+    }
+    return TrainResult(metrics, guard, dp)
+
+
+class DPModelStep(nn.Cell):
+    """One DP step as a Cell for ``mindspore.train.Model`` (``dataset_sink_mode=False``).
+
+    Each dataset row is one Poisson batch (``ids``, ``mask``; variable length, possibly empty), e.g.
+    from ``PoissonSampler``.  The step runs on the host (clipping and noise are not traced), so
+    ``__call__`` bypasses graph compilation; the per-example work inside is still compiled.
+    Combine with ``finetune.privacy.PrivacyBudgetCallback(guard)``.
+    """
+
+    def __init__(self, dp: DPOptimizer, micro_batch_size: int = 16):
+        super().__init__(auto_prefix=False)
+        self.dp = dp
+        self.micro_batch_size = int(micro_batch_size)
+
+    def __call__(self, ids, mask):
+        ids = ids.asnumpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        mask = mask.asnumpy() if isinstance(mask, Tensor) else np.asarray(mask)
+        if len(ids) == 0:  # an empty Poisson batch still releases a noisy (zero) sum
+            stats = self.dp.step([])
+        else:
+            mbs = [([ids[m.indices], mask[m.indices]], m.mask)
+                   for m in micro_batches(np.arange(len(ids)), self.micro_batch_size)]
+            stats = self.dp.step(mbs)
+        return Tensor(np.float32(stats.loss if stats.batch_size else 0.0))
+
+    def construct(self, ids, mask):  # pragma: no cover - __call__ is used
+        raise RuntimeError("DPModelStep runs on the host; call it, do not compile it")
