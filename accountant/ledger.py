@@ -1,0 +1,144 @@
+"""Privacy ledger for training: what was spent, and whether more steps fit the budget.
+
+The ledger records the mechanism of each step (noise, sensitivity, geometry, Poisson rate) with a
+count; heterogeneous runs (a change of rate or noise midway) compose exactly through
+:func:`accountant.certify.certify`.  ``steps_remaining`` answers "how many more steps of this
+mechanism fit the budget?" by bisection on certified epsilons and caches the answer, so a training
+loop can stop BEFORE the budget would be exceeded at the cost of one comparison per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from accountant.certify import certify
+from accountant.mechanism import Mechanism
+from accountant.noise import Noise, Tabulated, from_name
+
+LEDGER_VERSION = 1
+
+
+def _noise_to_json(noise: Noise) -> dict:
+    if isinstance(noise, Tabulated):
+        return {"family": "tabulated", "edges": noise.edges.tolist(), "mass": noise.mass.tolist(),
+                "tail_mass": noise.tail_mass, "tail_rate": noise.tail_rate}
+    return {"family": noise.family, "params": noise.params}
+
+
+def _noise_from_json(data: dict) -> Noise:
+    if data["family"] == "tabulated":
+        return Tabulated(data["edges"], data["mass"], data["tail_mass"], data["tail_rate"])
+    return from_name(data["family"], **data["params"])
+
+
+class BudgetExceeded(RuntimeError):
+    """Raised before a step that would take the certified epsilon past the budget."""
+
+
+class PrivacyLedger:
+    def __init__(self, delta: float, epsilon_budget: float | None = None):
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {delta}")
+        if epsilon_budget is not None and not epsilon_budget > 0:
+            raise ValueError(f"epsilon budget must be positive, got {epsilon_budget}")
+        self.delta = float(delta)
+        self.epsilon_budget = epsilon_budget
+        self._entries: list[list] = []       # [mechanism with steps=1, count]
+        self._cache: dict = {}
+
+    # --- recording ----------------------------------------------------------------------------
+    def record(self, mechanism: Mechanism, count: int = 1) -> None:
+        if count < 1 or int(count) != count:
+            raise ValueError("count must be a positive integer")
+        step = mechanism.with_steps(1)
+        if self._entries and self._same(self._entries[-1][0], step):
+            self._entries[-1][1] += int(count)
+        else:
+            self._entries.append([step, int(count)])
+        self._cache.pop("epsilon", None)
+
+    @staticmethod
+    def _same(a: Mechanism, b: Mechanism) -> bool:
+        return a.describe() == b.describe() and _noise_to_json(a.noise) == _noise_to_json(b.noise)
+
+    @property
+    def steps(self) -> int:
+        return sum(count for _, count in self._entries)
+
+    def mechanisms(self) -> list[Mechanism]:
+        return [m.with_steps(c) for m, c in self._entries]
+
+    # --- queries ------------------------------------------------------------------------------
+    def epsilon(self) -> float:
+        """Certified epsilon spent so far (0 before the first step)."""
+        if not self._entries:
+            return 0.0
+        if "epsilon" not in self._cache:
+            self._cache["epsilon"] = certify(self.mechanisms(), self.delta).epsilon
+        return self._cache["epsilon"]
+
+    def _split(self, mechanism: Mechanism):
+        """(earlier mechanisms, length of the current run of ``mechanism`` at the end)."""
+        items = self.mechanisms()
+        if items and self._same(items[-1].with_steps(1), mechanism.with_steps(1)):
+            return items[:-1], items[-1].steps
+        return items, 0
+
+    def epsilon_after(self, n: int, mechanism: Mechanism) -> float:
+        """Certified epsilon if ``n`` more steps of ``mechanism`` were taken."""
+        prefix, run = self._split(mechanism)
+        return certify(prefix + [mechanism.with_steps(run + n)], self.delta).epsilon
+
+    def steps_remaining(self, mechanism: Mechanism) -> int:
+        """Largest n with certified epsilon after n more steps <= budget.  The longest affordable run
+        of ``mechanism`` after the earlier entries is found once by bisection and cached, so a
+        training loop pays one comparison per step."""
+        if self.epsilon_budget is None:
+            return math.inf
+        prefix, run = self._split(mechanism)
+        key = json.dumps([_noise_to_json(mechanism.noise), mechanism.with_steps(1).describe(),
+                          [[_noise_to_json(m.noise), m.describe()] for m in prefix]], sort_keys=True)
+        if key not in self._cache:
+            def fits(n):
+                return certify(prefix + [mechanism.with_steps(n)], self.delta).epsilon <= self.epsilon_budget
+
+            if not fits(1):
+                longest = 0
+            else:
+                lo, hi = 1, 2
+                while hi <= 10 ** 8 and fits(hi):
+                    lo, hi = hi, hi * 2
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+                longest = lo
+            self._cache[key] = longest
+        return max(self._cache[key] - run, 0)
+
+    def can_take(self, n: int, mechanism: Mechanism) -> bool:
+        """True when n more steps of ``mechanism`` keep the certified epsilon within budget."""
+        if self.epsilon_budget is None:
+            return True
+        return n <= self.steps_remaining(mechanism)
+
+    # --- serialisation ------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({
+            "ledger_version": LEDGER_VERSION, "delta": self.delta, "epsilon_budget": self.epsilon_budget,
+            "entries": [{"mechanism": {**m.describe(), "noise": _noise_to_json(m.noise)}, "count": c}
+                        for m, c in self._entries],
+            "epsilon_spent": self.epsilon(),
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyLedger":
+        data = json.loads(text)
+        if data.get("ledger_version") != LEDGER_VERSION:
+            raise ValueError(f"unsupported ledger version {data.get('ledger_version')!r}")
+        ledger = cls(data["delta"], data.get("epsilon_budget"))
+        for entry in data["entries"]:
+            m = entry["mechanism"]
+            mech = Mechanism(_noise_from_json(m["noise"]), m["sensitivity"], m["geometry"],
+                             m["sampling_rate"], 1)
+            ledger.record(mech, entry["count"])
+        return ledger

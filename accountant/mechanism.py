@@ -1,0 +1,74 @@
+"""A DP mechanism: noise law + sensitivity + clipping geometry + Poisson rate + number of steps.
+
+:func:`step_pair` turns a mechanism into the dominating pair of ONE step that the accountants
+compose (docs/privacy.md states the theorem behind each case):
+
+* ``scalar``: one real-valued query, |difference| <= C.  Any symmetric unimodal law; the pair is the
+  law shifted by C versus the law (Lemma 1: the largest shift dominates).
+* ``l2``: vector query, ||difference||_2 <= C.  Exact only for Gaussian noise (rotation invariance);
+  any other law is refused, because the one-coordinate analysis understates epsilon (DESIGN 3.2).
+* ``l1``: vector query, ||difference||_1 <= C, i.i.d. noise per coordinate.  Gaussian: the l2 pair
+  (||v||_2 <= ||v||_1).  A law whose log-density is L-Lipschitz: every step is pure (C L)-DP in every
+  direction, dominated by randomized response (Lemma 2).  Anything else is refused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from accountant.noise import Gaussian, Noise
+from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
+
+GEOMETRIES = ("scalar", "l1", "l2")
+
+
+class UnsupportedMechanism(ValueError):
+    """No theorem backs a certificate for this mechanism; we refuse rather than guess."""
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    noise: Noise
+    sensitivity: float = 1.0
+    geometry: str = "scalar"
+    sampling_rate: float = 1.0
+    steps: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.noise, Noise):
+            raise TypeError("noise must be an accountant.noise.Noise")
+        if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
+            raise ValueError(f"sensitivity must be positive, got {self.sensitivity}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if not (0 < self.sampling_rate <= 1):
+            raise ValueError(f"sampling rate must lie in (0, 1], got {self.sampling_rate}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+
+    def with_steps(self, steps: int) -> "Mechanism":
+        return Mechanism(self.noise, self.sensitivity, self.geometry, self.sampling_rate, int(steps))
+
+    def describe(self) -> dict:
+        return {"noise": self.noise.family, "params": self.noise.params, "sensitivity": self.sensitivity,
+                "geometry": self.geometry, "sampling_rate": self.sampling_rate, "steps": int(self.steps)}
+
+
+def step_pair(mechanism: Mechanism):
+    """The dominating pair of one step of ``mechanism`` (see module docstring)."""
+    noise, c, q = mechanism.noise, mechanism.sensitivity, mechanism.sampling_rate
+    if mechanism.geometry == "scalar" or isinstance(noise, Gaussian):
+        return ShiftPair(noise, c, q)
+    if mechanism.geometry == "l2":
+        raise UnsupportedMechanism(
+            f"{noise.family} noise under l2 clipping has no exact certificate: only Gaussian noise is "
+            "rotation invariant, and a one-coordinate analysis understates epsilon for differences "
+            "spread over many coordinates (docs/privacy.md). Use Gaussian noise, or l1 clipping with "
+            "Laplace/LMO noise.")
+    lipschitz = noise.log_lipschitz()
+    if not math.isfinite(lipschitz):
+        raise UnsupportedMechanism(
+            f"{noise.family} noise has an unbounded log-density slope, so no per-step pure epsilon "
+            "holds in every l1 direction (piecewise-constant tables jump; generalised Gaussians with "
+            "beta != 1 are steep). Use Laplace or LMO noise under l1, or Gaussian noise.")
+    return RandomizedResponsePair(c * lipschitz, q)

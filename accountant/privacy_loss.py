@@ -1,0 +1,337 @@
+"""Exact privacy-loss tails of one Poisson-subsampled step, for both neighbouring relations.
+
+A step is described by a *dominating pair* (docs/privacy.md).  For additive noise P with sensitivity
+s, shifted copy P_s, and Poisson rate q, the pair is
+
+* remove:  (A, P) with A = (1 - q) P + q P_s,     loss L  =  log(1 - q + q e^l(x)),  x ~ A
+* add:     (P, A),                                loss L' = -log(1 - q + q e^l(x)),  x ~ P
+
+where ``l(x) = log p(x - s) - log p(x)`` (Zhu, Dong & Wang 2022, Thm. 11; Balle et al. 2018).  Both
+relations are always reported (DESIGN rule 3).  Everything the accountants need is the pair of tail
+functions of the loss
+
+    U(t) = mu_upper(L > t),  W(t) = mu_lower(L > t),     delta(eps) = U(eps) - e^eps W(eps),
+
+(the hockey-stick divergence), computed here *exactly* from the noise's CDF on the level sets of l.
+No interpolation: the level sets are found by bisection on monotone pieces of l (or read off exactly
+for tabulated laws), and interval masses come from survival functions on the accurate side.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from accountant.noise import Gaussian, Noise, Tabulated
+
+#: per-step probability mass left outside the computational domain; far below the ~1e-15 floating
+#: floor of the FFT composition, and stated in docs/privacy.md.
+TAIL_NEGLIGIBLE = 1e-30
+
+
+# ----------------------------------------------------------------------------------------------
+# Level sets of the log-likelihood ratio l(x) = log p(x - s) - log p(x)
+# ----------------------------------------------------------------------------------------------
+def _bisect_level(noise: Noise, shift: float, lo: float, hi: float, direction: int, lam: np.ndarray):
+    """Crossing point of a monotone piece of l with every level in ``lam``.
+
+    Works in asinh(x) (heavy tails and the bulk both resolved): a 4097-point scan brackets each
+    level, then the Illinois variant of regula falsi (Dowell & Jarratt 1971) shrinks every bracket to
+    float64 precision; levels outside the range of l on the piece snap to its ends, so empty or full
+    sets carry exactly zero mass, not rounding noise.
+    """
+    sign = 1.0 if direction > 0 else -1.0
+
+    def f(y):  # increasing in y on the piece
+        x = np.sinh(y)
+        return sign * (noise.logpdf(x - shift) - noise.logpdf(x))
+
+    target = sign * lam
+    with np.errstate(over="ignore", invalid="ignore"):
+        ys = np.linspace(math.asinh(lo), math.asinh(hi), 4097)
+        fs = np.maximum.accumulate(f(ys))                 # enforce monotonicity against rounding
+        j = np.clip(np.searchsorted(fs, target, side="right"), 1, len(ys) - 1)
+        a, b = ys[j - 1], ys[j]
+        fa, fb = fs[j - 1] - target, fs[j] - target
+        for _ in range(14):
+            width = fb - fa
+            c = np.where(width > 0, b - fb * (b - a) / np.where(width > 0, width, 1.0), 0.5 * (a + b))
+            c = np.clip(c, np.minimum(a, b), np.maximum(a, b))
+            fc = f(c) - target
+            right = fc > 0
+            # Illinois: halve the stale end's value when the same end is kept twice
+            fa = np.where(right, fa * 0.5, fc)
+            a = np.where(right, a, c)
+            fb = np.where(right, fc, fb * 0.5)
+            b = np.where(right, c, b)
+        x = np.sinh(0.5 * (a + b))
+    # in y the piece runs from lo to hi and f increases, whichever way l runs
+    x = np.where(target < fs[0], lo, x)
+    return np.where(target >= fs[-1], hi, x)
+
+
+def _masses(noise: Noise, shift: float, a, b):
+    """(P(a, b], P_s(a, b]) where P_s is the law shifted right by ``shift``."""
+    return noise.interval_mass(a, b), noise.interval_mass(np.asarray(a) - shift, np.asarray(b) - shift)
+
+
+def level_set_masses(noise: Noise, shift: float, lam):
+    """Masses of {l > lam} and {l <= lam} under P and P_s.
+
+    Returns ``(p_above, s_above, p_below, s_below)``, arrays shaped like ``lam``.
+    """
+    lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
+    if isinstance(noise, Tabulated):
+        return _tabulated_masses(noise, shift, lam)
+    if isinstance(noise, Gaussian):
+        # l(x) = (2 x s - s^2) / (2 sigma^2) is increasing: {l > lam} = (x*, inf)
+        xs = noise.sigma ** 2 * lam / shift + shift / 2
+        return noise.sf(xs), noise.sf(xs - shift), noise.cdf(xs), noise.cdf(xs - shift)
+    reach = float(noise.isf(TAIL_NEGLIGIBLE))
+    out = [np.zeros_like(lam) for _ in range(4)]
+    for piece in noise.loss_pieces(shift, reach):
+        x = _bisect_level(noise, shift, piece.lo, piece.hi, piece.direction, lam)
+        if piece.direction > 0:
+            above, below = (x, piece.hi), (piece.lo, x)
+        else:
+            above, below = (piece.lo, x), (x, piece.hi)
+        pa, sa = _masses(noise, shift, *above)
+        pb, sb = _masses(noise, shift, *below)
+        out[0] += pa
+        out[1] += sa
+        out[2] += pb
+        out[3] += sb
+    # The outer tails beyond [-reach, reach + shift] carry at most TAIL_NEGLIGIBLE; by symmetric
+    # unimodality l there is monotone, so they belong to the outermost pieces' sides.
+    return tuple(out)
+
+
+def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
+    """Exact level-set masses for a piecewise log-linear law.
+
+    On every cell of the partition by ``edges`` and ``edges + shift`` both log p(x) and log p(x - s)
+    are linear, so l is linear (constant on most cells).  Constant cells are aggregated by sorting;
+    the few linear cells (where x or x - s lies in a tail) are solved in closed form.
+    """
+    edges = tab.edges
+    reach = tab.reach
+    cuts = np.unique(np.concatenate([edges, edges + shift]))
+    lo, hi = cuts[:-1], cuts[1:]
+    keep = hi > lo
+    lo, hi = lo[keep], hi[keep]
+    mid = 0.5 * (lo + hi)
+
+    def loglin(x, at):
+        """log p at ``x`` using the linear piece that contains ``at`` (avoids edge ambiguity)."""
+        core = np.log(tab.density[tab._bin(at)])
+        if tab.tail_mass > 0:
+            tail = math.log(tab.tail_mass * tab.tail_rate) - tab.tail_rate * (np.abs(x) - reach)
+        else:
+            tail = np.full_like(x, -np.inf)
+        return np.where(np.abs(at) <= reach, core, tail)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l_lo = loglin(lo - shift, mid - shift) - loglin(lo, mid)
+        l_hi = loglin(hi - shift, mid - shift) - loglin(hi, mid)
+    p_cell, s_cell = _masses(tab, shift, lo, hi)
+    live = (p_cell > 0) | (s_cell > 0)
+    lo, hi, l_lo, l_hi, p_cell, s_cell = lo[live], hi[live], l_lo[live], l_hi[live], p_cell[live], s_cell[live]
+    const = ~(np.isfinite(l_lo) & np.isfinite(l_hi) & (np.abs(l_hi - l_lo) > 1e-12 * (1 + np.abs(l_lo))))
+
+    # outer cells (-inf, -reach) and (reach + shift, inf): constant ratio exp(-/+ rate * shift)
+    values = [np.where(const, l_lo, 0.0)[const]]
+    p_atoms, s_atoms = [p_cell[const]], [s_cell[const]]
+    if tab.tail_mass > 0:
+        values.append(np.array([-tab.tail_rate * shift, tab.tail_rate * shift]))
+        p_atoms.append(np.array([tab.tail_mass, tab.tail_mass * math.exp(-tab.tail_rate * shift)]))
+        s_atoms.append(np.array([tab.tail_mass * math.exp(-tab.tail_rate * shift), tab.tail_mass]))
+    values = np.concatenate(values)
+    p_atoms, s_atoms = np.concatenate(p_atoms), np.concatenate(s_atoms)
+    order = np.argsort(values, kind="stable")
+    values, p_atoms, s_atoms = values[order], p_atoms[order], s_atoms[order]
+    # suffix sums accumulated from the top (small tail masses first) and prefix sums from the bottom
+    p_suffix = np.concatenate([np.cumsum(p_atoms[::-1])[::-1], [0.0]])
+    s_suffix = np.concatenate([np.cumsum(s_atoms[::-1])[::-1], [0.0]])
+    p_prefix = np.concatenate([[0.0], np.cumsum(p_atoms)])
+    s_prefix = np.concatenate([[0.0], np.cumsum(s_atoms)])
+    first_above = np.searchsorted(values, lam, side="right")
+    p_above, s_above = p_suffix[first_above], s_suffix[first_above]
+    p_below, s_below = p_prefix[first_above], s_prefix[first_above]
+
+    # linear cells: l increases from l_lo to l_hi (or decreases); split at the crossing
+    lin = ~const
+    if np.any(lin):
+        c_lo, c_hi, v_lo, v_hi = lo[lin][:, None], hi[lin][:, None], l_lo[lin][:, None], l_hi[lin][:, None]
+        frac = np.clip((lam[None, :] - v_lo) / (v_hi - v_lo), 0.0, 1.0)
+        x = c_lo + frac * (c_hi - c_lo)
+        rising = v_hi > v_lo
+        a_lo, a_hi = np.where(rising, x, c_lo), np.where(rising, c_hi, x)
+        b_lo, b_hi = np.where(rising, c_lo, x), np.where(rising, x, c_hi)
+        pa, sa = _masses(tab, shift, a_lo, a_hi)
+        pb, sb = _masses(tab, shift, b_lo, b_hi)
+        p_above, s_above = p_above + pa.sum(0), s_above + sa.sum(0)
+        p_below, s_below = p_below + pb.sum(0), s_below + sb.sum(0)
+    return p_above, s_above, p_below, s_below
+
+
+# ----------------------------------------------------------------------------------------------
+# Dominating pairs of one step
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShiftPair:
+    """One step of additive noise with sensitivity ``shift`` under Poisson rate ``q``."""
+
+    noise: Noise
+    shift: float
+    q: float
+
+    def tails(self, direction: str, t):
+        """(U(t), W(t), V(t)): upper mass of {L > t}, lower mass of {L > t}, upper mass of {L <= t}.
+
+        V is returned separately (not as 1 - U) so that the lower tail keeps full precision.
+        """
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        q = self.q
+        sign = 1.0 if direction == "remove" else -1.0
+        # remove: L > t <=> l > lam(t);  add: L' > t <=> l < lam(-t);  lam(t) = log((e^t - 1 + q)/q)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            arg = np.expm1(sign * t) + q
+            lam = np.where(arg > 0, np.log(np.maximum(arg, 1e-300)) - math.log(q), -np.inf)
+        pa, sa, pb, sb = level_set_masses(self.noise, self.shift, lam)
+        if direction == "remove":
+            return (1 - q) * pa + q * sa, pa, (1 - q) * pb + q * sb
+        empty = arg <= 0          # e^-t <= 1 - q: the loss never exceeds t
+        return np.where(empty, 0.0, pb), np.where(empty, 0.0, (1 - q) * pb + q * sb), np.where(empty, 1.0, pa)
+
+    def infinite_mass(self, direction: str) -> float:
+        """Upper-measure mass where the loss is +inf (a density vanishing where its shift does not:
+        bounded tables).  It is counted in delta for every epsilon, never dropped."""
+        if not isinstance(self.noise, Tabulated) or self.noise.tail_mass > 0:
+            return 0.0
+        if direction == "remove":   # x with p(x) = 0 < p(x - s)
+            pa, sa, _, _ = level_set_masses(self.noise, self.shift, np.array([np.finfo(float).max]))
+            return float((1 - self.q) * pa[0] + self.q * sa[0])
+        if self.q < 1:              # a >= (1 - q) p > 0 wherever p > 0
+            return 0.0
+        _, _, pb, _ = level_set_masses(self.noise, self.shift, np.array([-np.finfo(float).max]))
+        return float(pb[0])
+
+    def loss_range(self, direction: str) -> tuple[float, float]:
+        """[t_lo, t_hi] outside which the finite loss has mass below TAIL_NEGLIGIBLE (t_lo may carry
+        an atom)."""
+        floor = math.log1p(-self.q) if self.q < 1 else None
+        inf_mass = self.infinite_mass(direction)
+        upper_gt = lambda t: self.tails(direction, t)[0] - inf_mass   # noqa: E731
+        upper_le = lambda t: self.tails(direction, -t)[2]  # noqa: E731
+        if direction == "remove":
+            lo = floor if floor is not None else -_edge(upper_le)
+            return lo, max(_edge(upper_gt), lo + 1e-9)
+        hi = -floor if floor is not None else _edge(upper_gt)
+        return min(-_edge(upper_le), hi - 1e-9), hi
+
+    def mean_loss(self, direction: str) -> float:
+        return mean_loss(self, direction)
+
+
+def _edge(tail) -> float:
+    """Smallest t >= 0 with tail(t) <= TAIL_NEGLIGIBLE, for a non-increasing ``tail`` (vectorised:
+    a log-spaced scan, then two linear refinements; the answer is rounded *up*)."""
+    grid = np.concatenate([[0.0], np.geomspace(1e-7, 1e4, 221)])
+    values = tail(grid)
+    for _ in range(3):
+        ok = np.nonzero(values <= TAIL_NEGLIGIBLE)[0]
+        if len(ok) == 0:
+            raise ValueError("privacy loss has no usable tail bound (noise far too small?)")
+        i = ok[0]
+        if i == 0:
+            return 0.0
+        grid = np.linspace(grid[i - 1], grid[i], 64)
+        values = tail(grid)
+    return float(grid[np.nonzero(values <= TAIL_NEGLIGIBLE)[0][0]])
+
+
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
+
+
+def mean_loss(pair: "ShiftPair", direction: str) -> float:
+    """E[L; L finite] under the upper measure (the KL divergence of the pair when no loss is
+    infinite), by 8-point Gauss-Legendre on cells
+    that split x-space at every kink of the density (table edges, 0, the shift); prv-accountant needs
+    it to centre its discretisation (Gopi et al. 2021, Sec. 5)."""
+    noise, s, q = pair.noise, pair.shift, pair.q
+    if isinstance(noise, Tabulated):
+        cuts = np.unique(np.concatenate([noise.edges, noise.edges + s]))
+        reach = noise.reach
+    else:
+        reach = float(noise.isf(TAIL_NEGLIGIBLE))
+        cuts = np.unique(np.concatenate([np.sinh(np.linspace(-math.asinh(reach), math.asinh(reach + s), 4001)),
+                                         [0.0, s]]))
+    lo, hi = cuts[:-1], cuts[1:]
+    x = 0.5 * (lo + hi)[:, None] + 0.5 * (hi - lo)[:, None] * _GL_NODES[None, :]
+    w = 0.5 * (hi - lo)[:, None] * _GL_WEIGHTS[None, :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ell = noise.logpdf(x - s) - noise.logpdf(x)
+        loss = np.log1p(q * np.expm1(ell)) if q < 1 else ell
+        p = noise.pdf(x)
+        a = (1 - q) * p + q * noise.pdf(x - s)
+        integrand = a * loss if direction == "remove" else -p * loss
+    finite = np.isfinite(loss) & ((a > 0) | (p > 0))
+    total = float(np.sum(np.where(finite, integrand, 0.0) * w))
+    if isinstance(noise, Tabulated) and noise.tail_mass > 0:
+        # outer cells: l = -/+ rate * s, exact
+        r = noise.tail_rate
+        for ell_c, p_c in ((-r * s, noise.tail_mass), (r * s, noise.tail_mass * math.exp(-r * s))):
+            loss_c = math.log1p(q * math.expm1(ell_c))
+            a_c = (1 - q) * p_c + q * p_c * math.exp(ell_c)
+            total += a_c * loss_c if direction == "remove" else -p_c * loss_c
+    return total
+
+
+@dataclass(frozen=True)
+class RandomizedResponsePair:
+    """Dominating pair of any pure eps0-DP step: randomized response (Kairouz et al. 2015;
+    Dong, Roth & Su 2022, Prop. 2.5), Poisson-subsampled with rate ``q``.
+
+    Outcomes {1, 2}: P = (e^eps0, 1)/(1 + e^eps0), Q = (1, e^eps0)/(1 + e^eps0), base law Q,
+    A = (1 - q) Q + q P.  remove: (A, Q); add: (Q, A).
+    """
+
+    eps0: float
+    q: float
+
+    def atoms(self, direction: str):
+        """(loss values, upper masses) of the two outcomes."""
+        e = math.exp(-self.eps0)           # stable for large eps0
+        p_hi, p_lo = 1 / (1 + e), e / (1 + e)   # P = (p_hi, p_lo), Q = (p_lo, p_hi)
+        a = np.array([(1 - self.q) * p_lo + self.q * p_hi, (1 - self.q) * p_hi + self.q * p_lo])
+        qv = np.array([p_lo, p_hi])
+        loss = np.log(a) - np.log(qv)
+        if direction == "remove":
+            return loss, a
+        return -loss, qv
+
+    def tails(self, direction: str, t):
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        loss, mass = self.atoms(direction)
+        lower = mass * np.exp(-loss)
+        above = loss[None, :] > t[:, None]
+        return (above * mass).sum(1), (above * lower).sum(1), (~above * mass).sum(1)
+
+    def infinite_mass(self, direction: str) -> float:
+        return 0.0
+
+    def mean_loss(self, direction: str) -> float:
+        loss, mass = self.atoms(direction)
+        return float(np.dot(loss, mass))
+
+    def loss_range(self, direction: str) -> tuple[float, float]:
+        loss, _ = self.atoms(direction)
+        return float(loss.min()), float(max(loss.max(), loss.min() + 1e-9))
+
+
+def hockey_stick(pair, direction: str, eps) -> np.ndarray:
+    """delta(eps) = U(eps) - e^eps W(eps) >= 0 (the exact hockey-stick divergence of one step)."""
+    eps = np.atleast_1d(np.asarray(eps, dtype=np.float64))
+    upper, lower, _ = pair.tails(direction, eps)
+    return np.maximum(upper - np.exp(eps) * lower, 0.0)
