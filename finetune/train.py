@@ -162,10 +162,14 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
 class DPModelStep(nn.Cell):
     """One DP step as a Cell for ``mindspore.train.Model`` (``dataset_sink_mode=False``).
 
-    Each dataset row is one Poisson batch (``ids``, ``mask``; variable length, possibly empty), e.g.
-    from ``PoissonSampler``.  The step runs on the host (clipping and noise are not traced), so
-    ``__call__`` bypasses graph compilation; the per-example work inside is still compiled.
-    Combine with ``finetune.privacy.PrivacyBudgetCallback(guard)``.
+    Each dataset row is one Poisson batch: the network's input arrays with a variable leading axis
+    (e.g. rows chosen by ``PoissonSampler``).  The step runs on the host (clipping and noise are not
+    traced), so ``__call__`` bypasses graph compilation; the per-example work inside is compiled.
+    Combine with ``finetune.privacy.PrivacyBudgetCallback(guard)``::
+
+        step = DPModelStep(dp_optimizer)
+        Model(step).train(1, poisson_dataset, callbacks=[PrivacyBudgetCallback(guard)],
+                          dataset_sink_mode=False)
     """
 
     def __init__(self, dp: DPOptimizer, micro_batch_size: int = 16):
@@ -173,16 +177,15 @@ class DPModelStep(nn.Cell):
         self.dp = dp
         self.micro_batch_size = int(micro_batch_size)
 
-    def __call__(self, ids, mask):
-        ids = ids.asnumpy() if isinstance(ids, Tensor) else np.asarray(ids)
-        mask = mask.asnumpy() if isinstance(mask, Tensor) else np.asarray(mask)
-        if len(ids) == 0:  # an empty Poisson batch still releases a noisy (zero) sum
-            stats = self.dp.step([])
-        else:
-            mbs = [([ids[m.indices], mask[m.indices]], m.mask)
-                   for m in micro_batches(np.arange(len(ids)), self.micro_batch_size)]
-            stats = self.dp.step(mbs)
+    def __call__(self, *arrays):
+        arrays = [a.asnumpy() if isinstance(a, Tensor) else np.asarray(a) for a in arrays]
+        n = len(arrays[0])
+        mbs = []
+        if n:  # an empty Poisson batch still releases a noisy (zero) sum: no micro-batches
+            mbs = [([a[m.indices] for a in arrays], m.mask)
+                   for m in micro_batches(np.arange(n), self.micro_batch_size)]
+        stats = self.dp.step(mbs)
         return Tensor(np.float32(stats.loss if stats.batch_size else 0.0))
 
-    def construct(self, ids, mask):  # pragma: no cover - __call__ is used
+    def construct(self, *arrays):  # pragma: no cover - __call__ is used
         raise RuntimeError("DPModelStep runs on the host; call it, do not compile it")
