@@ -153,6 +153,14 @@ def _check_agreement(results: dict):
                     f"{b} gives [{rb.lower:.6g}, {rb.upper:.6g}]; no certificate is printed")
 
 
+def pld_epsilon(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> float:
+    """The PLD route's upper bound alone: a fast, valid upper bound for searches (ledgers,
+    calibration), never printed as the certificate."""
+    _check_delta(delta)
+    groups = _groups(_as_list(mechanisms))
+    return routes.pld_route(groups, delta, _pld_step(groups, accuracy)).upper
+
+
 def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:
     """Certified (pessimistic PLD) delta at ``epsilon``, max over add and remove."""
     if not (epsilon >= 0 and math.isfinite(epsilon)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 
-from accountant.certify import certify
+from accountant.certify import certify, pld_epsilon
 from accountant.mechanism import Mechanism
 from accountant.noise import Noise, Tabulated, from_name
 
@@ -99,19 +99,30 @@ class PrivacyLedger:
         key = json.dumps([_noise_to_json(mechanism.noise), mechanism.with_steps(1).describe(),
                           [[_noise_to_json(m.noise), m.describe()] for m in prefix]], sort_keys=True)
         if key not in self._cache:
-            def fits(n):
-                return certify(prefix + [mechanism.with_steps(n)], self.delta).epsilon <= self.epsilon_budget
+            def fits(n, quick):
+                mechs = prefix + [mechanism.with_steps(n)]
+                eps = pld_epsilon(mechs, self.delta) if quick else certify(mechs, self.delta).epsilon
+                return eps <= self.epsilon_budget
 
-            if not fits(1):
-                longest = 0
-            else:
-                lo, hi = 1, 2
-                while hi <= 10 ** 8 and fits(hi):
-                    lo, hi = hi, hi * 2
+            def longest_run(lo, hi, quick):   # fits(lo) holds, fits(hi) fails
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-                longest = lo
+                    lo, hi = (mid, hi) if fits(mid, quick) else (lo, mid)
+                return lo
+
+            if not fits(1, False):
+                longest = 0
+            else:
+                # the PLD bound alone is fast and never above the certificate: search with it, then
+                # settle the exact boundary with full certificates inside the PLD answer
+                lo, hi = 1, 2
+                while hi <= 10 ** 8 and fits(hi, True):
+                    lo, hi = hi, hi * 2
+                guess = longest_run(lo, hi, True)
+                low = max(1, int(guess * 0.97))
+                while low > 1 and not fits(low, False):
+                    low = max(1, low // 2)
+                longest = longest_run(low, guess + 1, False) if not fits(guess, False) else guess
             self._cache[key] = longest
         return max(self._cache[key] - run, 0)
 

@@ -397,6 +397,57 @@ class LMO(Noise):
         return rng.laplace(0.0, 1.0, n) / self.sample_u(n, rng)
 
 
+class LaplaceMixture(Noise):
+    """Finite scale mixture of Laplace laws, sum_i w_i Laplace(0, b_i) (an LMO law with discrete u)."""
+
+    family = "laplace_mixture"
+
+    def __init__(self, weights, scales):
+        w = np.asarray(weights, dtype=np.float64).ravel()
+        b = np.asarray(scales, dtype=np.float64).ravel()
+        if len(w) != len(b) or len(w) == 0:
+            raise NoiseParameterError("laplace_mixture needs equally many weights and scales")
+        if np.any(~np.isfinite(w)) or np.any(w < 0) or abs(w.sum() - 1) > 1e-12:
+            raise NoiseParameterError("laplace_mixture weights must be non-negative and sum to 1")
+        if np.any(~np.isfinite(b)) or np.any(b <= 0):
+            raise NoiseParameterError("laplace_mixture scales must be positive")
+        self.weights, self.scales = w, b
+
+    @property
+    def params(self):
+        return {"weights": self.weights.tolist(), "scales": self.scales.tolist()}
+
+    def __repr__(self):
+        return f"LaplaceMixture(weights={self.weights.tolist()}, scales={self.scales.tolist()})"
+
+    def logpdf(self, x):
+        ax = np.abs(np.asarray(x, dtype=np.float64))[..., None]
+        terms = np.log(self.weights / (2 * self.scales)) - ax / self.scales
+        return special.logsumexp(terms, axis=-1)
+
+    def sf(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        tail = 0.5 * np.sum(self.weights * np.exp(-np.abs(x)[..., None] / self.scales), axis=-1)
+        return np.where(x >= 0, tail, 1 - tail)
+
+    def expected_abs(self):
+        return float(np.dot(self.weights, self.scales))
+
+    def variance(self):
+        return float(np.dot(self.weights, 2 * self.scales ** 2))
+
+    def log_lipschitz(self):
+        u = 1 / self.scales
+        return float(np.dot(self.weights, u * u) / np.dot(self.weights, u))
+
+    def scaled(self, factor):
+        return LaplaceMixture(self.weights, self.scales * _positive("scale factor", factor))
+
+    def _sample_numpy(self, n, rng):
+        component = rng.choice(len(self.weights), size=n, p=self.weights)
+        return rng.laplace(0.0, 1.0, n) * self.scales[component]
+
+
 LATTICE = 2.0 ** 53  # masses are integer multiples of 1/LATTICE (docs/table-format.md)
 
 
@@ -566,7 +617,8 @@ class Tabulated(Noise):
 
 def from_name(name: str, **params) -> Noise:
     """Build a parametric law from its family name and parameters (as stored in table metadata)."""
-    builders = {"gaussian": Gaussian, "laplace": Laplace, "gengauss": GeneralizedGaussian, "lmo": LMO}
+    builders = {"gaussian": Gaussian, "laplace": Laplace, "gengauss": GeneralizedGaussian, "lmo": LMO,
+                "laplace_mixture": LaplaceMixture}
     if name not in builders:
         raise NoiseParameterError(f"unknown noise family {name!r}; known: {', '.join(builders)}")
     try:
@@ -576,4 +628,4 @@ def from_name(name: str, **params) -> Noise:
 
 
 def families() -> Sequence[str]:
-    return ("gaussian", "laplace", "gengauss", "lmo", "tabulated")
+    return ("gaussian", "laplace", "gengauss", "lmo", "laplace_mixture", "tabulated")

@@ -137,7 +137,8 @@ def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
     p_cell, s_cell = _masses(tab, shift, lo, hi)
     live = (p_cell > 0) | (s_cell > 0)
     lo, hi, l_lo, l_hi, p_cell, s_cell = lo[live], hi[live], l_lo[live], l_hi[live], p_cell[live], s_cell[live]
-    const = ~(np.isfinite(l_lo) & np.isfinite(l_hi) & (np.abs(l_hi - l_lo) > 1e-12 * (1 + np.abs(l_lo))))
+    with np.errstate(invalid="ignore"):
+        const = ~(np.isfinite(l_lo) & np.isfinite(l_hi) & (np.abs(l_hi - l_lo) > 1e-12 * (1 + np.abs(l_lo))))
 
     # outer cells (-inf, -reach) and (reach + shift, inf): constant ratio exp(-/+ rate * shift)
     values = [np.where(const, l_lo, 0.0)[const]]
