@@ -110,9 +110,10 @@ def plot(result, path: str) -> None:
     from accountant.noise import Gaussian
 
     g = Gaussian(result.gaussian_sigma)
-    x = np.linspace(-4 * result.gaussian_sigma, 4 * result.gaussian_sigma, 4001)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, log in zip(axes, (False, True)):
+        reach = (10 if log else 4) * result.gaussian_sigma
+        x = np.linspace(-reach, reach, 4001)
         ax.plot(x, result.noise.pdf(x), label=f"{result.family} (E|Z| {result.expected_abs:.3f})")
         ax.plot(x, g.pdf(x), "--", label=f"Gaussian sigma {result.gaussian_sigma:.3f} "
                                           f"(E|Z| {result.gaussian_expected_abs:.3f})")
@@ -120,10 +121,10 @@ def plot(result, path: str) -> None:
         ax.set_ylabel("density")
         if log:
             ax.set_yscale("log")
-            ax.set_ylim(1e-12, None)
+            ax.set_ylim(1e-16, None)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"eps {result.eps_target:g}, delta {result.delta:g}, q {result.sampling_rate:g}, "
-                 f"T {result.steps}, {result.geometry}: certified eps {result.certified_epsilon['final']:.4f}")
+                 f"T {result.steps}, {result.geometry}: certified eps {result.certified_epsilon['final']:.5f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

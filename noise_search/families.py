@@ -41,7 +41,7 @@ import numpy as np
 #: one-sided tail mass (in units of the total) beyond the core of a binned table
 TAIL_TARGET = 1e-13
 #: hard cap on the number of bins on each side of a binned table
-MAX_BINS = 1 << 17
+MAX_BINS = 1 << 18
 #: log-density drop (nats) beyond which the density is treated as negligible
 LOG_DROP = 80.0
 
@@ -275,6 +275,10 @@ class Family:
         """The exact accountant law (``law`` other than ``tabulated``), or None."""
         return None
 
+    def snap(self, shape, n: int):
+        """The shape actually binned on a grid of ``n`` bins per sensitivity."""
+        return tuple(float(v) for v in shape)
+
     def start_scale(self, eps: float) -> float:
         return 1.0 / eps
 
@@ -376,11 +380,13 @@ class StaircaseFamily(Family):
     def params(self, shape, scale):
         return {"eps0": 1.0 / float(scale), "gamma": float(shape[0]), "width": float(shape[1])}
 
-    def binned(self, shape, scale, n, tail_target=TAIL_TARGET):
-        # snap the step position to the grid so the steps fall on bin edges
+    def snap(self, shape, n):
+        # the step position sits on a bin edge, so the staircase is exact on the grid
         n = max(int(n), self.min_n)
-        gamma = round(float(shape[0]) * n) / n
-        return super().binned((gamma, float(shape[1])), scale, n, tail_target)
+        return (round(float(shape[0]) * n) / n, float(shape[1]))
+
+    def binned(self, shape, scale, n, tail_target=TAIL_TARGET):
+        return super().binned(self.snap(shape, n), scale, n, tail_target)
 
 
 SPLINE_KNOTS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
