@@ -134,11 +134,11 @@ def _prv_span(pld: routes.RouteResult, delta: float) -> float:
     """Half-width of the PRV domain such that the composed finite loss exceeds it (and would wrap
     around in the FFT) with probability far below prv-accountant's delta error, measured on the
     pessimistic PLD of the same composition."""
-    span = 2 * pld.upper + 2
-    for _ in range(20):
+    span = 1.2 * pld.upper + 1
+    for _ in range(30):
         if pld.finite_tail(span) <= 1e-2 * delta * 1e-3:
             return span
-        span *= 1.5
+        span *= 1.3
     raise CertificationError("cannot size the PRV domain: the privacy loss has too heavy a tail")
 
 

@@ -423,7 +423,8 @@ class LaplaceMixture(Noise):
     def logpdf(self, x):
         ax = np.abs(np.asarray(x, dtype=np.float64))[..., None]
         terms = np.log(self.weights / (2 * self.scales)) - ax / self.scales
-        return special.logsumexp(terms, axis=-1)
+        top = terms.max(axis=-1)
+        return top + np.log(np.exp(terms - top[..., None]).sum(axis=-1))
 
     def sf(self, x):
         x = np.asarray(x, dtype=np.float64)

@@ -18,6 +18,7 @@ for tabulated laws), and interval masses come from survival functions on the acc
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -220,7 +221,10 @@ class ShiftPair:
 
     def loss_range(self, direction: str) -> tuple[float, float]:
         """[t_lo, t_hi] outside which the finite loss has mass below TAIL_NEGLIGIBLE (t_lo may carry
-        an atom)."""
+        an atom).  Cached: both routes ask for it."""
+        return _cached_loss_range(self, direction)
+
+    def _loss_range(self, direction: str) -> tuple[float, float]:
         floor = math.log1p(-self.q) if self.q < 1 else None
         inf_mass = self.infinite_mass(direction)
         upper_gt = lambda t: self.tails(direction, t)[0] - inf_mass   # noqa: E731
@@ -233,6 +237,11 @@ class ShiftPair:
 
     def mean_loss(self, direction: str) -> float:
         return mean_loss(self, direction)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_loss_range(pair: "ShiftPair", direction: str) -> tuple[float, float]:
+    return pair._loss_range(direction)
 
 
 def _edge(tail) -> float:
