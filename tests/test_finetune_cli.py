@@ -1,0 +1,172 @@
+"""``python -m finetune`` end to end, the training loop on GPT-2 (what each method may change), and
+user-error handling (one line, exit code 2)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from accountant.certify import certify  # noqa: E402
+from accountant.ledger import PrivacyLedger  # noqa: E402
+from accountant.mechanism import Mechanism  # noqa: E402
+from accountant.noise import Gaussian  # noqa: E402
+from accountant.table import write_certified_table  # noqa: E402
+from finetune.__main__ import main  # noqa: E402
+from finetune.data import generate_records, write_jsonl  # noqa: E402
+
+METRIC_KEYS = {"steps", "epsilon_spent", "delta", "train_perplexity", "val_perplexity",
+               "seconds_per_step", "peak_rss_mb"}
+
+
+def _table(path, sigma, geometry, q, steps, delta=1e-5):
+    noise = Gaussian(sigma)
+    cert = certify(Mechanism(noise, 1.0, geometry, q, steps), delta)
+    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=delta, sampling_rate=q,
+                                 steps=steps, geometry=geometry, certificate=cert, gaussian_sigma=sigma)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    write_jsonl(generate_records(120, seed=0), d / "data.jsonl")
+    _table(d / "l2.npz", 1.0, "l2", 0.1, 4)
+    _table(d / "scalar.npz", 1.0, "scalar", 0.1, 4)
+    return d
+
+
+def _run(files, out, *extra):
+    return main(["--table", str(files / "l2.npz"), "--model", "tiny", "--data", str(files / "data.jsonl"),
+                 "--out", str(out), "--seq-len", "24", "--micro-batch", "8", "--quiet", *extra])
+
+
+def test_cli_dp_lora_writes_adapter_ledger_and_metrics(files, tmp_path):
+    out = tmp_path / "run"
+    assert _run(files, out, "--method", "lora", "--lr", "0.01") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["steps"] == 4 and metrics["private"] and metrics["per_example"] == "bookkeeping"
+    assert metrics["expected_batch_size"] == pytest.approx(0.1 * metrics["n_train"])
+    ledger = PrivacyLedger.from_json((out / "ledger.json").read_text())
+    assert ledger.steps == 4
+    assert metrics["epsilon_spent"] == pytest.approx(ledger.epsilon())
+    assert 0 < metrics["epsilon_spent"] <= metrics["certified_epsilon_of_table"] * (1 + 1e-9)
+    assert metrics["train_perplexity"] > 1 and metrics["val_perplexity"] > 1
+    from safetensors.numpy import load_file
+
+    from finetune.checkpoint import from_pretrained
+    from finetune.peft import is_adapter_name, load_adapter
+
+    saved = load_file(str(out / "adapter.safetensors"))
+    assert saved and all(is_adapter_name(k) for k in saved)
+    assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.endswith("lora_B"))  # trained
+    model = from_pretrained("tiny")
+    load_adapter(model, out / "adapter.safetensors")
+    got = dict(model.parameters_and_names())
+    for k, v in saved.items():
+        np.testing.assert_array_equal(got[k].asnumpy(), v)
+
+
+def test_cli_no_dp_bitfit_baseline(files, tmp_path):
+    out = tmp_path / "base"
+    assert _run(files, out, "--method", "bitfit", "--no-dp", "--max-steps", "2") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["private"] is False and metrics["epsilon_spent"] is None
+    assert metrics["steps"] == 2 and metrics["per_example"] == "none"
+    assert not (out / "ledger.json").exists()
+    assert (out / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampling-rate", "0.2"], "does not match the table's certified rate"),
+    (["--max-steps", "5"], "certifies only 4 steps"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--per-example", "bookkeeping", "--method", "full"], "book-keeping covers"),
+])
+def test_cli_user_errors_are_one_line_exit_2(files, tmp_path, capsys, args, message):
+    argv = list(args) + ([] if "--method" in args else ["--method", "lora"])
+    assert _run(files, tmp_path / "x", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_refuses_scalar_table_and_missing_files(files, tmp_path, capsys):
+    base = ["--model", "tiny", "--method", "lora", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(["--table", str(files / "scalar.npz"), "--data", str(files / "data.jsonl"), *base]) == 2
+    assert "scalar certificate covers one real-valued query" in capsys.readouterr().err
+    assert main(["--table", str(tmp_path / "none.npz"), "--data", str(files / "data.jsonl"), *base]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--data", str(files / "data.jsonl"), *base]) == 2
+    assert "--table is required" in capsys.readouterr().err
+
+
+def test_cli_process_exit_code_and_help(files, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "finetune", "--table", str(files / "l2.npz"),
+                        "--method", "lora", "--model", "nonexistent-model", "--data",
+                        str(files / "data.jsonl"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m finetune: error: cannot load model")
+    assert "Traceback" not in r.stderr
+    h = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True,
+                       timeout=300)
+    assert h.returncode == 0 and "--no-dp" in h.stdout and "--per-example" in h.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# what each method may change (train() on a small GPT-2)
+# ---------------------------------------------------------------------------------------------
+def _small_model():
+    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=16),
+                           seed=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_dp_training_changes_only_what_the_method_trains(files, method):
+    from finetune.peft import apply_bitfit, apply_lora, is_adapter_name
+    from finetune.train import train
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = _small_model()
+    if method == "lora":
+        apply_lora(model, r=2, alpha=4.0, targets=("c_attn", "c_fc"))
+        allowed = is_adapter_name
+    else:
+        apply_bitfit(model)
+        allowed = lambda n: n.endswith(".bias")  # noqa: E731
+    before = {n: p.asnumpy().copy() for n, p in model.parameters_and_names()}
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, 61, (40, 12)).astype(np.int32)
+    mask = np.ones((40, 12), np.float32)
+    table = _table(files / f"t_{method}.npz", 1.0, "l2", 0.1, 3)
+    result = train(model, ids, mask, ids[:8], mask[:8], table=table, lr=0.05, micro_batch_size=8,
+                   progress=False)
+    assert result.metrics["steps"] == 3
+    changed = {n for n, p in model.parameters_and_names() if not np.array_equal(p.asnumpy(), before[n])}
+    assert changed and all(allowed(n) for n in changed), sorted(changed)
+
+
+@pytest.mark.slow
+def test_short_dp_lora_run_lowers_validation_loss(tmp_path):
+    from finetune.checkpoint import from_pretrained
+    from finetune.data import load_dataset
+    from finetune.peft import apply_lora
+    from finetune.tokenizer import load_tokenizer
+    from finetune.train import perplexity, train
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    write_jsonl(generate_records(1500, seed=1), tmp_path / "d.jsonl")
+    model = from_pretrained("tiny", seed=0)
+    data = load_dataset(tmp_path / "d.jsonl", load_tokenizer(model.config.vocab_size), seq_len=48)
+    apply_lora(model, r=8, alpha=16.0, targets=("c_attn", "c_fc", "c_proj"))
+    before = perplexity(model, data.val.ids, data.val.mask)
+    table = _table(tmp_path / "t.npz", 1.0, "l2", 0.04, 60)
+    result = train(model, data.train.ids, data.train.mask, data.val.ids, data.val.mask, table=table,
+                   lr=0.01, max_grad_norm=1.0, micro_batch_size=16, progress=False)
+    assert result.metrics["epsilon_spent"] <= table.certified_epsilon * (1 + 1e-9)
+    assert result.metrics["val_perplexity"] < 0.9 * before, (before, result.metrics)
