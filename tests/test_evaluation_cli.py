@@ -40,7 +40,7 @@ class StubScorer:
         src = sorted(self.memorised) if self.leak else ["nothing to see here"]
         return [f"{p} {src[i % len(src)]}" for i, p in enumerate(prompts)]
 
-    def generation_seconds(self, prompts, max_new_tokens=32):
+    def generation_seconds(self, prompts, max_new_tokens=32, repeats=3, warmup=True):
         return 1.0 + self.delay
 
 
@@ -95,7 +95,7 @@ def test_private_model_shows_no_leakage():
     res = report.evaluate_model(ft, base, data, OPTS, epsilon=1.0, delta=1e-5)
     s = report.summarise(res, {}, 1.0, 1e-5, None)
     assert s["mia_auc_ci"][0] <= 0.5 + 0.1
-    assert s["mia_significant_dp_violation"] is False
+    assert s["mia_significant_dp_violation"] is False and s["mia_inside_dp_bound"] is True
     assert s["pii_recall"] == 0.0
     assert s["audit_epsilon_lower_bound"] < 1.0
     for key in ["epsilon", "val_perplexity", "mia_auc", "mia_tpr_at_1pct_fpr", "pii_precision",
@@ -207,3 +207,79 @@ def test_notebook_2_reexecutes(tmp_path):
     assert not any(o.output_type == "error" for o in outs)
     text = "".join(o.get("text", "") for o in outs)
     assert "VIOLATION" not in text and "-> caught" in text
+
+
+# ----------------------------------------------------------------------------- the command
+def _cli(argv):
+    from finetune import evaluate
+
+    return evaluate.main(argv)
+
+
+def test_cli_help_and_user_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli(["--help"])
+    assert e.value.code == 0
+    assert "summary.json" in capsys.readouterr().out
+    # missing run directory, missing metrics, missing data, bad option: one line, exit code 2
+    cases = [["--run", str(tmp_path / "nope"), "--data", __file__],
+             ["--run", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")],
+             ["--run", str(tmp_path), "--n-generate", "0"]]
+    for argv in cases:
+        assert _cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err
+    (tmp_path / "metrics.json").write_text("{not json")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "split": "train"}\n')
+    assert _cli(["--run", str(tmp_path), "--data", str(data)]) == 2
+    assert "metrics.json" in capsys.readouterr().err
+
+
+def test_cli_refuses_corpus_without_split(tmp_path, capsys):
+    from finetune.evaluate import UserError, load_eval_data
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(30)))
+    with pytest.raises(UserError, match="split"):
+        load_eval_data(str(data))
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_non_private_vs_dp(tmp_path):
+    """Train a tiny GPT-2 without and with DP (Gaussian, eps 1) and evaluate both (several minutes)."""
+    import subprocess
+    import sys
+
+    from accountant.certify import calibrate
+    from accountant.noise import Gaussian
+    from accountant.table import write_certified_table
+
+    py = sys.executable
+    run = lambda *a: subprocess.run([py, "-m", *a], cwd=tmp_path, check=True, capture_output=True,
+                                    text=True)
+    run("finetune.data", "--n", "400", "--val-fraction", "0.5", "--out", "d.jsonl")
+    run("finetune.evaluation.prepare", "--data", "d.jsonl", "--out", "dc.jsonl",
+        "--exposure-canaries", "3", "--digits", "3", "--audit-canaries", "60")
+    q, steps = 0.05, 40
+    sigma, _ = calibrate(lambda s: Gaussian(s), 1.0, 1e-5, q, steps, geometry="l2")
+    write_certified_table(tmp_path / "g.npz", Gaussian(sigma), eps_target=1.0, delta=1e-5,
+                          sampling_rate=q, steps=steps, geometry="l2", family="gaussian",
+                          params={"sigma": sigma})
+    run("finetune", "--no-dp", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
+        "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet")
+    run("finetune", "--table", "g.npz", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
+        "--out", "dp", "--quiet")
+    p = run("finetune.evaluate", "--run", "dp", "--baseline", "nodp", "--data", "dc.jsonl",
+            "--table", "g.npz", "--out", "rep", "--n-generate", "16", "--mia-limit", "200",
+            "--audit-draws", "200000", "--quiet")
+    s = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    for key in ["epsilon", "val_perplexity", "mia_auc", "mia_tpr_at_1pct_fpr", "pii_precision",
+                "pii_recall", "audit_epsilon_lower_bound", "inference_overhead"]:
+        assert key in s
+    assert s["epsilon"] <= 1.0 and s["mia_inside_dp_bound"] is True
+    assert s["sampler_audit_epsilon_lower_bound"] <= s["sampler_certified_epsilon"]
+    assert s["audit_epsilon_lower_bound"] <= 1.0
+    assert s["baselines"]["nodp"]["val_perplexity"] < s["val_perplexity"]
+    assert {"roc", "perplexity_vs_epsilon", "noise_density"} <= set(s["plots"])
+    assert "epsilon" in p.stdout

@@ -44,6 +44,7 @@ class EvalOptions:
     top_k: int = 40
     latency_prompts: int = 8
     latency_new_tokens: int = 32
+    latency_repeats: int = 5
     mia_limit: int = 2000
     canary_candidates: int = 2000
     seed: int = 0
@@ -115,8 +116,15 @@ def canary_report(ft, base, data: EvalData, opts: EvalOptions, epsilon, delta) -
 
 def utility(ft, base, nonmembers, opts: EvalOptions) -> dict:
     prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(opts.latency_prompts)]
-    t_ft = ft.generation_seconds(prompts, max_new_tokens=opts.latency_new_tokens)
-    t_base = base.generation_seconds(prompts, max_new_tokens=opts.latency_new_tokens)
+    n = opts.latency_new_tokens
+    ft.generation_seconds(prompts, max_new_tokens=n, repeats=1)  # compile both first
+    base.generation_seconds(prompts, max_new_tokens=n, repeats=1)
+    # interleaved single timings (machine load drifts; alternating cancels the drift), fastest of each
+    t_ft, t_base = [], []
+    for _ in range(opts.latency_repeats):
+        t_base.append(base.generation_seconds(prompts, max_new_tokens=n, repeats=1, warmup=False))
+        t_ft.append(ft.generation_seconds(prompts, max_new_tokens=n, repeats=1, warmup=False))
+    t_ft, t_base = min(t_ft), min(t_base)
     return {
         "val_perplexity": ft.perplexity(nonmembers),
         "base_val_perplexity": base.perplexity(nonmembers),
@@ -125,7 +133,8 @@ def utility(ft, base, nonmembers, opts: EvalOptions) -> dict:
         "inference_latency_ratio": t_ft / t_base,
         "inference_overhead": t_ft / t_base - 1.0,
         "latency_setup": {"prompts": len(prompts), "new_tokens": opts.latency_new_tokens,
-                          "decoding": "greedy", "statistic": "median of 3 after warm-up"},
+                          "decoding": "greedy",
+                          "statistic": f"fastest of {opts.latency_repeats} interleaved runs after warm-up"},
     }
 
 
@@ -175,8 +184,12 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
         "mia_tpr_at_0.1pct_fpr": att[best]["tpr_at_0.001_fpr"]["tpr"],
         "mia_loss_auc": att["loss"]["auc"],
         "mia_reference_auc": att["reference"]["auc"],
+        # consistent with TPR <= e^eps FPR + delta at 95% confidence (no significant violation by
+        # either attack); the raw empirical excess can be slightly positive from sampling noise
         "mia_inside_dp_bound": (None if epsilon is None else
-                                all(a["dp_bound"]["inside_bound"] for a in att.values())),
+                                not any(a["dp_bound"]["significant_violation"] for a in att.values())),
+        "mia_dp_bound_max_excess": (None if epsilon is None else
+                                    max(a["dp_bound"]["max_excess"] for a in att.values())),
         "mia_significant_dp_violation": (None if epsilon is None else
                                          any(a["dp_bound"]["significant_violation"]
                                              for a in att.values())),

@@ -112,15 +112,17 @@ class LMScorer:
         return out
 
     def generation_seconds(self, prompts, max_new_tokens: int = 32, repeats: int = 3,
-                           seed: int = 0) -> float:
-        """Median wall time to generate for ``prompts`` (greedy), after one warm-up (compilation)."""
+                           seed: int = 0, warmup: bool = True) -> float:
+        """Fastest of ``repeats`` wall times to generate for ``prompts`` (greedy); with ``warmup``
+        one untimed call first (compilation)."""
         from finetune.gpt2 import generate
 
         enc = [list(self.tokenizer.encode(p)) or [0] for p in prompts]
-        generate(self.model, enc, max_new_tokens, top_k=0, seed=seed)  # warm-up / compile
+        if warmup:
+            generate(self.model, enc, max_new_tokens, top_k=0, seed=seed)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             generate(self.model, enc, max_new_tokens, top_k=0, seed=seed)
             times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(np.min(times))
