@@ -162,9 +162,28 @@ def pld_epsilon(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> fl
 
 
 def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:
-    """Certified (pessimistic PLD) delta at ``epsilon``, max over add and remove."""
+    """Certified delta at ``epsilon``: the larger upper bound of the PLD route (pessimistic) and
+    the PRV route, max over add and remove; the routes' intervals must overlap."""
     if not (epsilon >= 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a finite non-negative number, got {epsilon}")
+    groups = _groups(_as_list(mechanisms))
+    pld = routes.pld_route(groups, 0.5, _pld_step(groups, accuracy))
+    pld_up, pld_low = pld.delta_at(epsilon), pld.delta_lower_at(epsilon)
+    delta_error = max(1e-3 * pld_up, 1e-15)
+    eps_error = max(accuracy.prv_min_error, accuracy.prv_relative_error * max(epsilon, 0.1))
+    span = 1.2 * epsilon + 1
+    while pld.finite_tail(span) > 1e-2 * delta_error and span < 1e4:
+        span *= 1.3
+    prv_low, _, prv_up = routes.prv_delta(groups, epsilon, delta_error, eps_error, span)
+    if pld_low > prv_up + 1e-12 or prv_low > pld_up + 1e-12:
+        raise RouteDisagreement(
+            f"accountants disagree on delta at epsilon {epsilon:g}: PLD [{pld_low:.4g}, {pld_up:.4g}], "
+            f"PRV [{prv_low:.4g}, {prv_up:.4g}]; no certificate is printed")
+    return min(1.0, max(pld_up, prv_up))
+
+
+def delta_for_epsilon_pld(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:
+    """The pessimistic PLD delta alone (fast; for searches and tests of the PLD route)."""
     groups = _groups(_as_list(mechanisms))
     return routes.pld_route(groups, 0.5, _pld_step(groups, accuracy)).delta_at(epsilon)
 

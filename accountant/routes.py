@@ -44,13 +44,17 @@ class RouteResult:
 
     def delta_at(self, epsilon: float) -> float:
         """Pessimistic delta at ``epsilon`` from the composed PLDs (PLD route only)."""
-        return max(float(pmf.get_delta_for_epsilon(epsilon)) for pmf in self.composed.values())
+        return max(float(pess.get_delta_for_epsilon(epsilon)) for pess, _ in self.composed.values())
+
+    def delta_lower_at(self, epsilon: float) -> float:
+        """Optimistic delta at ``epsilon`` (a lower bound, for the agreement check)."""
+        return max(float(opt.get_delta_for_epsilon(epsilon)) for _, opt in self.composed.values())
 
     def finite_tail(self, x: float) -> float:
         """Largest probability, over relations, of a FINITE composed loss above ``x`` (the +inf
         atom, which holds truncated tails, excluded).  Reads the dense PMF of dp-accounting 0.6."""
         worst = 0.0
-        for pmf in self.composed.values():
+        for pmf, _ in self.composed.values():
             dense = pmf.to_dense_pmf()
             losses = (np.arange(dense.size) + dense._lower_loss) * dense._discretization
             worst = max(worst, float(np.sum(dense._probs[losses > x])))
@@ -95,7 +99,7 @@ def pld_route(groups: Sequence[tuple], delta: float, step: float) -> RouteResult
         upper = pess_total.get_epsilon_for_delta(delta)
         lower = opt_total.get_epsilon_for_delta(delta)
         per_direction[direction] = {"lower": lower, "upper": upper}
-        composed[direction] = pess_total
+        composed[direction] = (pess_total, opt_total)
         upper_all, lower_all = max(upper_all, upper), max(lower_all, lower)
     return RouteResult(lower_all, upper_all, upper_all, per_direction, composed)
 
@@ -159,13 +163,11 @@ def _fast_domain(span: float, mesh: float) -> Domain:
     return Domain(-half * mesh, (half + 1) * mesh, size)
 
 
-def prv_route(groups: Sequence[tuple], delta: float, eps_error: float, eps_max: float) -> RouteResult:
-    """prv-accountant composition of the custom step PRVs; ``eps_max`` sizes the domain [-L, L]."""
-    delta_error = delta * 1e-3
+def _prv_composed(groups: Sequence[tuple], delta_error: float, eps_error: float, eps_max: float) -> dict:
+    """Composed discrete PRVs per relation, on a domain covering [-eps_max - 1, eps_max + 1]."""
     total = sum(count for _, count in groups)
     mesh = eps_error / math.sqrt(total / 2 * math.log(12 / delta_error))
-    per_direction = {}
-    lower_all = upper_all = est_all = 0.0
+    out = {}
     for direction in DIRECTIONS:
         prvs = [StepPRV(pair, direction) for pair, _ in groups]
         span = max(eps_max, *(max(abs(p.t_lo), abs(p.t_hi)) for p in prvs)) + 1.0
@@ -175,10 +177,32 @@ def prv_route(groups: Sequence[tuple], delta: float, eps_error: float, eps_max: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             discrete = [discretisers.CellCentred().discretise(prv, domain) for prv in prvs]
-            composed = composers.Heterogeneous(discrete).compute_composition([c for _, c in groups])
-            low, est, up = composed.compute_epsilon(delta, delta_error, eps_error)
+            out[direction] = (composers.Heterogeneous(discrete).compute_composition([c for _, c in groups]), span)
+    return out
+
+
+def prv_route(groups: Sequence[tuple], delta: float, eps_error: float, eps_max: float) -> RouteResult:
+    """prv-accountant composition of the custom step PRVs; ``eps_max`` sizes the domain [-L, L]."""
+    delta_error = delta * 1e-3
+    per_direction = {}
+    lower_all = upper_all = est_all = 0.0
+    for direction, (composed, span) in _prv_composed(groups, delta_error, eps_error, eps_max).items():
+        low, est, up = composed.compute_epsilon(delta, delta_error, eps_error)
         per_direction[direction] = {"lower": low, "estimate": est, "upper": up, "domain": span}
         if up >= span - 1.0:
             raise ValueError(f"PRV domain [-{span:.3g}, {span:.3g}] too small for epsilon {up:.3g}")
         lower_all, est_all, upper_all = max(lower_all, low), max(est_all, est), max(upper_all, up)
     return RouteResult(lower_all, upper_all, est_all, per_direction)
+
+
+def prv_delta(groups: Sequence[tuple], epsilon: float, delta_error: float, eps_error: float,
+              eps_max: float) -> tuple[float, float, float]:
+    """(lower, estimate, upper) for delta at ``epsilon``, max over relations (prv-accountant's
+    bounds: the estimate at epsilon +/- eps_error, -/+ delta_error)."""
+    worst = (0.0, 0.0, 0.0)
+    for composed, _ in _prv_composed(groups, delta_error, eps_error, eps_max).values():
+        low = float(composed.compute_delta_estimate(epsilon + eps_error)) - delta_error
+        est = float(composed.compute_delta_estimate(epsilon))
+        up = float(composed.compute_delta_estimate(epsilon - eps_error)) + delta_error
+        worst = tuple(max(a, b) for a, b in zip(worst, (low, est, up)))
+    return worst
