@@ -1,0 +1,316 @@
+"""Data-parallel DP fine-tuning across processes started by MindSpore's launcher ``msrun``.
+
+Correct DP-SGD with N workers (DESIGN.md rules 1 and 7):
+
+1. **One global Poisson batch per step.** Every worker holds the same sampling generator (same
+   seed, or for ``secure=True`` a ChaCha20 key drawn by rank 0 from ``os.urandom`` and shared), so
+   all workers draw the *same* global batch with the certified rate ``q`` (global expected batch /
+   dataset size) and each takes its shard ``indices[rank::N]``. No example is dropped or repeated.
+2. **Each worker clips its own examples** and sums them (``finetune.per_example``).
+3. **The clipped sums are summed across workers exactly**: float64 host sums are exchanged
+   bit-for-bit (MindSpore 2.10's CPU ``AllReduce`` only takes float32/float16, so the 64-bit words
+   travel as 16-bit pieces in float32, which add to zero padding exactly) and added in rank order,
+   so every worker holds the identical global sum.
+4. **The noise is added once**: every worker draws the identical noise vector from the shared noise
+   generator and adds it to the identical global sum. The released value is ``sum + C * Z`` with
+   one ``Z`` -- not N independent draws mean-reduced (which would divide the noise variance by N
+   and void the certificate). All workers then apply the identical update.
+
+Trust model: like every data-parallel trainer, workers exchange un-noised clipped sums (and, in
+secure mode, the shared ChaCha20 key) over the MindSpore collective link; the workers and their
+interconnect must be trusted. On one machine this is loopback.
+
+Use::
+
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True my_train.py
+
+    from finetune.distributed import Distributed, DistributedDPOptimizer, shard
+    dist = Distributed.from_env()                      # rank/world from msrun; world 1 otherwise
+    dp = DistributedDPOptimizer(opt, model, table, dist=dist, seed=0, max_grad_norm=1.0,
+                                expected_batch_size=q * n)
+    sampler = PoissonSampler(n, q, steps, rng=dp.rng)  # the shared generator
+    for idx in sampler:                                # identical global batch on every rank
+        mine = shard(idx, dist)
+        dp.step([([ids[m.indices], mask[m.indices]], m.mask) for m in micro_batches(mine, 16)])
+
+or simply ``train_distributed(...)`` (same arguments and result as ``finetune.train.train``).
+Workers need the virtualenv first on ``PATH`` (msrun starts ``python`` from ``PATH``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from .dp_optimizer import DPOptimizer
+
+__all__ = ["Distributed", "SharedSecureRandom", "DistributedDPOptimizer", "shard",
+           "train_distributed", "DistributedError"]
+
+_CHUNK_WORDS = 1 << 20  # 64-bit words per collective call (4 float32 each, per rank)
+
+
+class DistributedError(RuntimeError):
+    """Workers disagree (different seeds, diverged weights) or the launch is inconsistent."""
+
+
+class Distributed:
+    """Rank, world size and exact host-side collectives (identity when ``world_size == 1``)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise DistributedError(f"rank {rank} outside world of size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self._op = None
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        """Initialise MindSpore communication when started by ``msrun`` with more than one worker."""
+        n = int(os.environ.get("MS_WORKER_NUM", "1") or 1)
+        role = os.environ.get("MS_ROLE")
+        if role not in ("MS_WORKER", "MS_SCHED") or n <= 1:
+            return cls(0, 1)
+        from mindspore.communication import get_group_size, get_rank, init
+
+        # msrun also runs the script as the scheduler process (MS_ROLE=MS_SCHED): there init()
+        # serves the cluster and ends the process when the workers are done.
+        init()
+        return cls(get_rank(), get_group_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives ---------------------------------------------------------------------------
+    def _allreduce_f32(self, x: np.ndarray) -> np.ndarray:
+        from mindspore import Tensor, ops
+
+        if self._op is None:
+            self._op = ops.AllReduce()
+        return self._op(Tensor(x)).asnumpy()
+
+    @staticmethod
+    def _encode(words: np.ndarray, rank: int, world: int) -> np.ndarray:
+        """[world, 4n] float32, zero except row ``rank`` = the words as exact 16-bit pieces."""
+        buf = np.zeros((world, 4 * words.size), np.float32)
+        buf[rank] = words.view(np.uint16).astype(np.float32)
+        return buf
+
+    @staticmethod
+    def _decode(summed: np.ndarray, world: int) -> np.ndarray:
+        """Inverse of summing every rank's ``_encode``: [world, n] uint64, bit-exact."""
+        return np.ascontiguousarray(summed.astype(np.uint16)).view(np.uint64).reshape(world, -1)
+
+    def gather_words(self, words) -> np.ndarray:
+        """All ranks' uint64 vectors (same length on every rank) -> [world, n], bit-exact.
+
+        Each rank fills its own row of a zero buffer with 16-bit pieces (exact in float32) and the
+        buffers are all-reduced: x + 0 + ... + 0 is exact, so every row arrives unchanged.
+        """
+        words = np.ascontiguousarray(np.asarray(words, dtype=np.uint64).reshape(-1))
+        if self.world_size == 1:
+            return words[None, :].copy()
+        out = np.empty((self.world_size, words.size), np.uint64)
+        for start in range(0, max(words.size, 1), _CHUNK_WORDS):
+            part = words[start:start + _CHUNK_WORDS]
+            summed = self._allreduce_f32(self._encode(part, self.rank, self.world_size))
+            out[:, start:start + part.size] = self._decode(summed, self.world_size)
+        return out
+
+    def allreduce_sum_f64(self, x) -> np.ndarray:
+        """Exact-transport float64 sum over ranks, added in rank order (identical on every rank)."""
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(-1))
+        if self.world_size == 1:
+            return x.copy()
+        rows = self.gather_words(x.view(np.uint64)).view(np.float64)
+        total = rows[0].copy()
+        for r in range(1, self.world_size):
+            total += rows[r]
+        return total
+
+    def broadcast_bytes(self, data: bytes | None, n: int, root: int = 0) -> bytes:
+        """``n`` bytes (a multiple of 8) from ``root`` to every rank."""
+        if n % 8:
+            raise ValueError("n must be a multiple of 8")
+        mine = np.zeros(n // 8, np.uint64)
+        if self.rank == root:
+            if data is None or len(data) != n:
+                raise ValueError(f"root must pass exactly {n} bytes")
+            mine = np.frombuffer(data, dtype=np.uint64).copy()
+        return self.gather_words(mine)[root].tobytes()
+
+    def check_same(self, what: str, value: bytes) -> None:
+        """Raise DistributedError unless every rank passes the same ``value`` (compared by hash)."""
+        h = np.frombuffer(hashlib.blake2b(value, digest_size=8).digest(), dtype=np.uint64)
+        rows = self.gather_words(h)
+        if not (rows == rows[0]).all():
+            raise DistributedError(f"workers disagree on {what} (rank {self.rank} of {self.world_size})")
+
+    def assert_in_sync(self, params) -> None:
+        """Raise DistributedError unless all ranks hold bit-identical parameters."""
+        hasher = hashlib.blake2b(digest_size=16)
+        for p in params:
+            hasher.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+        self.check_same("the model parameters (replicas diverged)", hasher.digest())
+
+    # -- shared randomness ---------------------------------------------------------------------
+    def shared_rng(self, seed: int | None = None, secure: bool = False):
+        """The same generator on every rank: seeded PCG64 (seeds checked equal), or ChaCha20 keyed
+        by 256 random bits from rank 0's ``os.urandom`` (DESIGN.md rule 8)."""
+        from accountant.randomness import make_rng
+
+        if secure:
+            if seed is not None:
+                raise ValueError("a secure generator cannot be seeded; drop the seed or secure=True")
+            key = self.broadcast_bytes(os.urandom(48) if self.is_main else None, 48)
+            return SharedSecureRandom(key[:32], key[32:])
+        if seed is None:
+            raise ValueError("data-parallel training needs a seed (or secure=True) so that all "
+                             "workers draw the same Poisson batch and the same noise")
+        self.check_same("the random seed", str(int(seed)).encode())
+        return make_rng(seed=seed)
+
+
+class SharedSecureRandom:
+    """ChaCha20 keystream from a given key and nonce (``cryptography``), producing raw uint64 words;
+    the same interface as ``accountant.randomness.SecureRandom`` (``random_raw``)."""
+
+    def __init__(self, key: bytes, nonce: bytes):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        if len(key) != 32 or len(nonce) != 16:
+            raise ValueError("ChaCha20 needs a 32-byte key and a 16-byte nonce")
+        self._encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+    def random_raw(self, n: int) -> np.ndarray:
+        stream = self._encryptor.update(bytes(8 * int(n)))
+        return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def shard(indices, dist: Distributed) -> np.ndarray:
+    """This rank's share of a global batch: every ``world_size``-th index from ``rank``."""
+    return np.asarray(indices, dtype=np.int64).reshape(-1)[dist.rank::dist.world_size]
+
+
+class DistributedDPOptimizer(DPOptimizer):
+    """A ``finetune.dp_optimizer.DPOptimizer`` whose ``apply`` first sums the workers' clipped sums
+    and step statistics (exactly), and whose noise generator is shared, so the identical noise is
+    added once to the global sum on every worker.
+
+    Same arguments as ``DPOptimizer`` plus ``dist``; ``seed`` / ``secure`` select the shared
+    generator (``rng`` is refused: a per-worker generator would add N different noises).
+    """
+
+    def __init__(self, optimizer, network, table=None, *, dist: Distributed | None = None,
+                 seed: int | None = None, secure: bool = False, **kwargs):
+        if "rng" in kwargs:
+            raise ValueError("DistributedDPOptimizer builds its own shared generator; "
+                             "pass seed or secure=True instead of rng")
+        self.dist = dist if dist is not None else Distributed.from_env()
+        super().__init__(optimizer, network, table, rng=self.dist.shared_rng(seed, secure), **kwargs)
+        self.secure = bool(secure)
+
+    def apply(self):
+        parts = self._sum if self._sum is not None else \
+            [np.zeros(p.shape, np.float64) for p in self.params]
+        flat = np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in parts]
+                              + [np.asarray(self._stats, np.float64)])
+        total = self.dist.allreduce_sum_f64(flat)
+        out, k = [], 0
+        for p in self.params:
+            size = int(np.prod(p.shape))
+            out.append(total[k:k + size].reshape(p.shape))
+            k += size
+        self._sum = out
+        self._stats = [float(total[k]), int(round(total[k + 1])), int(round(total[k + 2]))]
+        return super().apply()
+
+
+def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *, table=None,
+                      private: bool = True, optimizer=None, lr: float = 1e-3,
+                      max_grad_norm: float = 1.0, sampling_rate: float | None = None,
+                      steps: int | None = None, micro_batch_size: int = 16, per_example: str = "auto",
+                      seed: int | None = 0, secure: bool = False, progress: bool = True,
+                      eval_batch_size: int = 16, dist: Distributed | None = None,
+                      check_sync_every: int = 0):
+    """``finetune.train.train`` for N data-parallel workers (works unchanged with one process).
+
+    Same sampling, clipping, noise and ledger as the single-process loop; the global batch is drawn
+    once (identically on all ranks) and sharded. Every rank returns the same metrics; let rank 0
+    write files. ``check_sync_every > 0`` verifies bit-identical replicas every that many steps.
+    """
+    import math
+    import time
+
+    from mindspore import nn
+
+    from .poisson import PoissonSampler, micro_batches
+    from .privacy import PrivacyGuard, TableMismatchError, check_table
+    from .train import TrainResult, peak_rss_mb, perplexity
+
+    dist = dist if dist is not None else Distributed.from_env()
+    n = int(len(train_ids))
+    dist.check_same("the training data", hashlib.blake2b(np.ascontiguousarray(train_ids).tobytes()
+                                                         + np.ascontiguousarray(train_mask).tobytes())
+                    .digest())
+    if private and table is None:
+        raise TableMismatchError("a private run needs a certified noise table")
+    if table is not None:
+        q, t = check_table(table, dataset_size=n, sampling_rate=sampling_rate, steps=steps)
+    else:
+        if sampling_rate is None or steps is None:
+            raise ValueError("without a table, give sampling_rate and steps")
+        q, t = float(sampling_rate), int(steps)
+    guard = PrivacyGuard(table, dataset_size=n, sampling_rate=q, steps=t) if private else None
+    params = list(model.trainable_params())
+    dist.assert_in_sync(model.get_parameters())
+    if optimizer is None:
+        optimizer = nn.Adam(params, learning_rate=lr)
+    dp = DistributedDPOptimizer(optimizer, model, table if private else None, dist=dist,
+                                seed=None if secure else seed, secure=secure,
+                                max_grad_norm=max_grad_norm, expected_batch_size=q * n,
+                                per_example=per_example, guard=guard, private=private)
+    sampler = PoissonSampler(n, q, t, rng=dp.rng)  # shared generator: same global batch everywhere
+    bar = None
+    if progress and dist.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=t, desc=f"DP fine-tuning x{dist.world_size}" if private
+                   else f"fine-tuning (no DP) x{dist.world_size}", unit="step")
+    times, losses, sizes = [], [], []
+    try:
+        for step in range(t):
+            if guard is not None and guard.remaining() == 0:
+                break
+            start = time.perf_counter()
+            idx = shard(sampler.sample(), dist)
+            mbs = [([train_ids[m.indices], train_mask[m.indices]], m.mask)
+                   for m in micro_batches(idx, micro_batch_size)]
+            stats = dp.step(mbs)
+            times.append(time.perf_counter() - start)
+            losses.append(stats.loss)
+            sizes.append(stats.batch_size)
+            if check_sync_every and (step + 1) % check_sync_every == 0:
+                dist.assert_in_sync(params)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats.loss:.3f}", batch=stats.batch_size)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    eps = guard.epsilon_spent() if guard is not None else math.inf
+    metrics = {
+        "private": bool(private), "method": dp.method, "workers": dist.world_size,
+        "steps": len(times), "sampling_rate": q, "expected_batch_size": q * n,
+        "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0,
+        "epsilon_spent": float(eps), "delta": float(table.delta) if table is not None else None,
+        "max_grad_norm": max_grad_norm if private else None, "noise_std": dp.noise_std,
+        "final_train_loss": float(np.nanmean(losses[-max(1, len(losses) // 10):])) if losses else None,
+        "train_perplexity": perplexity(model, train_ids, train_mask, eval_batch_size),
+        "val_perplexity": (perplexity(model, val_ids, val_mask, eval_batch_size)
+                           if val_ids is not None and len(val_ids) else None),
+        "first_step_seconds": times[0] if times else None,
+        "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
+        "peak_rss_mb": peak_rss_mb(), "secure_rng": bool(secure),
+    }
+    return TrainResult(metrics, guard, dp)

@@ -1,0 +1,208 @@
+"""Data-parallel DP fine-tuning (finetune.distributed).
+
+Fast tests check the pieces in one process (exact transport encoding, sharding, shared generators).
+The slow test launches 2 CPU workers with ``msrun`` on a tiny GPT-2 and checks that both ranks end
+with identical weights, that the 2-worker run equals a 1-process run on the same global batches
+(noise seed fixed), and that one step's noise variance is the table's, not halved.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mindspore")
+dist_mod = pytest.importorskip("finetune.distributed")
+Distributed = dist_mod.Distributed
+
+ROOT = Path(dist_mod.__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- fast, 1 process
+def test_exact_transport_encoding_round_trips_every_bit_pattern():
+    rng = np.random.default_rng(0)
+    world = 3
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, 1.7976931348623157e308, 1 / 3])
+    rows = [np.concatenate([special, rng.normal(size=50) * 10.0 ** rng.integers(-300, 300, 50)])
+            for _ in range(world)]
+    rows[1][3] = np.float64(-1e-310)  # subnormal
+    words = [r.view(np.uint64) for r in rows]
+    # what an all-reduce of every rank's buffer returns
+    summed = sum(Distributed._encode(w, r, world) for r, w in enumerate(words))
+    got = Distributed._decode(summed, world)
+    for r in range(world):
+        assert got[r].tobytes() == words[r].tobytes()
+
+
+def test_single_process_collectives_are_identity_and_shard_covers_batch():
+    d = Distributed(0, 1)
+    x = np.array([1.5, -2.0, 3.25])
+    np.testing.assert_array_equal(d.allreduce_sum_f64(x), x)
+    assert d.broadcast_bytes(b"12345678", 8) == b"12345678"
+    d.check_same("anything", b"x")
+    idx = np.array([3, 8, 9, 20, 31])
+    parts = [dist_mod.shard(idx, Distributed(r, 2)) for r in range(2)]
+    assert sorted(np.concatenate(parts).tolist()) == idx.tolist()
+    assert parts[0].tolist() == [3, 9, 31] and parts[1].tolist() == [8, 20]
+    with pytest.raises(dist_mod.DistributedError):
+        Distributed(2, 2)
+
+
+def test_shared_generators():
+    d = Distributed(0, 1)
+    a, b = d.shared_rng(seed=5), d.shared_rng(seed=5)
+    assert (a.bit_generator.random_raw(4) == b.bit_generator.random_raw(4)).all()
+    with pytest.raises(ValueError, match="needs a seed"):
+        d.shared_rng()
+    with pytest.raises(ValueError, match="cannot be seeded"):
+        d.shared_rng(seed=1, secure=True)
+    s1 = dist_mod.SharedSecureRandom(b"k" * 32, b"n" * 16)
+    s2 = dist_mod.SharedSecureRandom(b"k" * 32, b"n" * 16)
+    w = s1.random_raw(1000)
+    assert (w == s2.random_raw(1000)).all() and w.dtype == np.uint64
+    assert 0.45 < float((w >> np.uint64(63)).mean()) < 0.55
+    sec = d.shared_rng(secure=True)  # keyed from os.urandom: differs between calls
+    assert not (sec.random_raw(4) == d.shared_rng(secure=True).random_raw(4)).all()
+
+
+# ------------------------------------------------------------------------------- slow, msrun
+WORKER = r'''
+"""Worker for the data-parallel DP test: run under msrun (N workers) or plainly (1 process)."""
+import json, sys
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from accountant.noise import Gaussian
+from finetune.distributed import Distributed, DistributedDPOptimizer, shard, train_distributed
+from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
+from finetune.peft import apply_lora
+from finetune.poisson import PoissonSampler, micro_batches
+
+out = sys.argv[1]
+ms.set_context(mode=ms.GRAPH_MODE)
+dist = Distributed.from_env()
+cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=24)
+
+
+class Table:  # stand-in exposing what DPOptimizer reads: the noise law and the geometry
+    geometry = "l2"
+
+    def __init__(self, sigma):
+        self.noise = Gaussian(sigma)
+
+
+rng = np.random.default_rng(0)
+N, T = 64, 12
+ids = rng.integers(0, cfg.vocab_size, (N, T)).astype(np.int32)
+mask = np.ones((N, T), np.float32)
+mask[::3, 8:] = 0.0
+q, steps, C = 0.25, 3, 0.5
+
+# A: three DP-LoRA steps (book-keeping) with the noise seed fixed
+model = GPT2LMHeadModel(cfg, seed=1)
+apply_lora(model, r=4, alpha=8, targets=("c_attn", "c_fc"))
+opt = nn.SGD(model.trainable_params(), learning_rate=0.5)
+dp = DistributedDPOptimizer(opt, model, Table(0.7), dist=dist, seed=123, max_grad_norm=C,
+                            expected_batch_size=q * N, per_example="auto")
+sampler = PoissonSampler(N, q, steps, rng=dp.rng)
+sizes = []
+for idx in sampler:
+    mine = shard(idx, dist)
+    sizes.append([int(len(idx)), int(len(mine))])
+    stats = dp.step([([ids[m.indices], mask[m.indices]], m.mask) for m in micro_batches(mine, 4)])
+dist.assert_in_sync(model.get_parameters())
+res = {"world": dist.world_size, "sizes": sizes, "batch": stats.batch_size, "loss": stats.loss}
+
+# B: one noise-only step on all weights: update = -lr * C * Z / E[B]
+model2 = GPT2LMHeadModel(cfg, seed=2)
+flat = lambda m: np.concatenate([p.asnumpy().ravel() for p in m.trainable_params()]).astype(np.float64)
+before = flat(model2)
+sigma, C2, eb = 1.3, 2.0, 5.0
+opt2 = nn.SGD(model2.trainable_params(), learning_rate=1.0)
+dp2 = DistributedDPOptimizer(opt2, model2, Table(sigma), dist=dist, seed=7, max_grad_norm=C2,
+                             expected_batch_size=eb, per_example="vmap")
+dp2.step([])
+z = (before - flat(model2)) * eb / C2
+res["noise_var_ratio"] = float(z.var() / sigma ** 2)
+res["noise_n"] = int(z.size)
+dist.assert_in_sync(model2.get_parameters())
+
+# C: the whole loop, non-private (no table needed)
+model3 = GPT2LMHeadModel(cfg, seed=3)
+apply_lora(model3, r=2, alpha=4)
+r3 = train_distributed(model3, ids, mask, private=False, sampling_rate=q, steps=2, lr=0.01,
+                       micro_batch_size=4, seed=11, progress=False, dist=dist, check_sync_every=1)
+res["loop_steps"] = r3.metrics["steps"]
+res["loop_workers"] = r3.metrics["workers"]
+
+np.savez(f"{out}/rank{dist.rank}_of{dist.world_size}.npz",
+         **{"A." + n: p.asnumpy() for n, p in model.parameters_and_names()},
+         **{"C." + n: p.asnumpy() for n, p in model3.parameters_and_names()}, _z=z)
+with open(f"{out}/rank{dist.rank}_of{dist.world_size}.json", "w") as f:
+    json.dump(res, f)
+'''
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_two_msrun_workers_match_one_process_and_add_noise_once(tmp_path):
+    msrun = shutil.which("msrun", path=_env()["PATH"])
+    if msrun is None:
+        pytest.skip("msrun not found")
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    out = tmp_path / "out"
+    out.mkdir()
+    one = subprocess.run([sys.executable, str(script), str(out)], env=_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([msrun, "--worker_num=2", "--local_worker_num=2",
+                          f"--master_port={_free_port()}", f"--log_dir={tmp_path / 'log'}",
+                          "--join=True", str(script), str(out)],
+                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text(errors="replace")[-2000:] for p in (tmp_path / "log").glob("worker_*.log"))
+    assert two.returncode == 0, logs
+
+    r1 = json.loads((out / "rank0_of1.json").read_text())
+    ra = [json.loads((out / f"rank{r}_of2.json").read_text()) for r in range(2)]
+    assert all(r["world"] == 2 for r in ra) and r1["world"] == 1
+    # the same global Poisson batches, split between the ranks without loss or overlap
+    for s1, s0, s_1 in zip(r1["sizes"], ra[0]["sizes"], ra[1]["sizes"]):
+        assert s1[0] == s0[0] == s_1[0] == s1[1] == s0[1] + s_1[1]
+    assert ra[0]["batch"] == ra[1]["batch"] == r1["batch"]
+    assert ra[0]["loop_steps"] == 2 and ra[0]["loop_workers"] == 2
+
+    p1 = np.load(out / "rank0_of1.npz")
+    pa = [np.load(out / f"rank{r}_of2.npz") for r in range(2)]
+    keys = [k for k in p1.files if not k.startswith("_")]
+    assert any("lora_B" in k for k in keys)
+    for k in keys:
+        np.testing.assert_array_equal(pa[0][k], pa[1][k])            # replicas identical
+        np.testing.assert_allclose(pa[0][k], p1[k], atol=1e-6, rtol=1e-5)  # = 1-process run
+    moved = [k for k in keys if k.startswith("A.") and "lora_B" in k]
+    assert all(np.abs(p1[k]).max() > 1e-3 for k in moved)          # training did happen
+
+    # noise: identical draw on both ranks, the 1-process draw, and the table's variance (not 1/2)
+    np.testing.assert_array_equal(pa[0]["_z"], pa[1]["_z"])
+    np.testing.assert_allclose(pa[0]["_z"], p1["_z"], rtol=1e-6, atol=1e-6)
+    n = ra[0]["noise_n"]
+    assert n > 5000
+    assert abs(ra[0]["noise_var_ratio"] - 1.0) < 5 * np.sqrt(2.0 / n)
