@@ -497,14 +497,25 @@ class PerExampleGradients:
         slots = [None] * len(self.params)
         batch, seq = inputs[0].shape[:2]
         out_shapes = [tuple(s) for s in self.network.probe_shapes(batch, seq)]
-        in_shapes = []
+        in_shapes, probe_shapes = [], []
         for t, tap in enumerate(taps):
             n_in = getattr(tap, "n_in", out_shapes[t][-1])
             in_shapes.append(out_shapes[t][:-1] + (n_in,))
+            roles = set()
             for p, role, other, scale in _tap_roles(tap):
                 if p is not None and id(p) in ids:
                     slots[ids[id(p)]] = _Slot(t, role, other, scale)
-        self._probes = ms.mutable(tuple(ops.zeros(s, ms.float32) for s in out_shapes))
+                    roles.add(role)
+            # A probe broadcast over the tokens has gradient sum_t g_t: that is all a bias needs,
+            # and the reduction happens inside the backward pass.  Taps without trainable
+            # parameters get a probe of one element.
+            shape = out_shapes[t]
+            if not roles:
+                shape = (1,) * len(shape)
+            elif roles <= {"bias", "beta"}:
+                shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+            probe_shapes.append(shape)
+        self._probes = ms.mutable(tuple(ops.zeros(s, ms.float32) for s in probe_shapes))
         return _TappedClipSum(self.network, slots, in_shapes, out_shapes, self.geometry)
 
     def _build(self, inputs):

@@ -78,7 +78,7 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
           sampling_rate: float | None = None, steps: int | None = None,
           micro_batch_size: int = 16, per_example: str = "auto", seed: int | None = 0,
           secure: bool = False, progress: bool = True, epsilon_updates: int = 10,
-          eval_batch_size: int = 16) -> TrainResult:
+          eval_batch_size: int = 16, evaluate: bool = True) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     The sampling rate and number of steps come from ``table`` (a run that does not match it is
@@ -86,6 +86,7 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     noisy sum is divided by the expected batch size ``q * N``.  Returns the metrics (``steps``,
     ``epsilon_spent``, ``delta``, ``train_perplexity``, ``val_perplexity``, ``seconds_per_step``,
     ``peak_rss_mb``, ...), the privacy guard (its ledger holds what was spent) and the optimizer.
+    ``evaluate=False`` skips the perplexity passes (they are then ``None``).
     """
     n = int(len(train_ids))
     if private and table is None:
@@ -147,9 +148,10 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         "max_grad_norm": max_grad_norm if private else None,
         "noise_std": dp.noise_std,
         "final_train_loss": float(np.nanmean(losses[-max(1, len(losses) // 10):])) if losses else None,
-        "train_perplexity": perplexity(model, train_ids, train_mask, eval_batch_size),
+        "train_perplexity": (perplexity(model, train_ids, train_mask, eval_batch_size)
+                             if evaluate else None),
         "val_perplexity": (perplexity(model, val_ids, val_mask, eval_batch_size)
-                           if val_ids is not None and len(val_ids) else None),
+                           if evaluate and val_ids is not None and len(val_ids) else None),
         # the first step includes graph compilation; report it separately
         "first_step_seconds": times[0] if times else None,
         "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
