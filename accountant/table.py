@@ -124,6 +124,9 @@ def save_table(path, noise: Noise, metadata: dict) -> dict:
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; a table is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
