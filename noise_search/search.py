@@ -2,8 +2,9 @@
 
 Pipeline (DESIGN.md sections 3 and 4):
 
-1. The calibrated Gaussian is computed with the real accountant (``accountant.certify.calibrate``); it
-   is both the yardstick for the reported ratio and the fallback answer.
+1. The calibrated Gaussian (smallest sigma whose certificate meets the target, to ~1e-4; see
+   :func:`calibrate_certified`) is computed with the real accountant, in a second process while the
+   search runs; it is both the yardstick for the reported ratio and the fallback answer.
 2. Each candidate family (``noise_search.families``) is optimised over its shape with SciPy
    (bounded Brent for one shape parameter, Nelder-Mead with bounds for more).  For every shape the
    scale is calibrated to the target by the fast accountant (``noise_search.fast_accountant``), whose
@@ -123,7 +124,9 @@ def _bins_per_unit(gaussian_sigma: float) -> int:
 
 
 def _tail_target(delta: float) -> float:
-    return min(TAIL_TARGET, delta * 1e-3)
+    """One-sided tail mass beyond the table core: negligible against delta, yet many 2^-53 lattice
+    units (a tail rounded to zero would give the table compact support and an infinite privacy loss)."""
+    return min(TAIL_TARGET, max(delta * 1e-2, 1e-15))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +271,8 @@ def calibrate_certified(make_noise, start: float, eps: float, delta: float, q: f
     Same answer as ``accountant.certify.calibrate`` but cheap when the start is close: the certificate
     is the larger upper bound of the PLD and PRV routes, and the PRV upper bound is its estimate plus
     ``eps_error = prv_relative_error * eps``; so the scale is first solved on the pessimistic PLD alone
-    (``accountant.certify.delta_for_epsilon``, a fraction of a second) at ``eps (1 - prv_relative_error)``,
+    (``accountant.certify.delta_for_epsilon_pld``, a fraction of a second) at
+    ``eps (1 - prv_relative_error)``,
     then certified once by both routes and, if the certificate still exceeds ``eps``, scaled up
     (epsilon is close to proportional to 1/scale) and certified again.  ``delta_at(scale, eps)`` may
     replace the PLD in the first stage (the fast accountant is exact for one release of a table).
@@ -276,7 +280,7 @@ def calibrate_certified(make_noise, start: float, eps: float, delta: float, q: f
     """
     from scipy.optimize import brentq
 
-    from accountant.certify import delta_for_epsilon
+    from accountant.certify import delta_for_epsilon_pld
 
     eps_pld = eps * (1 - margin * _prv_relative_error())
     cache = {}
@@ -286,7 +290,7 @@ def calibrate_certified(make_noise, start: float, eps: float, delta: float, q: f
             if delta_at is not None:
                 d = delta_at(math.exp(log_s), eps_pld)
             else:
-                d = delta_for_epsilon(_mechanism(make_noise(math.exp(log_s)), q, T, geometry), eps_pld)
+                d = delta_for_epsilon_pld(_mechanism(make_noise(math.exp(log_s)), q, T, geometry), eps_pld)
             cache[log_s] = math.log(max(d, 1e-300)) - math.log(delta)
         return cache[log_s]
 
@@ -585,7 +589,7 @@ def _lmo_l1_shape(objective: str):
             return 1e12
 
     res = optimize.minimize(proxy, np.array(fam.x0), method="Nelder-Mead", bounds=list(fam.bounds),
-                            options={"maxfev": 120, "xatol": 1e-3, "fatol": 1e-6})
+                            options={"maxfev": 60, "xatol": 1e-3, "fatol": 1e-6})
     return tuple(float(v) for v in res.x)
 
 

@@ -309,3 +309,32 @@ def test_default_target_beats_gaussian_by_the_issue_margin(tmp_path):
     result = search(0.3, 1e-10, out=str(tmp_path / "t.npz"))
     assert result.certified_epsilon["final"] <= 0.3
     assert result.ratio_to_gaussian <= 0.989
+
+
+def test_l1_geometry_searches_only_lipschitz_laws(tmp_path):
+    from noise_search import load_table, search
+
+    result = search(EPS, DELTA, sampling_rate=1.0, steps=1, geometry="l1", out=str(tmp_path / "t.npz"),
+                    parallel=False)
+    assert result.law in ("laplace", "lmo", "gaussian") and result.law == result.family
+    assert {c.family for c in result.candidates} == {"laplace", "lmo", "gaussian"}
+    assert result.certified_epsilon["final"] <= EPS
+    assert result.ratio_to_gaussian <= 1.0
+    table = load_table(tmp_path / "t.npz")
+    assert table.metadata["law"] == result.law and table.geometry == "l1"
+    lmo = [c for c in result.candidates if c.family == "lmo"][0]
+    assert set(lmo.params) == {"a1", "a3", "a4", "k", "theta", "lam", "ua", "ub"}
+
+
+def test_calibrated_gaussian_agrees_with_the_accountant_calibration():
+    """The search's cheaper Gaussian calibration (PLD-guided, one full certificate) finds the same sigma
+    as ``accountant.certify.calibrate``: the reported ratio is against the honestly calibrated Gaussian."""
+    from accountant.certify import calibrate
+    from accountant.noise import Gaussian
+    from noise_search.search import calibrated_gaussian
+
+    eps, delta = 0.5, 1e-9
+    reference, _ = calibrate(Gaussian, eps, delta, 1.0, 1)
+    sigma, cert = calibrated_gaussian(eps, delta, 1.0, 1, "scalar", start=reference * 1.01)
+    assert cert.epsilon <= eps
+    assert abs(sigma / reference - 1) < 3e-4, (sigma, reference)
