@@ -141,9 +141,20 @@ r3 = train_distributed(model3, ids, mask, private=False, sampling_rate=q, steps=
 res["loop_steps"] = r3.metrics["steps"]
 res["loop_workers"] = r3.metrics["workers"]
 
+# D: the whole loop with a certified table: ledger charged at the global rate, same on every rank
+from accountant.table import load_table
+model4 = GPT2LMHeadModel(cfg, seed=4)
+apply_lora(model4, r=2, alpha=4)
+r4 = train_distributed(model4, ids, mask, table=load_table(sys.argv[2]), lr=0.01,
+                       micro_batch_size=4, seed=5, progress=False, dist=dist)
+res["dp_steps"] = r4.metrics["steps"]
+res["dp_epsilon"] = r4.metrics["epsilon_spent"]
+res["dp_rate"] = r4.metrics["sampling_rate"]
+
 np.savez(f"{out}/rank{dist.rank}_of{dist.world_size}.npz",
          **{"A." + n: p.asnumpy() for n, p in model.parameters_and_names()},
-         **{"C." + n: p.asnumpy() for n, p in model3.parameters_and_names()}, _z=z)
+         **{"C." + n: p.asnumpy() for n, p in model3.parameters_and_names()},
+         **{"D." + n: p.asnumpy() for n, p in model4.parameters_and_names()}, _z=z)
 with open(f"{out}/rank{dist.rank}_of{dist.world_size}.json", "w") as f:
     json.dump(res, f)
 '''
@@ -167,16 +178,25 @@ def test_two_msrun_workers_match_one_process_and_add_noise_once(tmp_path):
     msrun = shutil.which("msrun", path=_env()["PATH"])
     if msrun is None:
         pytest.skip("msrun not found")
+    from accountant.certify import calibrate
+    from accountant.noise import Gaussian
+    from accountant.table import write_certified_table
+
+    q, steps = 0.25, 3
+    sigma, _ = calibrate(lambda s: Gaussian(s), 2.0, 1e-5, q, steps, geometry="l2")
+    table = tmp_path / "g.npz"
+    write_certified_table(table, Gaussian(sigma), eps_target=2.0, delta=1e-5, sampling_rate=q,
+                          steps=steps, geometry="l2", family="gaussian", params={"sigma": sigma})
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
     out = tmp_path / "out"
     out.mkdir()
-    one = subprocess.run([sys.executable, str(script), str(out)], env=_env(), cwd=tmp_path,
+    one = subprocess.run([sys.executable, str(script), str(out), str(table)], env=_env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([msrun, "--worker_num=2", "--local_worker_num=2",
                           f"--master_port={_free_port()}", f"--log_dir={tmp_path / 'log'}",
-                          "--join=True", str(script), str(out)],
+                          "--join=True", str(script), str(out), str(table)],
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     logs = "".join(p.read_text(errors="replace")[-2000:] for p in (tmp_path / "log").glob("worker_*.log"))
     assert two.returncode == 0, logs
@@ -189,6 +209,10 @@ def test_two_msrun_workers_match_one_process_and_add_noise_once(tmp_path):
         assert s1[0] == s0[0] == s_1[0] == s1[1] == s0[1] + s_1[1]
     assert ra[0]["batch"] == ra[1]["batch"] == r1["batch"]
     assert ra[0]["loop_steps"] == 2 and ra[0]["loop_workers"] == 2
+    # certified run: all table steps taken, the global rate charged, the same epsilon everywhere
+    assert r1["dp_steps"] == ra[0]["dp_steps"] == ra[1]["dp_steps"] == steps
+    assert r1["dp_rate"] == ra[0]["dp_rate"] == q
+    assert 0 < ra[0]["dp_epsilon"] == ra[1]["dp_epsilon"] == r1["dp_epsilon"] <= 2.0
 
     p1 = np.load(out / "rank0_of1.npz")
     pa = [np.load(out / f"rank{r}_of2.npz") for r in range(2)]
