@@ -269,7 +269,8 @@ def evaluate_runs(args):
     pts = [(label(r, m), (m.get("epsilon_spent") if m.get("private", True) else None),
             res_["utility"]["val_perplexity"]) for r, (m, _, _, res_) in results.items()]
     pngs["perplexity_vs_epsilon"] = plots.plot_perplexity_vs_epsilon(
-        pts, os.path.join(args.out, "perplexity_vs_epsilon.png"))
+        pts, os.path.join(args.out, "perplexity_vs_epsilon.png"),
+        base_perplexity=res["utility"]["base_val_perplexity"])
     if table is not None:
         sigma = table.metadata.get("gaussian_sigma")
         pngs["noise_density"] = plots.plot_noise_density(

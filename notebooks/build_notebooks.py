@@ -264,7 +264,7 @@ it cost?* Setting (everything synthetic, offline, CPU):
     COMMON,
     code("""
 N_PUBLIC, N_PRIVATE = 3000, 1000
-Q, T, EPS, DELTA = 0.05, 500, 1.0, 1e-5
+Q, T, EPS, DELTA = 0.05, 400, 1.0, 1e-5
 PRETRAIN = dict(q=0.02, steps=600)
 LORA = ["--method", "lora", "--lora-r", "16", "--lora-targets", "c_attn,c_fc,c_proj", "--lr", "3e-3"]
 
@@ -275,23 +275,37 @@ print(run("finetune.evaluation.prepare", "--data", "private.jsonl", "--out", "pr
           "--exposure-canaries", 10, "--digits", 6, "--audit-canaries", 200).stdout)
 """),
     code("""
+def train(out, *args):
+    \"\"\"python -m finetune ... --out OUT, skipped when OUT already holds a finished run (resumable).\"\"\"
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        p = run("finetune", *args, "--out", out, "--quiet", check=False)
+        if p.returncode != 0:
+            print(f"{out:9s} failed: {p.stderr.strip().splitlines()[-1]}")
+            return None
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    eps = f"eps {m['epsilon_spent']:.4g}" if m["private"] else "non-private"
+    print(f"{out:9s} {m['method']:5s} {m['steps']} steps, {eps}, train ppl {m['train_perplexity']:.2f}, "
+          f"val ppl {m['val_perplexity']:.2f}, {m['seconds_per_step']:.3f} s/step, peak RSS "
+          f"{m['peak_rss_mb']:.0f} MB")
+    return m
+
 # 1. non-private pre-training on the public corpus -> the base model (config.json + model.safetensors)
-p = run("finetune", "--no-dp", "--method", "full", "--model", "tiny", "--data", "public.jsonl",
-        "--sampling-rate", PRETRAIN["q"], "--steps", PRETRAIN["steps"], "--lr", "1e-3",
-        "--out", "base", "--quiet")
-print(p.stdout.strip().splitlines()[-1])
+train("base", "--no-dp", "--method", "full", "--model", "tiny", "--data", "public.jsonl",
+      "--sampling-rate", PRETRAIN["q"], "--steps", PRETRAIN["steps"], "--lr", "1e-3")
 """),
     code("""
 # 2. certified noise tables for (EPS, DELTA) at Poisson rate Q and T steps
 from accountant.certify import calibrate
 from accountant.noise import Gaussian
 from accountant.table import write_certified_table, load_table
-sigma, cert = calibrate(lambda s: Gaussian(s), EPS, DELTA, Q, T, geometry="l2")
-write_certified_table("gaussian.npz", Gaussian(sigma), eps_target=EPS, delta=DELTA, sampling_rate=Q,
-                      steps=T, geometry="l2", family="gaussian", params={"sigma": sigma})
-p = run("noise_search", "--eps", EPS, "--delta", DELTA, "--sampling-rate", Q, "--steps", T,
-        "--geometry", "l1", "--out", "searched.npz", "--json", "--quiet")
-found = json.loads(p.stdout)
+if not os.path.exists("gaussian.npz"):
+    sigma, cert = calibrate(lambda s: Gaussian(s), EPS, DELTA, Q, T, geometry="l2")
+    write_certified_table("gaussian.npz", Gaussian(sigma), eps_target=EPS, delta=DELTA,
+                          sampling_rate=Q, steps=T, geometry="l2", family="gaussian",
+                          params={"sigma": sigma})
+if not os.path.exists("searched.npz"):
+    run("noise_search", "--eps", EPS, "--delta", DELTA, "--sampling-rate", Q, "--steps", T,
+        "--geometry", "l1", "--out", "searched.npz", "--quiet")
 for name in ("gaussian.npz", "searched.npz"):
     t = load_table(name)
     print(f"{name:14s} family {t.metadata['family']:9s} geometry {t.geometry}  certified eps "
@@ -305,17 +319,17 @@ runs = {
     "searched": ["--table", "searched.npz"],
 }
 for name, extra in runs.items():
-    p = run("finetune", *LORA, "--model", "base", "--data", "private_c.jsonl", *extra,
-            "--out", name, "--quiet", check=False)
-    print(f"{name:9s}", (p.stdout.strip().splitlines() or [""])[-1] if p.returncode == 0
-          else "failed: " + p.stderr.strip().splitlines()[-1])
+    train(name, *LORA, "--model", "base", "--data", "private_c.jsonl", *extra)
 """),
     code("""
 # 4. evaluation: the Gaussian-DP run, with the other two as baselines
 done = [r for r in runs if os.path.exists(os.path.join(r, "metrics.json"))]
-p = run("finetune.evaluate", "--run", "gaussian", *sum((["--baseline", r] for r in done if r != "gaussian"), []),
-        "--data", "private_c.jsonl", "--table", "gaussian.npz", "--out", "report", "--quiet")
-print(p.stdout)
+if not os.path.exists("report/summary.json"):
+    p = run("finetune.evaluate", "--run", "gaussian",
+            *sum((["--baseline", r] for r in done if r != "gaussian"), []),
+            "--data", "private_c.jsonl", "--table", "gaussian.npz", "--out", "report", "--quiet")
+    open("report/stdout.txt", "w").write(p.stdout)
+print(open("report/stdout.txt").read())
 """),
     code("""
 summary = json.load(open("report/summary.json"))
@@ -366,12 +380,18 @@ def build(cells):
     return nb
 
 
-def execute(nb, timeout: int):
+def execute(nb, timeout: int, workdir: str | None = None):
+    """Execute in ``workdir`` (kept; steps whose outputs exist are reused) or a fresh temp dir."""
     from nbclient import NotebookClient
 
+    env_py = os.path.dirname(sys.executable)
+    os.environ["PATH"] = env_py + os.pathsep + os.environ.get("PATH", "")
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": workdir}}).execute()
+        return nb
     with tempfile.TemporaryDirectory(prefix="nb-") as work:
-        env_py = os.path.dirname(sys.executable)
-        os.environ["PATH"] = env_py + os.pathsep + os.environ.get("PATH", "")
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": work}}).execute()
     return nb
@@ -380,14 +400,16 @@ def execute(nb, timeout: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=sorted(NOTEBOOKS), help="notebook number")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
+    p.add_argument("--timeout", type=int, default=7200, help="seconds per cell (default 7200)")
+    p.add_argument("--workdir", help="working directory to keep (runs whose outputs exist there are "
+                                     "reused, e.g. after an interruption); default: a fresh temp dir")
     a = p.parse_args(argv)
     import nbformat
 
     for key in a.only or sorted(NOTEBOOKS):
         name, cells = NOTEBOOKS[key]
         t0 = time.time()
-        nb = execute(build(cells), a.timeout)
+        nb = execute(build(cells), a.timeout, a.workdir)
         nbformat.write(nb, HERE / name)
         print(f"executed {name} in {time.time() - t0:.0f} s")
     return 0

@@ -31,9 +31,9 @@ def plot_roc(curves: dict, path, epsilon: float | None = None, delta: float = 0.
     ax.plot(grid, grid, color="0.6", ls=":", lw=1, label="random guess")
     if epsilon is not None and math.isfinite(epsilon):
         b = dp_tpr_bound(grid, epsilon, delta)
-        ax.fill_between(grid, floor, b, color="tab:green", alpha=0.12)
-        ax.plot(grid, b, color="tab:green", lw=1.5,
-                label=f"DP bound eps={epsilon:.3g}, delta={delta:.0e}")
+        ax.fill_between(grid, floor, b, color="0.5", alpha=0.12)
+        ax.plot(grid, b, color="black", ls="--", lw=1.5,
+                label=f"DP region eps={epsilon:.3g}, delta={delta:.0e}")
     for label, (fpr, tpr) in curves.items():
         f = np.clip(np.asarray(fpr, dtype=float), floor, 1)
         t = np.clip(np.asarray(tpr, dtype=float), floor, 1)
@@ -53,23 +53,41 @@ def plot_roc(curves: dict, path, epsilon: float | None = None, delta: float = 0.
     return str(path)
 
 
-def plot_perplexity_vs_epsilon(points, path, title: str = "Utility vs privacy") -> str:
-    """``points``: iterable of (label, epsilon or None/inf for non-private, perplexity)."""
+def plot_perplexity_vs_epsilon(points, path, base_perplexity: float | None = None,
+                               title: str = "Utility vs privacy") -> str:
+    """``points``: iterable of (label, epsilon or None/inf for non-private, perplexity).
+
+    Non-private runs are drawn at the right edge (tick "non-private"); ``base_perplexity`` (the
+    model before fine-tuning) is a dashed horizontal line.
+    """
     pts = list(points)
     finite = [e for _, e, _ in pts if e is not None and math.isfinite(e)]
-    right = (max(finite) * 2 if finite else 10.0)
+    right = (max(finite) * 3 if finite else 10.0)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, e, ppl in pts:
-        x = right if e is None or not math.isfinite(e) else e
-        marker = "s" if x == right and not (e is not None and math.isfinite(e)) else "o"
-        ax.plot([x], [ppl], marker=marker, ls="none", ms=7, label=label)
+        private = e is not None and math.isfinite(e)
+        x = e if private else right
+        ax.plot([x], [ppl], marker="o" if private else "s", ls="none", ms=7, label=label)
         ax.annotate(f"{ppl:.1f}", (x, ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if base_perplexity is not None:
+        ax.axhline(base_perplexity, color="0.4", ls="--", lw=1,
+                   label=f"base model ({base_perplexity:.1f})")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon (non-private drawn at right edge)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ticks = []
+    for t in sorted(set(finite)):  # skip ticks that would overlap (within 15%)
+        if not ticks or t > 1.15 * ticks[-1]:
+            ticks.append(t)
+    ticks.append(right)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:.3g}" for t in ticks[:-1]] + ["non-private"])
+    ax.minorticks_off()
+    ax.set_xlim(min(ticks) / 2, right * 2)
+    ax.set_xlabel("certified epsilon")
+    ax.set_ylabel("validation perplexity (log)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.2)
+    ax.grid(True, which="major", alpha=0.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
