@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 
 from noise_search.families import FAMILIES
@@ -130,8 +131,13 @@ def plot(result, path: str) -> None:
     plt.close(fig)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM cleans up like Ctrl-C: no partial table is left behind
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     families = None
     if args.family:
         families = [f.strip() for item in args.family for f in item.split(",") if f.strip()]

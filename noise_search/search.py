@@ -345,30 +345,50 @@ def calibrated_gaussian(eps, delta, q, T, geometry, start):
     return float(sigma), cert
 
 
+def _background_worker(conn, fn, args):  # pragma: no cover - runs in the child process
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException as exc:   # hand any failure (e.g. TargetError) back to the parent
+        conn.send((False, exc))
+    finally:
+        conn.close()
+
+
 class _Background:
-    """Run one function in a separate process (the second core) while the search goes on."""
+    """Run ``fn(*args)`` in a separate process (the second core) while the search goes on; ``result()``
+    waits for it, ``close()`` terminates it (an interrupted search does not wait for it)."""
 
     def __init__(self, fn, *args, parallel=True):
-        self._fn, self._args, self._pool, self._future = fn, args, None, None
+        self._fn, self._args, self._proc, self._conn = fn, args, None, None
         if parallel:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            self._future = self._pool.submit(fn, *args)
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_background_worker, args=(child, fn, args), daemon=True)
+            self._proc.start()
+            child.close()
 
     def result(self):
-        if self._future is None:
+        if self._proc is None:
             return self._fn(*self._args)
         try:
-            return self._future.result()
+            ok, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError("the background certification process died") from None
         finally:
             self.close()
+        if not ok:
+            raise value
+        return value
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.terminate()
+            self._proc.join()
+            self._conn.close()
+            self._proc = None
 
 
 def _quantised(binned: Binned):
