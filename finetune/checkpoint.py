@@ -27,9 +27,8 @@ import re
 import numpy as np
 
 import mindspore as ms
-from mindspore import Tensor
 
-from .gpt2 import GPT2Config, GPT2LMHeadModel
+from .gpt2 import GPT2Config, GPT2LMHeadModel, assign_parameter
 
 __all__ = ["CheckpointError", "hf_state_dict", "load_hf_state_dict", "load_safetensors",
            "save_safetensors", "load_ckpt", "save_ckpt", "from_pretrained", "save_pretrained"]
@@ -102,7 +101,7 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state: dict, source: str = "state
         if v.dtype.kind != "f":
             raise CheckpointError(f"{source}: {key} has dtype {v.dtype}, expected a float tensor")
         a = v.T if _CONV1D.match(key) else v
-        params[key].set_data(Tensor(np.ascontiguousarray(a, dtype=np.float32)))
+        assign_parameter(params[key], a)
 
 
 def _read_safetensors(path: str) -> dict:
@@ -162,7 +161,7 @@ def load_ckpt(model: GPT2LMHeadModel, path: str) -> None:
     if problems:
         raise CheckpointError(f"{path} does not match GPT2Config{model.config}: " + "; ".join(problems))
     for k, p in params.items():
-        p.set_data(Tensor(loaded[k].asnumpy().astype(np.float32)))
+        assign_parameter(p, loaded[k].asnumpy())
 
 
 def from_pretrained(name_or_path: str, seed: int = 0) -> GPT2LMHeadModel:

@@ -80,6 +80,7 @@ __all__ = [
     "token_nll",
     "generate",
     "refresh_parameter_names",
+    "assign_parameter",
 ]
 
 _NEG = -1e9  # additive mask value: finite, so a fully masked row gives a uniform softmax, not NaN
@@ -417,6 +418,20 @@ def token_nll(model: GPT2LMHeadModel, input_ids, attention_mask):
     return model.loss(input_ids, attention_mask)
 
 
+def assign_parameter(param: Parameter, value) -> None:
+    """Overwrite ``param`` in place with ``value`` (same shape), cast to float32.
+
+    In MindSpore 2.10 ``Parameter.set_data`` (and ``assign_value``) swap in a new tensor that graphs
+    compiled *earlier* (``ms.jit``, graph-mode Cells) never see: they keep computing with the old
+    weights. An in-place ``ops.assign`` is seen by every graph. All weight writes in ``finetune``
+    (checkpoint and adapter loading, LoRA merge/unmerge) go through this function.
+    """
+    arr = np.ascontiguousarray(value.asnumpy() if isinstance(value, Tensor) else value, dtype=np.float32)
+    if tuple(arr.shape) != tuple(param.shape):
+        raise ValueError(f"{param.name}: cannot assign shape {tuple(arr.shape)} to {tuple(param.shape)}")
+    ops.assign(param, Tensor(arr))
+
+
 def refresh_parameter_names(cell: nn.Cell) -> None:
     """Set every Parameter's ``name`` to its attribute path (e.g. after swapping in a LoRA layer).
 
@@ -432,14 +447,23 @@ def refresh_parameter_names(cell: nn.Cell) -> None:
 _JIT_FORWARD = {}
 
 
+def _graph_signature(model):
+    """Python-level switches a compiled forward depends on (LoRA ``merged`` flags)."""
+    return tuple((n, bool(c.merged)) for n, c in model.cells_and_names() if hasattr(c, "merged"))
+
+
 def _forward_fn(model):
-    fn = _JIT_FORWARD.get(id(model))
-    if fn is None or fn[0] is not model:
+    """A compiled forward for ``model``, rebuilt when a graph-shaping switch (LoRA merge) changed."""
+    key = id(model)
+    sig = _graph_signature(model)
+    entry = _JIT_FORWARD.get(key)
+    if entry is None or entry[0] is not model or entry[1] != sig:
         def forward(ids, mask):
             return model(ids, mask)
-        fn = (model, ms.jit(forward))
-        _JIT_FORWARD[id(model)] = fn
-    return fn[1]
+        entry = (model, sig, ms.jit(forward))
+        _JIT_FORWARD.clear()  # keep at most one model alive through this cache
+        _JIT_FORWARD[key] = entry
+    return entry[2]
 
 
 def generate(model: GPT2LMHeadModel, prompts, max_new_tokens: int, top_k: int = 0,

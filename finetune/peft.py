@@ -23,7 +23,9 @@ probe sits on its full output y, so for output gradient g: dL/dB = (alpha/r) sum
 dL/dA = (alpha/r) sum_t (B^T g_t) x_t^T.
 
 Note: ``merged`` is a Python attribute read when a graph is compiled; rebuild ``ms.jit`` functions
-after merging or unmerging.
+after merging or unmerging (``finetune.gpt2.generate`` does this itself). Weights are written in
+place (``finetune.gpt2.assign_parameter``), so graphs compiled before a load or merge see the new
+values.
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ import re
 
 import numpy as np
 
-from mindspore import Tensor, ops
+from mindspore import ops
 
-from .gpt2 import GPT2LMHeadModel, Linear, _param, refresh_parameter_names
+from .gpt2 import GPT2LMHeadModel, Linear, _param, assign_parameter, refresh_parameter_names
 
 __all__ = ["LoRALinear", "apply_lora", "apply_bitfit", "merge_lora", "unmerge_lora",
            "lora_layers", "trainable_parameter_names", "is_adapter_name", "save_adapter",
@@ -88,7 +90,7 @@ class LoRALinear(Linear):
             return
         w = self.weight.asnumpy()
         self._premerge_weight = w.copy()
-        self.weight.set_data(Tensor((w.astype(np.float64) + self.delta_weight()).astype(np.float32)))
+        assign_parameter(self.weight, (w.astype(np.float64) + self.delta_weight()).astype(np.float32))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -100,7 +102,7 @@ class LoRALinear(Linear):
             restored = self._premerge_weight            # exact: nothing changed since merge
         else:                                            # weight or adapter changed: subtract
             restored = (merged_now.astype(np.float64) - self.delta_weight()).astype(np.float32)
-        self.weight.set_data(Tensor(restored))
+        assign_parameter(self.weight, restored)
         self._premerge_weight = None
         self.merged = False
 
@@ -234,5 +236,5 @@ def load_adapter(model, path) -> list:
             raise AdapterError(f"{path}: {n} has shape {tuple(tensors[n].shape)}, model expects "
                                f"{tuple(p.shape)}")
     for n, p in params.items():
-        p.set_data(Tensor(tensors[n].astype(np.float32)))
+        assign_parameter(p, tensors[n])
     return sorted(params)

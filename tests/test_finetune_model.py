@@ -385,3 +385,32 @@ def test_training_step_changes_only_trainable_and_adapter_round_trip(tmp_path, b
     wrong = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61, n_positions=24))
     with pytest.raises(peft.AdapterError, match="shape"):
         peft.load_adapter(wrong, tmp_path / "adapter.safetensors")
+
+
+def test_weights_written_after_compilation_reach_compiled_graphs(batch):
+    """MindSpore keeps compiled graphs on the old tensor after Parameter.set_data; loads and LoRA
+    merges must write in place so graphs built earlier compute with the new weights."""
+    ids, _ = batch
+    model = GPT2LMHeadModel(CFG, seed=8)
+    fwd = ms.jit(lambda_free_forward(model))
+    fwd(Tensor(ids), _ones(ids))                       # compile with the initial weights
+    sd = random_hf_state_dict(CFG, seed=9)
+    ckpt.load_hf_state_dict(model, sd)
+    np.testing.assert_allclose(fwd(Tensor(ids), _ones(ids)).asnumpy(),
+                               hf_reference_logits(sd, CFG, ids), rtol=1e-4, atol=1e-4)
+
+    peft.apply_lora(model, r=2, alpha=4, targets=("c_fc",))
+    for _, layer in peft.lora_layers(model):
+        layer.lora_B.set_data(Tensor(np.full(layer.lora_B.shape, 0.3, np.float32)))
+    prompts = [list(ids[0, :5]), list(ids[1, :3])]
+    before = generate(model, prompts, 4)               # compiled with the LoRA branch
+    want = model(Tensor(ids), _ones(ids)).asnumpy()
+    peft.merge_lora(model)
+    assert generate(model, prompts, 4) == before       # recompiled: no double-counted update
+    np.testing.assert_allclose(model(Tensor(ids), _ones(ids)).asnumpy(), want, atol=1e-4)
+
+
+def lambda_free_forward(model):
+    def forward(i, m):
+        return model(i, m)
+    return forward
