@@ -34,7 +34,13 @@ Use::
         dp.step([([ids[m.indices], mask[m.indices]], m.mask) for m in micro_batches(mine, 16)])
 
 or simply ``train_distributed(...)`` (same arguments and result as ``finetune.train.train``).
-Workers need the virtualenv first on ``PATH`` (msrun starts ``python`` from ``PATH``).
+Workers need the virtualenv first on ``PATH`` (msrun starts ``python`` from ``PATH``). msrun also
+accepts a module: ``msrun --worker_num=2 --local_worker_num=2 --join=True python -m pkg.mod ARGS``.
+
+Caution: msrun runs the command ``N + 1`` times (N workers and one scheduler). A program that does
+not call ``Distributed.from_env()`` first (the scheduler's ``init()`` serves the cluster and ends
+that process) and does not share its batches and noise this way trains ``N + 1`` independent
+models on the same data, each with its own noise: ``N + 1`` releases, not one.
 """
 from __future__ import annotations
 
