@@ -79,6 +79,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the CLI wall time")
     args = p.parse_args()
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          "(other processes slow every timing below)")
     with tempfile.TemporaryDirectory() as workdir:
         ok = cli_wall_time(workdir)
         if not args.quick:

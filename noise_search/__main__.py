@@ -27,7 +27,7 @@ geometry:
   l2      L2-clipped vectors: only the rotation-invariant Gaussian has an exact certificate; the
           answer is the calibrated Gaussian
 
-families: {", ".join(FAMILIES)} (default: all but spline, which is slow and gains little)
+families: {", ".join(FAMILIES)} (default: all)
 
 Every epsilon printed is a certificate from accountant/ (PRV and PLD routes, the larger upper bound);
 the fast accountant used to rank candidates is never reported as a guarantee.

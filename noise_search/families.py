@@ -26,9 +26,11 @@ Families (``scale`` always grows with the noise):
   ``log p(x) = -eps0 (floor|x| + g(frac|x|))`` with ``g`` a ramp from 0 to 1 centred at ``gamma`` of
   width ``w`` (``w = 0``: the staircase, optimal for one pure-DP release; ``w = 1, gamma = 1/2``:
   Laplace).  Every member is exactly ``eps0``-DP for one release; ``scale = 1/eps0``.
-* ``spline``    -- free-form log-density, piecewise linear in ``|x|/s`` with non-negative slopes on
-  fixed knots (0, .5, 1, 1.5, 2, 2.5, 3, 4 in units of ``s``), exponential beyond the last knot.
-  Contains close approximations of the Gaussian, the generalised Gaussians and Laplace.
+* ``spline``    -- free-form smooth log-density ``-phi(|x|/s)``: the slope ``phi'`` is piecewise linear
+  through free non-negative values at fixed knots (.5, 1, 1.5, 2, 2.5, 3, 4 in units of ``s``),
+  ``phi'(0) = 0`` (no kink at the top, which would cost Fisher information), constant after the last
+  knot (exponential tail).  Contains the Gaussian exactly and close approximations of the
+  generalised Gaussians with beta > 1.
 """
 from __future__ import annotations
 
@@ -115,16 +117,22 @@ def _logp_staircase(x, eps0, gamma, width):  # pragma: no cover - compiled
 
 @numba.njit(cache=True)
 def _logp_spline(x, scale, knots, slopes):  # pragma: no cover - compiled
+    """-phi(|x|/scale), phi' piecewise linear through (knots[j], slopes[j]), constant after the last."""
     out = np.empty_like(x)
     nk = knots.shape[0]
     for i in range(x.shape[0]):
         t = abs(x[i]) / scale
         acc = 0.0
         for j in range(nk):
-            hi = knots[j + 1] if j + 1 < nk else np.inf
-            if t <= knots[j]:
-                break
-            acc += slopes[j] * (min(t, hi) - knots[j])
+            if j + 1 < nk:
+                lo, hi = knots[j], knots[j + 1]
+                if t <= lo:
+                    break
+                u = min(t, hi) - lo
+                acc += slopes[j] * u + (slopes[j + 1] - slopes[j]) * u * u / (2.0 * (hi - lo))
+            else:
+                if t > knots[j]:
+                    acc += slopes[j] * (t - knots[j])
         out[i] = -acc
     return out
 
@@ -392,30 +400,32 @@ class StaircaseFamily(Family):
 SPLINE_KNOTS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
 
 
+def _spline_slopes(shape) -> np.ndarray:
+    """phi'(knots): 0 at the origin (a smooth top), exp(shape) at the other knots."""
+    return np.concatenate([[0.0], np.exp(np.asarray(shape, dtype=np.float64))])
+
+
 class SplineFamily(Family):
     def logp(self, shape, scale):
-        slopes = np.exp(np.asarray(shape, dtype=np.float64))
+        slopes = _spline_slopes(shape)
         return lambda x: _logp_spline(x, scale, SPLINE_KNOTS, slopes)
 
     def far(self, shape, scale):
-        slopes = np.exp(np.asarray(shape, dtype=np.float64))
-        drop = np.concatenate([[0.0], np.cumsum(slopes[:-1] * np.diff(SPLINE_KNOTS))])
-        if drop[-1] >= LOG_DROP:
-            return scale * float(np.interp(LOG_DROP, drop, SPLINE_KNOTS))
-        return scale * (SPLINE_KNOTS[-1] + (LOG_DROP - drop[-1]) / slopes[-1])
+        t = np.linspace(0.0, SPLINE_KNOTS[-1], 161)
+        phi = -_logp_spline(t, 1.0, SPLINE_KNOTS, _spline_slopes(shape))
+        if phi[-1] >= LOG_DROP:
+            return scale * float(np.interp(LOG_DROP, phi, t))
+        return scale * (SPLINE_KNOTS[-1] + (LOG_DROP - phi[-1]) / _spline_slopes(shape)[-1])
 
     def params(self, shape, scale):
         return {"scale": float(scale), "knots": [float(k) for k in SPLINE_KNOTS],
-                "slopes": [float(s) for s in np.exp(np.asarray(shape, dtype=np.float64))]}
+                "slopes": [float(v) for v in _spline_slopes(shape)]}
 
 
 def spline_from_gengauss(beta: float) -> np.ndarray:
-    """Spline shape (log slopes) interpolating ``|t|^beta`` at the knots, tail slope from the last pair."""
-    t = SPLINE_KNOTS
-    vals = t ** beta
-    slopes = np.diff(vals) / np.diff(t)
-    slopes = np.append(slopes, beta * t[-1] ** (beta - 1))
-    return np.log(np.maximum(slopes, 1e-3))
+    """Spline shape whose slope interpolates that of ``|t|^beta`` (``beta t^(beta-1)``) at the knots."""
+    t = SPLINE_KNOTS[1:]
+    return np.log(np.maximum(beta * t ** (beta - 1), 1e-3))
 
 
 FAMILIES = {
@@ -426,9 +436,9 @@ FAMILIES = {
                      x0=(0.0, -3.0, math.log(4.0), 0.5), shape_names=("z1", "z3", "log_k", "w")),
     "staircase": StaircaseFamily("staircase", bounds=((0.02, 0.98), (0.0, 1.0)), x0=(0.46, 0.0),
                                  min_n=32, midpoint=True, shape_names=("gamma", "width")),
-    "spline": SplineFamily("spline", bounds=tuple((-4.0, 4.0) for _ in SPLINE_KNOTS),
+    "spline": SplineFamily("spline", bounds=tuple((-5.0, 4.0) for _ in SPLINE_KNOTS[1:]),
                            x0=tuple(spline_from_gengauss(2.0)),
-                           shape_names=tuple(f"log_slope{i}" for i in range(len(SPLINE_KNOTS)))),
+                           shape_names=tuple(f"log_slope{i}" for i in range(1, len(SPLINE_KNOTS)))),
 }
 
 #: families whose log-density is Lipschitz (certifiable under l1 clipping, DESIGN.md rule 3.2)
