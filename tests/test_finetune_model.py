@@ -414,3 +414,23 @@ def lambda_free_forward(model):
     def forward(i, m):
         return model(i, m)
     return forward
+
+
+def test_sharded_and_half_precision_safetensors(tmp_path, batch):
+    from safetensors.numpy import save_file
+
+    ids, _ = batch
+    sd = random_hf_state_dict(CFG, seed=12)
+    keys = sorted(sd)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CFG.to_dict()))
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for fname, ks in halves.items():
+        save_file({k: sd[k].astype(np.float16) for k in ks}, str(d / fname))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    model = ckpt.from_pretrained(d)
+    ref = hf_reference_logits({k: v.astype(np.float16) for k, v in sd.items()}, CFG, ids)
+    np.testing.assert_allclose(model(Tensor(ids), _ones(ids)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
