@@ -18,7 +18,8 @@ divergence ``delta(eps) = sum_x max(0, P(x) - e^eps Q(x))``.  For ``T > 1`` the 
 on a uniform grid by a mean-preserving split between the two neighbouring grid points (so composition
 keeps the exact mean and adds at most ``T dl^2 / 4`` of variance) and composed ``T`` times with one FFT
 (Koskela, Jalko & Honkela 2020, "Computing tight differential privacy guarantees using FFT"); the
-result is ``delta(eps) = E[(1 - e^(eps - L_T))_+] + P(L_T = inf)`` (Balle et al. 2018, Thm. 5 form).
+result is ``delta(eps) = E[(1 - e^(eps - L_T))_+] + P(L_T = inf)``, the hockey-stick divergence written
+with the privacy loss (e.g. Balle & Wang 2018; Sommer, Meiser & Mohammadi 2019).
 Mass that does not fit the window is moved to ``+inf`` (upwards) or clipped to the window floor.
 """
 from __future__ import annotations

@@ -338,3 +338,50 @@ def test_calibrated_gaussian_agrees_with_the_accountant_calibration():
     sigma, cert = calibrated_gaussian(eps, delta, 1.0, 1, "scalar", start=reference * 1.01)
     assert cert.epsilon <= eps
     assert abs(sigma / reference - 1) < 3e-4, (sigma, reference)
+
+
+def test_spline_family_contains_the_gaussian_and_is_smooth_at_zero():
+    from noise_search.families import SPLINE_KNOTS, _logp_spline, _spline_slopes, spline_from_gengauss
+
+    t = np.linspace(0, 6, 61)
+    phi = -_logp_spline(t, 1.0, SPLINE_KNOTS, _spline_slopes(spline_from_gengauss(2.0)))
+    inside = t <= SPLINE_KNOTS[-1]
+    assert np.allclose(phi[inside], t[inside] ** 2, atol=1e-12)          # exactly t^2 up to the last knot
+    assert np.allclose(np.diff(phi[~inside]), 8.0 * 0.1, atol=1e-12)     # then the tangent exponential
+    # a generalised Gaussian's slope beta t^(beta-1) is interpolated at the knots, linear in between
+    beta, h = 1.7, 1e-6
+    knots = SPLINE_KNOTS[1:-1]
+    slope = (_logp_spline(knots - h, 1.0, SPLINE_KNOTS, _spline_slopes(spline_from_gengauss(beta)))
+             - _logp_spline(knots + h, 1.0, SPLINE_KNOTS, _spline_slopes(spline_from_gengauss(beta)))) / (2 * h)
+    assert np.allclose(slope, beta * knots ** (beta - 1), rtol=1e-6)
+
+
+def test_merging_equal_cells_keeps_the_law():
+    from accountant.noise import Tabulated
+    from noise_search.search import merge_equal_bins
+
+    b = FAMILIES["staircase"].binned((0.5, 0.0), 1 / 0.5, 32)
+    edges, mass, tm, tr = b.table_arrays()
+    merged = merge_equal_bins(edges, mass, tm, tr)
+    assert len(merged[1]) < len(mass) / 10                    # two cells per unit instead of 32
+    full = Tabulated(edges, mass / (mass.sum() + 2 * tm), tm / (mass.sum() + 2 * tm), tr)
+    small = Tabulated(merged[0], merged[1] / (merged[1].sum() + 2 * tm), tm / (merged[1].sum() + 2 * tm), tr)
+    x = np.linspace(-edges[-1] - 3, edges[-1] + 3, 2001)
+    assert np.allclose(full.cdf(x), small.cdf(x), rtol=1e-12, atol=1e-15)
+
+
+def test_fast_ranking_is_reproducible_for_a_seed():
+    from noise_search.search import rank_families
+
+    runs = [rank_families(["gengauss", "staircase"], 1.0, 1e-8, 1.0, 1, 32, "abs", 2.0, seed=7) for _ in range(2)]
+    assert [(c.family, c.shape, c.scale) for c in runs[0]] == [(c.family, c.shape, c.scale) for c in runs[1]]
+
+
+def test_variance_objective(tmp_path):
+    from noise_search import search
+
+    result = search(EPS, DELTA, sampling_rate=1.0, steps=1, families=["gaussian", "laplace"], objective="var",
+                    parallel=False, out=str(tmp_path / "v.npz"))
+    assert result.objective == "var" and result.family == "laplace"
+    assert result.ratio_to_gaussian == pytest.approx(result.variance / result.gaussian_sigma ** 2)
+    assert result.variance == pytest.approx(2 / EPS ** 2, rel=5e-3)     # Laplace b = 1/eps, variance 2 b^2
