@@ -444,26 +444,22 @@ def refresh_parameter_names(cell: nn.Cell) -> None:
 
 
 # -- generation -----------------------------------------------------------------------------
-_JIT_FORWARD = {}
-
-
 def _graph_signature(model):
     """Python-level switches a compiled forward depends on (LoRA ``merged`` flags)."""
     return tuple((n, bool(c.merged)) for n, c in model.cells_and_names() if hasattr(c, "merged"))
 
 
 def _forward_fn(model):
-    """A compiled forward for ``model``, rebuilt when a graph-shaping switch (LoRA merge) changed."""
-    key = id(model)
+    """A compiled forward for ``model``, kept on the model and rebuilt when a graph-shaping switch
+    (a LoRA merge) changed."""
     sig = _graph_signature(model)
-    entry = _JIT_FORWARD.get(key)
-    if entry is None or entry[0] is not model or entry[1] != sig:
+    entry = model.__dict__.get("_generate_forward")
+    if entry is None or entry[0] != sig:
         def forward(ids, mask):
             return model(ids, mask)
-        entry = (model, sig, ms.jit(forward))
-        _JIT_FORWARD.clear()  # keep at most one model alive through this cache
-        _JIT_FORWARD[key] = entry
-    return entry[2]
+        entry = (sig, ms.jit(forward))
+        object.__setattr__(model, "_generate_forward", entry)
+    return entry[1]
 
 
 def generate(model: GPT2LMHeadModel, prompts, max_new_tokens: int, top_k: int = 0,
