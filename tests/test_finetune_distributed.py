@@ -133,6 +133,16 @@ res["noise_var_ratio"] = float(z.var() / sigma ** 2)
 res["noise_n"] = int(z.size)
 dist.assert_in_sync(model2.get_parameters())
 
+# B2: the same in secure mode: ChaCha20 keyed by rank 0's os.urandom, shared with the workers
+model5 = GPT2LMHeadModel(cfg, seed=2)
+opt5 = nn.SGD(model5.trainable_params(), learning_rate=1.0)
+dp5 = DistributedDPOptimizer(opt5, model5, Table(sigma), dist=dist, secure=True, max_grad_norm=C2,
+                             expected_batch_size=eb, per_example="vmap")
+dp5.step([])
+z5 = (before - flat(model5)) * eb / C2
+res["secure_var_ratio"] = float(z5.var() / sigma ** 2)
+dist.assert_in_sync(model5.get_parameters())
+
 # C: the whole loop, non-private (no table needed)
 model3 = GPT2LMHeadModel(cfg, seed=3)
 apply_lora(model3, r=2, alpha=4)
@@ -154,7 +164,7 @@ res["dp_rate"] = r4.metrics["sampling_rate"]
 np.savez(f"{out}/rank{dist.rank}_of{dist.world_size}.npz",
          **{"A." + n: p.asnumpy() for n, p in model.parameters_and_names()},
          **{"C." + n: p.asnumpy() for n, p in model3.parameters_and_names()},
-         **{"D." + n: p.asnumpy() for n, p in model4.parameters_and_names()}, _z=z)
+         **{"D." + n: p.asnumpy() for n, p in model4.parameters_and_names()}, _z=z, _z5=z5)
 with open(f"{out}/rank{dist.rank}_of{dist.world_size}.json", "w") as f:
     json.dump(res, f)
 '''
@@ -230,3 +240,7 @@ def test_two_msrun_workers_match_one_process_and_add_noise_once(tmp_path):
     n = ra[0]["noise_n"]
     assert n > 5000
     assert abs(ra[0]["noise_var_ratio"] - 1.0) < 5 * np.sqrt(2.0 / n)
+    # secure mode: one shared draw on both ranks, fresh per launch, with the table's variance
+    np.testing.assert_array_equal(pa[0]["_z5"], pa[1]["_z5"])
+    assert not np.allclose(pa[0]["_z5"], p1["_z5"])
+    assert abs(ra[0]["secure_var_ratio"] - 1.0) < 5 * np.sqrt(2.0 / n)
