@@ -47,7 +47,7 @@ CONFIGS = {  # name -> (method, mode); mode: dp (book-keeping), dp-vmap, nodp (p
 
 
 def _table(expected_batch: float, n: int):
-    """A certified Gaussian l2 table (sigma 1) for rate expected_batch / n, 1000 steps."""
+    """A certified Gaussian l2 table (sigma 1) for rate expected_batch / n, 1000 steps, and its path."""
     from accountant.certify import certify
     from accountant.mechanism import Mechanism
     from accountant.noise import Gaussian
@@ -57,8 +57,9 @@ def _table(expected_batch: float, n: int):
     noise = Gaussian(1.0)
     cert = certify(Mechanism(noise, 1.0, "l2", q, 1000), 1e-5)
     path = os.path.join(tempfile.mkdtemp(prefix="bench_"), "gauss.npz")
-    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=1e-5, sampling_rate=q,
-                                 steps=1000, geometry="l2", certificate=cert, gaussian_sigma=1.0)
+    table = write_certified_table(path, noise, eps_target=cert.epsilon, delta=1e-5, sampling_rate=q,
+                                  steps=1000, geometry="l2", certificate=cert, gaussian_sigma=1.0)
+    return table, path
 
 
 class _Runner:
@@ -128,14 +129,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _worker(name: str, spec_name: str, steps: int) -> None:
-    """Subprocess: build one configuration, compile, run ``steps`` steps, print JSON."""
+def _worker(name: str, spec_name: str, steps: int, table_path: str) -> None:
+    """Subprocess: build one configuration, compile, run ``steps`` steps, print JSON.
+
+    The table is loaded, not certified, here: certification's own peak memory would otherwise
+    dominate the process's peak RSS."""
     import mindspore as ms
+
+    from accountant.table import load_table
 
     ms.set_context(mode=ms.GRAPH_MODE)
     spec = TINY if spec_name == "tiny" else SMALL
     method, mode = CONFIGS[name]
-    table = _table(spec["batch"], 1000) if mode.startswith("dp") else None
+    table = load_table(table_path) if mode.startswith("dp") else None
     base = _rss_mb()
     runner = _Runner(method, mode, spec, table)
     first = runner.step()
@@ -145,21 +151,21 @@ def _worker(name: str, spec_name: str, steps: int) -> None:
                       "trainable": runner.n_params}))
 
 
-def _spawn(name: str, spec_name: str, steps: int) -> dict:
+def _spawn(name: str, spec_name: str, steps: int, table) -> dict:
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", spec_name,
-                        "--steps", str(steps)], capture_output=True, text=True, timeout=3600)
+                        "--steps", str(steps), "--table", table[1]],
+                       capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"worker {name} failed:\n{r.stderr[-2000:]}")
     return json.loads(lines[-1])
 
 
-def bench_tiny(steps: int) -> dict:
+def bench_tiny(steps: int, table) -> dict:
     import mindspore as ms
     from tqdm import tqdm
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    table = _table(TINY["batch"], 1000)
     runners = {}
     for name in tqdm(CONFIGS, desc="compiling tiny GPT-2 configurations"):
         method, mode = CONFIGS[name]
@@ -214,16 +220,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (default 20)")
     p.add_argument("--gpt2-small", action="store_true", help="also one GPT-2 small comparison (slow)")
     p.add_argument("--small-steps", type=int, default=3, help="timed GPT-2 small steps (default 3)")
+    p.add_argument("--small-vmap", action="store_true",
+                   help="with --gpt2-small, also DP-LoRA with vmap (needs ~12 GB)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="tiny", help=argparse.SUPPRESS)
+    p.add_argument("--table", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.spec, args.steps)
+        _worker(args.worker, args.spec, args.steps, args.table)
         return 0
 
+    tables = {"tiny": _table(TINY["batch"], 1000), "small": _table(SMALL["batch"], 1000)}
     print("== tiny GPT-2 (2 x 128, vocab 5000, seq 64, batch 16), median step time, interleaved ==")
-    med, sizes = bench_tiny(args.steps)
+    med, sizes = bench_tiny(args.steps, tables["tiny"][0])
     for name, t in med.items():
         print(f"  {name:28s} {1e3 * t:8.1f} ms   ({sizes[name]} trainable)")
     for m, target in (("BiTFiT", 1.2), ("LoRA", 1.3)):
@@ -245,21 +255,28 @@ def main(argv=None) -> int:
     if not args.no_memory:
         print("\n== peak resident memory, one subprocess per configuration (tiny) ==")
         for name in CONFIGS:
-            r = _spawn(name, "tiny", 3)
-            print(f"  {name:28s} peak RSS {r['peak_rss_mb']:8.0f} MB   (MindSpore + data before "
-                  f"the model: {r['rss_before_model_mb']:.0f} MB)")
+            r = _spawn(name, "tiny", 3, tables["tiny"])
+            print(f"  {name:28s} peak RSS {r['peak_rss_mb']:8.0f} MB   (before building the model: "
+                  f"{r['rss_before_model_mb']:.0f} MB)")
 
     if args.gpt2_small:
         print("\n== GPT-2 small (124M, random init, seq 64, batch 8), one subprocess each ==")
         out = {}
-        for name in ("DP-LoRA", "LoRA no-DP pipeline", "LoRA fused"):
-            out[name] = _spawn(name, "small", args.small_steps)
+        names = ["DP-LoRA", "LoRA no-DP pipeline", "LoRA fused"]
+        if args.small_vmap:
+            names.insert(1, "DP-LoRA (vmap)")
+        for name in names:
+            out[name] = _spawn(name, "small", args.small_steps, tables["small"])
             r = out[name]
             print(f"  {name:28s} step {r['median_step_s']:7.2f} s (first incl. compile "
                   f"{r['first_step_s']:6.1f} s)   peak RSS {r['peak_rss_mb']:8.0f} MB")
         for base in ("LoRA no-DP pipeline", "LoRA fused"):
             print(f"  ratio DP-LoRA / {base}: time {out['DP-LoRA']['median_step_s'] / out[base]['median_step_s']:.2f}"
                   f"   peak memory {out['DP-LoRA']['peak_rss_mb'] / out[base]['peak_rss_mb']:.2f}")
+        if args.small_vmap:
+            v, b = out["DP-LoRA (vmap)"], out["DP-LoRA"]
+            print(f"  book-keeping / vmap: time {b['median_step_s'] / v['median_step_s']:.2f}   "
+                  f"peak memory {b['peak_rss_mb'] / v['peak_rss_mb']:.2f}")
     return 0
 
 

@@ -13,7 +13,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
