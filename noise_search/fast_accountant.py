@@ -215,7 +215,9 @@ def calibrate_scale(make_binned, eps: float, delta: float, sampling_rate: float,
         if log_s not in cache:
             b = make_binned(math.exp(log_s))
             d = delta_for(b, eps, sampling_rate, steps)
-            cache[log_s] = (math.log(max(d, 1e-300)) - math.log(delta), b)
+            # far below the target delta the value is tail/rounding noise: flatten it, so that the
+            # solver does not follow noise (pure-DP curves then look like a clean step)
+            cache[log_s] = (math.log(max(d, 1e-4 * delta)) - math.log(delta), b)
         return cache[log_s][0]
 
     def finish(x):
