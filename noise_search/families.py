@@ -432,7 +432,8 @@ FAMILIES = {
     "gaussian": GaussianFamily("gaussian"),
     "laplace": LaplaceFamily("laplace"),
     "gengauss": GenGaussFamily("gengauss", bounds=((0.6, 4.0),), x0=(1.8,), shape_names=("beta",)),
-    "lmo": LMOFamily("lmo", bounds=((-6.0, 6.0), (-6.0, 6.0), (math.log(0.5), math.log(200.0)), (0.0, 0.95)),
+    # w >= 1e-3: the accountant's LMO needs U_a < U_b (a point mass there is the Laplace limit anyway)
+    "lmo": LMOFamily("lmo", bounds=((-6.0, 6.0), (-6.0, 6.0), (math.log(0.5), math.log(200.0)), (1e-3, 0.95)),
                      x0=(0.0, -3.0, math.log(4.0), 0.5), shape_names=("z1", "z3", "log_k", "w")),
     "staircase": StaircaseFamily("staircase", bounds=((0.02, 0.98), (0.0, 1.0)), x0=(0.46, 0.0),
                                  min_n=32, midpoint=True, shape_names=("gamma", "width")),
