@@ -21,11 +21,12 @@ of 50,000 examples for 10 epochs), a realistic DP fine-tuning run.  All lengths 
 clipping norm (sensitivity) C.
 
 geometry:
-  scalar  one coordinate (or i.i.d. noise analysed per coordinate for a scalar query): every family,
-          including free-form tabulated noise, is searched and the winner is written as a table
-  l1      L1-clipped vectors: only noise with a Lipschitz log-density (laplace, lmo) is certifiable
-  l2      L2-clipped vectors: only the rotation-invariant Gaussian has an exact certificate; the
-          answer is the calibrated Gaussian
+  scalar  a one-dimensional query, |difference| <= C: every family, including free-form tabulated
+          noise, is searched and the winner is written as a table (law "tabulated")
+  l1      vectors clipped in L1 norm: only noise with a Lipschitz log-density (laplace, lmo) and the
+          Gaussian (through its l2 certificate) are certifiable; written as parametric laws
+  l2      vectors clipped in L2 norm: only the rotation-invariant Gaussian has an exact certificate;
+          the answer is the calibrated Gaussian
 
 families: {", ".join(FAMILIES)} (default: all)
 
@@ -53,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"one of: {', '.join(FAMILIES)}")
     p.add_argument("--objective", choices=("abs", "var"), default="abs",
                    help="minimise E|Z| (abs, default) or the variance (var)")
-    p.add_argument("--out", metavar="PATH", help="table to write (default: a name built from the target)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search's random restarts (default 0)")
+    p.add_argument("--out", metavar="PATH", help="table to write (default: noise_eps<E>_delta<D>_q<Q>_T<T>_<geometry>.npz)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the optimiser's random initial simplices (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the found density against the Gaussian")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")

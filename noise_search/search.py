@@ -533,6 +533,9 @@ def _search_scalar(eps, delta, q, T, names, objective, fast_sigma, gaussian_job,
     if best is not None:
         value = best["expected_abs"] if objective == "abs" else best["variance"]
         if value < g_obj:
+            notes.append("the certificate covers a one-dimensional query (|difference| <= C); for "
+                         "gradient vectors clipped in L2 norm it does not hold (DESIGN.md rule 3.2): "
+                         "search with --geometry l2 or l1 instead")
             return best, candidates
         notes.append(f"{best['family']}: certified table ({objective} {value:.4f}) is not better than the "
                      f"calibrated Gaussian ({g_obj:.4f})")
