@@ -124,9 +124,9 @@ class _Runner:
 
 
 def _rss_mb() -> float:
-    import resource
+    from finetune.train import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_mb()
 
 
 def _worker(name: str, spec_name: str, steps: int, table_path: str) -> None:
@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--small-vmap", action="store_true",
                    help="with --gpt2-small, also DP-LoRA with vmap (needs ~12 GB)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip the interleaved tiny timing and the noise draws")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
@@ -232,6 +234,20 @@ def main(argv=None) -> int:
         return 0
 
     tables = {"tiny": _table(TINY["batch"], 1000), "small": _table(SMALL["batch"], 1000)}
+    if not args.no_timing:
+        bench_timing(args, tables)
+    if not args.no_memory:
+        print("\n== peak resident memory, one subprocess per configuration (tiny) ==")
+        for name in CONFIGS:
+            r = _spawn(name, "tiny", 3, tables["tiny"])
+            print(f"  {name:28s} peak RSS {r['peak_rss_mb']:8.0f} MB   (before building the model: "
+                  f"{r['rss_before_model_mb']:.0f} MB)")
+    if args.gpt2_small:
+        bench_small(args, tables)
+    return 0
+
+
+def bench_timing(args, tables) -> None:
     print("== tiny GPT-2 (2 x 128, vocab 5000, seq 64, batch 16), median step time, interleaved ==")
     med, sizes = bench_tiny(args.steps, tables["tiny"][0])
     for name, t in med.items():
@@ -252,32 +268,25 @@ def main(argv=None) -> int:
     print(f"  tails: table mass beyond the last edge {tail['tail_mass_each_side']:.3g} per side, "
           f"observed {tail['observed_fraction_beyond_last_edge']:.3g}")
 
-    if not args.no_memory:
-        print("\n== peak resident memory, one subprocess per configuration (tiny) ==")
-        for name in CONFIGS:
-            r = _spawn(name, "tiny", 3, tables["tiny"])
-            print(f"  {name:28s} peak RSS {r['peak_rss_mb']:8.0f} MB   (before building the model: "
-                  f"{r['rss_before_model_mb']:.0f} MB)")
 
-    if args.gpt2_small:
-        print("\n== GPT-2 small (124M, random init, seq 64, batch 8), one subprocess each ==")
-        out = {}
-        names = ["DP-LoRA", "LoRA no-DP pipeline", "LoRA fused"]
-        if args.small_vmap:
-            names.insert(1, "DP-LoRA (vmap)")
-        for name in names:
-            out[name] = _spawn(name, "small", args.small_steps, tables["small"])
-            r = out[name]
-            print(f"  {name:28s} step {r['median_step_s']:7.2f} s (first incl. compile "
-                  f"{r['first_step_s']:6.1f} s)   peak RSS {r['peak_rss_mb']:8.0f} MB")
-        for base in ("LoRA no-DP pipeline", "LoRA fused"):
-            print(f"  ratio DP-LoRA / {base}: time {out['DP-LoRA']['median_step_s'] / out[base]['median_step_s']:.2f}"
-                  f"   peak memory {out['DP-LoRA']['peak_rss_mb'] / out[base]['peak_rss_mb']:.2f}")
-        if args.small_vmap:
-            v, b = out["DP-LoRA (vmap)"], out["DP-LoRA"]
-            print(f"  book-keeping / vmap: time {b['median_step_s'] / v['median_step_s']:.2f}   "
-                  f"peak memory {b['peak_rss_mb'] / v['peak_rss_mb']:.2f}")
-    return 0
+def bench_small(args, tables) -> None:
+    print("\n== GPT-2 small (124M, random init, seq 64, batch 8), one subprocess each ==")
+    out = {}
+    names = ["DP-LoRA", "LoRA no-DP pipeline", "LoRA fused"]
+    if args.small_vmap:
+        names.insert(1, "DP-LoRA (vmap)")
+    for name in names:
+        out[name] = _spawn(name, "small", args.small_steps, tables["small"])
+        r = out[name]
+        print(f"  {name:28s} step {r['median_step_s']:7.2f} s (first incl. compile "
+              f"{r['first_step_s']:6.1f} s)   peak RSS {r['peak_rss_mb']:8.0f} MB")
+    for base in ("LoRA no-DP pipeline", "LoRA fused"):
+        print(f"  ratio DP-LoRA / {base}: time {out['DP-LoRA']['median_step_s'] / out[base]['median_step_s']:.2f}"
+              f"   peak memory {out['DP-LoRA']['peak_rss_mb'] / out[base]['peak_rss_mb']:.2f}")
+    if args.small_vmap:
+        v, b = out["DP-LoRA (vmap)"], out["DP-LoRA"]
+        print(f"  book-keeping / vmap: time {b['median_step_s'] / v['median_step_s']:.2f}   "
+              f"peak memory {b['peak_rss_mb'] / v['peak_rss_mb']:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,18 @@ __all__ = ["TrainResult", "train", "perplexity", "peak_rss_mb", "DPModelStep"]
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process, in MiB.
+
+    Linux: ``VmHWM`` from /proc/self/status (reset at exec; ``ru_maxrss`` of a child started by
+    fork+exec can report its parent's size).  Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
 
