@@ -86,6 +86,7 @@ for ax, name in zip(axes, settings):
     for e, a, g in zip(epsilons, ez, eg):
         ax.annotate(f"x{a / g:.3f}", (e, a), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xticks(epsilons); ax.set_xticklabels([f"{e:g}" for e in epsilons]); ax.minorticks_off()
     ax.set_xlabel("target epsilon (delta = 1e-10)"); ax.set_ylabel("E|Z| (units of C)")
     ax.set_title(name); ax.legend(); ax.grid(True, which="both", alpha=0.3)
 fig.tight_layout(); fig.savefig("ez_vs_eps.png", dpi=110); plt.close(fig)
@@ -298,7 +299,7 @@ def train(out, *args):
     return m
 
 # 1. non-private pre-training on the public corpus -> the base model (config.json + model.safetensors)
-train("base", "--no-dp", "--method", "full", "--model", "tiny", "--data", "public.jsonl",
+_ = train("base", "--no-dp", "--method", "full", "--model", "tiny", "--data", "public.jsonl",
       "--sampling-rate", PRETRAIN["q"], "--steps", PRETRAIN["steps"], "--lr", "1e-3")
 """),
     code("""
@@ -347,7 +348,7 @@ runs = {
     "laplace_l1": ["--table", "laplace_l1.npz", "--lr", LR["dp"]],
 }
 for name, extra in runs.items():
-    train(name, *LORA, "--model", "base", "--data", "private_c.jsonl", *extra)
+    _ = train(name, *LORA, "--model", "base", "--data", "private_c.jsonl", *extra)
 """),
     code("""
 # 4. evaluation: the Gaussian-DP run, with the other two as baselines
