@@ -59,12 +59,23 @@ def sign_bits(rng, n: int) -> np.ndarray:
     return (raw_words(rng, n) >> np.uint64(63)).astype(bool)
 
 
+#: a cell holding at least 2^33 lattice points places its point with the selecting word itself
+#: (offset inside the cell and the word's 11 unused low bits: at least 2^44 positions per cell)
+REUSE_POINTS = 2 ** 33
+
+
 @numba.njit(cache=True, inline="always")
-def _place(key, v, cum, guide, shift, edges, rate):  # pragma: no cover - compiled
-    """Exact table inversion: bin = first index with cum[idx] > key (guide table, Chen & Asau 1974)."""
+def _select(key, cum, guide, shift):  # pragma: no cover - compiled
+    """Exact table inversion: the first index with cum[idx] > key (guide table, Chen & Asau 1974)."""
     idx = guide[key >> shift]
     while cum[idx] <= key:
         idx += 1
+    return idx
+
+
+@numba.njit(cache=True, inline="always")
+def _place(idx, v, edges, rate):  # pragma: no cover - compiled
+    """The point at relative position v in (0, 1) of cell idx (0 and nbins+1 are the tails)."""
     nbins = edges.shape[0] - 1
     if idx == 0:
         return -(edges[nbins] - np.log(v) / rate)
@@ -73,37 +84,47 @@ def _place(key, v, cum, guide, shift, edges, rate):  # pragma: no cover - compil
     return edges[idx - 1] + v * (edges[idx] - edges[idx - 1])
 
 
-_KERNELS: dict = {}
+@numba.njit(cache=True, inline="always")
+def _reused_position(word, idx, cum):  # pragma: no cover - compiled
+    """Given the word's top 53 bits (key) fell in cell idx, key - (cell start) is uniform on the
+    cell's m lattice points and independent of the selection; with the word's 11 low bits it is
+    uniform on m 2^11 points.  Returns the relative position in (0, 1), or -1 when m < 2^33 and a
+    fresh word is needed."""
+    key = np.int64(word >> np.uint64(11))
+    low = cum[idx - 1] if idx > 0 else 0
+    m = cum[idx] - low
+    if m >= REUSE_POINTS:
+        fine = np.float64(key - low) * 2048.0 + np.float64(word & np.uint64(2047)) + 0.5
+        return fine / (np.float64(m) * 2048.0)
+    return -1.0
 
 
-def _generator_kernel(bit_generator):
-    """A compiled sampler reading 64-bit words straight from a numpy bit generator through its
-    documented ctypes interface (numpy "Extending via Numba"); one kernel per bit-generator type."""
-    kind = type(bit_generator)
-    if kind not in _KERNELS:
-        next_u64 = bit_generator.ctypes.next_uint64
-
-        @numba.njit(nogil=True)
-        def kernel(n, state, cum, guide, shift, edges, rate):  # pragma: no cover - compiled
-            out = np.empty(n, dtype=np.float64)
-            for i in range(n):
-                key = np.int64(next_u64(state) >> np.uint64(11))
-                v = (np.float64(next_u64(state) >> np.uint64(11)) + 0.5) * 2.0 ** -53
-                out[i] = _place(key, v, cum, guide, shift, edges, rate)
-            return out
-
-        _KERNELS[kind] = kernel
-    return _KERNELS[kind]
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _draw_reusing(words, cum, guide, shift, edges, rate):  # pragma: no cover - compiled
+    """One word per draw; NaN marks the rare draws from tiny cells (mass < 2^-20) that need a fresh
+    word; returns the draws and how many need one."""
+    n = words.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    missing = 0
+    for i in numba.prange(n):
+        idx = _select(np.int64(words[i] >> np.uint64(11)), cum, guide, shift)
+        v = _reused_position(words[i], idx, cum)
+        if v >= 0:
+            out[i] = _place(idx, v, edges, rate)
+        else:
+            out[i] = np.nan
+            missing += 1
+    return out, missing
 
 
 @numba.njit(cache=True, nogil=True)
-def _draw_words(words, cum, guide, shift, edges, rate):  # pragma: no cover - compiled
-    n = words.shape[0] // 2
+def _draw_fresh(keys, fresh, cum, guide, shift, edges, rate):  # pragma: no cover - compiled
+    n = keys.shape[0]
     out = np.empty(n, dtype=np.float64)
     for i in range(n):
-        key = np.int64(words[2 * i] >> np.uint64(11))
-        v = (np.float64(words[2 * i + 1] >> np.uint64(11)) + 0.5) * 2.0 ** -53
-        out[i] = _place(key, v, cum, guide, shift, edges, rate)
+        idx = _select(np.int64(keys[i] >> np.uint64(11)), cum, guide, shift)
+        v = (np.float64(fresh[i] >> np.uint64(11)) + 0.5) * 2.0 ** -53
+        out[i] = _place(idx, v, edges, rate)
     return out
 
 
@@ -114,18 +135,21 @@ def tabulated_draw(cum: np.ndarray, edges: np.ndarray, rate: float, n: int, rng)
     """Exact draws from a lattice table.
 
     ``cum`` holds cumulative integer counts (total 2^53) over [left tail, core bins..., right tail]:
-    a uniform 53-bit integer selects each cell with exactly its stored probability.  With a numpy
-    Generator the words come from its own bit generator (reproducible, advances its state); with
-    :class:`SecureRandom` they are ChaCha20 words.
+    a uniform 53-bit integer selects each cell with exactly its stored probability, and the same
+    word (its offset inside the cell and 11 spare low bits) places the point uniformly in a cell of
+    at least 2^33 lattice points, on a grid of at least 2^44 positions; a tiny cell (mass < 2^-20:
+    far bins and tails) takes a fresh 53-bit word.  The words come in bulk from the
+    Generator's own bit generator (reproducible: the result depends only on the seed, not on the
+    thread count) or from :class:`SecureRandom` (ChaCha20).
     """
     bits = min(int(np.ceil(np.log2(len(cum)))) + GUIDE_BITS_EXTRA, 24)
     shift = 53 - bits
     guide = np.searchsorted(cum, np.arange(2 ** bits, dtype=np.int64) << shift, side="right")
     rate = float(rate) if rate > 0 else 1.0
-    if isinstance(rng, np.random.Generator):
-        bitgen = rng.bit_generator
-        kernel = _generator_kernel(bitgen)
-        with bitgen.lock:
-            return kernel(int(n), bitgen.ctypes.state_address, cum, guide.astype(np.int64), shift,
-                          edges, rate)
-    return _draw_words(raw_words(rng, 2 * int(n)), cum, guide.astype(np.int64), shift, edges, rate)
+    guide = guide.astype(np.int64)
+    keys = raw_words(rng, int(n))
+    out, missing = _draw_reusing(keys, cum, guide, shift, edges, rate)
+    if missing:
+        need = np.flatnonzero(np.isnan(out))
+        out[need] = _draw_fresh(keys[need], raw_words(rng, need.size), cum, guide, shift, edges, rate)
+    return out
