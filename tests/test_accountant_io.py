@@ -10,7 +10,7 @@ from scipy import stats
 from accountant.certify import certify
 from accountant.ledger import PrivacyLedger
 from accountant.mechanism import Mechanism
-from accountant.noise import Gaussian, Laplace, Tabulated
+from accountant.noise import LMO, Gaussian, Laplace, LaplaceMixture, Tabulated
 from accountant.randomness import make_rng
 from accountant.table import TableError, load_table, save_table, write_certified_table
 
@@ -166,3 +166,12 @@ def test_cli_epsilon_json_and_table_defaults(table_path, tmp_path):
     scale = json.loads(run_cli("epsilon", "--noise", "lmo", "--params", str(params), "--exp-lambda-as-scale",
                                "--sampling-rate", "0.01", "--steps", "100", "--delta", "1e-6", "--json").stdout)["epsilon"]
     assert scale > rate       # the published sampler's reading adds less noise
+
+
+@pytest.mark.parametrize("noise", [Gaussian(2.0), Laplace(1.5), LMO(0.5, 0.3, 0.2, 2.5, 1.0, 2.0, 0.1, 1.0),
+                                   LaplaceMixture([0.5, 0.5], [0.5, 1.5])])
+def test_secure_sampling_draws_the_certified_law(noise):
+    z = noise.sample(100_000, make_rng(secure=True))
+    assert stats.kstest(z, noise.cdf).pvalue > 1e-4
+    wrong = noise.scaled(1.05).sample(100_000, make_rng(secure=True))   # the test can fail
+    assert stats.kstest(wrong, noise.cdf).pvalue < 1e-4
