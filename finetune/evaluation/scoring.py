@@ -107,8 +107,14 @@ class LMScorer:
             # one buffer length for every batch (no recompilation): generate a few extra tokens
             # for batches of shorter prompts and cut every continuation to max_new_tokens
             extra = longest - max(len(x) for x in chunk)
-            gen = generate(self.model, padded, max_new_tokens + extra, top_k=top_k, seed=seed + s)
-            out.extend(self.tokenizer.decode(g[:max_new_tokens]) for g in gen[:n])
+            eos = getattr(self.tokenizer, "eos_id", None)
+            gen = generate(self.model, padded, max_new_tokens + extra, top_k=top_k, seed=seed + s,
+                           eos_id=eos)
+            for g in gen[:n]:  # a continuation ends at the first end-of-text token
+                g = g[:max_new_tokens]
+                if eos is not None and eos in g:
+                    g = g[: g.index(eos)]
+                out.append(self.tokenizer.decode(g))
         return out
 
     def generation_seconds(self, prompts, max_new_tokens: int = 32, repeats: int = 3,
