@@ -256,8 +256,10 @@ it cost?* Setting (everything synthetic, offline, CPU):
 
 1. a **public** corpus (Faker people, template sentences) pre-trains a tiny GPT-2 (2 layers, width
    128) non-privately: the base model knows the templates but not the private people;
-2. a **private** corpus of different people is split in half: train records (members) and held-out
-   records (non-members). Canaries are inserted (`python -m finetune.evaluation.prepare`): 10
+2. a **private** corpus about 60 other people is split in half: train records (members) and
+   held-out records (non-members). Each person appears in about 25 records, as real PII recurs;
+   DP protects each *record*, so a fact repeated across many records is only protected through
+   group privacy (k records: k times epsilon). Canaries are inserted (`python -m finetune.evaluation.prepare`): 10
    secret-sharer canaries and 200 audit canaries, each trained on with probability 1/2;
 3. three LoRA fine-tunings (rank 16 on every Dense layer, 400 Poisson-sampled steps at rate 0.05)
    of the base on the private train half, identical except for privacy (and a smaller Adam step
@@ -272,13 +274,14 @@ it cost?* Setting (everything synthetic, offline, CPU):
     COMMON,
     code("""
 N_PUBLIC, N_PRIVATE = 3000, 1000
+PEOPLE = 60  # private population: each person's PII recurs in ~25 records (duplicated PII)
 Q, T, EPS, DELTA = 0.05, 400, 1.0, 1e-5
 PRETRAIN = dict(q=0.02, steps=400)
 LORA = ["--method", "lora", "--lora-r", "16", "--lora-targets", "c_attn,c_fc,c_proj"]
 LR = {"nodp": "3e-3", "dp": "5e-4"}  # DP-SGD with Adam wants a smaller step: noise is normalised too
 
 run("finetune.data", "--n", N_PUBLIC, "--seed", 1, "--val-fraction", 0.05, "--out", "public.jsonl")
-run("finetune.data", "--n", N_PRIVATE, "--seed", 0, "--val-fraction", 0.5, "--people", 300,
+run("finetune.data", "--n", N_PRIVATE, "--seed", 0, "--val-fraction", 0.5, "--people", PEOPLE,
     "--out", "private.jsonl")
 print(run("finetune.evaluation.prepare", "--data", "private.jsonl", "--out", "private_c.jsonl",
           "--exposure-canaries", 10, "--digits", 6, "--audit-canaries", 200).stdout)
@@ -383,13 +386,19 @@ for png in ("roc.png", "perplexity_vs_epsilon.png", "noise_density.png"):
     display(Image(os.path.join("report", png)))
 """),
     md("""
-**How to read it.** The non-private model's membership ROC rises far above the diagonal at low FPR
-and it regurgitates training PII and canaries; both DP models' ROC curves stay inside the
-(epsilon, delta) region (green), their PII precision/recall and exposure fall to chance, and the
-one-run audit's empirical lower bound stays below the certified epsilon. The price is perplexity.
-The Laplace run under L1 clipping is certified too, but L1 clipping of a many-coordinate gradient
-is a much harder constraint than L2 clipping; for DP-SGD on vectors the Gaussian under L2 is the
-better choice (DESIGN.md section 4), which is exactly the search's answer.
+**How to read it.** The non-private model's membership ROC lies well above the diagonal (and
+above the epsilon-1 region at low FPR), it reproduces names of training people in free generation
+and ranks its own canaries higher (exposure), and the one-run audit already certifies a non-zero
+empirical epsilon for it. Both DP models' ROC curves stay inside the (epsilon, delta) region up to sampling
+noise (a few points at the lowest FPRs poke out: with 500 non-members an FPR below 1/500 is not
+resolved, and the Clopper-Pearson test finds no significant violation: "inside at 95%" above), their extracted PII contains no training PII, canary exposure is at
+chance, and the one-run audit's empirical lower bound stays below the certified epsilon, as does
+the mechanism-level audit of the Gaussian sampler. The price is utility: the DP models stay near
+the base model's perplexity while the non-private model learns the private people. The Laplace run
+under L1 clipping is certified too, but L1 clipping of a many-coordinate gradient is a much harder
+constraint than L2 clipping; for DP-SGD on vectors the Gaussian under L2 is the better choice
+(DESIGN.md section 4), which is exactly the search's answer. Latency overheads are within this
+shared machine's timing noise: a merged LoRA model has exactly the base model's architecture.
 """),
 ]
 
