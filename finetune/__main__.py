@@ -5,6 +5,16 @@
 Writes to ``--out``: ``adapter.safetensors`` (LoRA / BiTFiT: only the trained tensors) or
 ``model.safetensors`` + ``config.json`` (full), ``ledger.json`` (the privacy ledger) and
 ``metrics.json``.  User mistakes end with a one-line error and exit code 2.
+
+Data parallel: the same command under MindSpore's launcher trains one model on N workers::
+
+    msrun --worker_num=2 --local_worker_num=2 --join=True python -m finetune --table ... --out ...
+
+msrun starts the command N + 1 times (N workers and a scheduler). ``run`` calls
+``finetune.distributed.Distributed.from_env()`` before any other MindSpore work: the scheduler
+serves the cluster inside it and ends there; the workers share the global Poisson batch and the
+noise draw (``finetune.train.train(dist=...)``), so there is one release, charged in the ledger at
+the global rate q, and only rank 0 writes ``--out``.
 """
 from __future__ import annotations
 
@@ -104,6 +114,13 @@ def _check_args(args) -> None:
 def run(args) -> dict:
     """Everything after argument parsing; raises UserError for user mistakes."""
     _check_args(args)
+    from .distributed import Distributed, DistributedError
+
+    # First MindSpore work: under msrun this joins the cluster (the scheduler process ends here).
+    try:
+        dist = Distributed.from_env()
+    except (DistributedError, RuntimeError) as e:
+        raise UserError(f"cannot join the msrun cluster: {e}") from None
     import mindspore as ms
 
     from accountant.table import TableError, load_table
@@ -154,18 +171,30 @@ def run(args) -> dict:
                        max_grad_norm=args.max_grad_norm, sampling_rate=args.sampling_rate,
                        steps=args.max_steps if table is not None else args.steps,
                        micro_batch_size=args.micro_batch, per_example=args.per_example,
-                       seed=args.seed, secure=args.secure, progress=not args.quiet)
-    except (TableMismatchError, GeometryError) as e:
+                       seed=args.seed, secure=args.secure, progress=not args.quiet, dist=dist)
+    except (TableMismatchError, GeometryError, DistributedError) as e:
         raise UserError(str(e)) from None
     except ValueError as e:
         if "book-keeping" in str(e):
             raise UserError(str(e)) from None
         raise
 
-    os.makedirs(args.out, exist_ok=True)
-    if args.method == "full":
+    metrics = _write_outputs(args, model, data, result, write=dist.is_main)
+    return metrics
+
+
+def _write_outputs(args, model, data, result, write: bool = True) -> dict:
+    """The run's metrics; with ``write`` (rank 0 only under msrun) also write the weights,
+    ``ledger.json`` and ``metrics.json`` to ``--out``."""
+    from . import checkpoint, peft
+
+    if not write:
+        weights = "model.safetensors" if args.method == "full" else "adapter.safetensors"
+    elif args.method == "full":
+        os.makedirs(args.out, exist_ok=True)
         weights = checkpoint.save_pretrained(model, args.out)
     else:
+        os.makedirs(args.out, exist_ok=True)
         weights = os.path.join(args.out, "adapter.safetensors")
         peft.save_adapter(model, weights)
     metrics = dict(result.metrics)
@@ -175,11 +204,13 @@ def run(args) -> dict:
                    weights=os.path.basename(weights))
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in metrics.items()}
-    if result.guard is not None:
-        with open(os.path.join(args.out, "ledger.json"), "w") as f:
-            f.write(result.guard.ledger.to_json())
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1, default=str)
+    if write:
+        if result.guard is not None:
+            with open(os.path.join(args.out, "ledger.json"), "w") as f:
+                f.write(result.guard.ledger.to_json())
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1, default=str)
+    metrics["_wrote"] = bool(write)
     return metrics
 
 
@@ -192,9 +223,10 @@ def main(argv=None) -> int:
         return 2
     eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
                if metrics["private"] else "no DP")
+    where = f"wrote {args.out}" if metrics.pop("_wrote", True) else "rank 0 writes the outputs"
     print(f"{metrics['steps']} steps, {eps_txt}, train perplexity {metrics['train_perplexity']:.3f}, "
           f"val perplexity {metrics['val_perplexity']}, {metrics['seconds_per_step']:.3f} s/step; "
-          f"wrote {args.out}")
+          f"{where}")
     return 0
 
 

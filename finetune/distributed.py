@@ -72,16 +72,22 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> "Distributed":
-        """Initialise MindSpore communication when started by ``msrun`` with more than one worker."""
-        n = int(os.environ.get("MS_WORKER_NUM", "1") or 1)
+        """Join the MindSpore cluster when started by ``msrun`` (``MS_ROLE`` set); world 1 otherwise.
+
+        Call it before any other MindSpore work. In msrun's scheduler process it does not return.
+        """
         role = os.environ.get("MS_ROLE")
-        if role not in ("MS_WORKER", "MS_SCHED") or n <= 1:
+        if role not in ("MS_WORKER", "MS_SCHED"):
             return cls(0, 1)
+        # Join even with one worker: msrun still starts a scheduler that must be served, and a
+        # scheduler that skipped init() would go on to train (and write) a model of its own.
         from mindspore.communication import get_group_size, get_rank, init
 
         # msrun also runs the script as the scheduler process (MS_ROLE=MS_SCHED): there init()
         # serves the cluster and ends the process when the workers are done.
         init()
+        if role == "MS_SCHED":  # never let the scheduler go on to train a model of its own
+            raise SystemExit(0)
         return cls(get_rank(), get_group_size())
 
     @property
@@ -200,9 +206,10 @@ def shard(indices, dist: Distributed) -> np.ndarray:
 
 
 class DistributedDPOptimizer(DPOptimizer):
-    """A ``finetune.dp_optimizer.DPOptimizer`` whose ``apply`` first sums the workers' clipped sums
-    and step statistics (exactly), and whose noise generator is shared, so the identical noise is
-    added once to the global sum on every worker.
+    """A ``finetune.dp_optimizer.DPOptimizer`` whose ``reduce_sum`` hook sums the workers' clipped
+    sums and step statistics exactly (``Distributed.allreduce_sum_f64``) before the noise is added,
+    and whose noise generator is shared, so the identical noise is added once to the global sum on
+    every worker.
 
     Same arguments as ``DPOptimizer`` plus ``dist``; ``seed`` / ``secure`` select the shared
     generator (``rng`` is refused: a per-worker generator would add N different noises).
@@ -214,109 +221,26 @@ class DistributedDPOptimizer(DPOptimizer):
             raise ValueError("DistributedDPOptimizer builds its own shared generator; "
                              "pass seed or secure=True instead of rng")
         self.dist = dist if dist is not None else Distributed.from_env()
-        super().__init__(optimizer, network, table, rng=self.dist.shared_rng(seed, secure), **kwargs)
+        if "reduce_sum" in kwargs:
+            raise ValueError("DistributedDPOptimizer reduces across its workers itself; "
+                             "do not pass reduce_sum")
+        reduce_sum = self.dist.allreduce_sum_f64 if self.dist.world_size > 1 else None
+        super().__init__(optimizer, network, table, rng=self.dist.shared_rng(seed, secure),
+                         reduce_sum=reduce_sum, **kwargs)
         self.secure = bool(secure)
 
-    def apply(self):
-        parts = self._sum if self._sum is not None else \
-            [np.zeros(p.shape, np.float64) for p in self.params]
-        flat = np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in parts]
-                              + [np.asarray(self._stats, np.float64)])
-        total = self.dist.allreduce_sum_f64(flat)
-        out, k = [], 0
-        for p in self.params:
-            size = int(np.prod(p.shape))
-            out.append(total[k:k + size].reshape(p.shape))
-            k += size
-        self._sum = out
-        self._stats = [float(total[k]), int(round(total[k + 1])), int(round(total[k + 2]))]
-        return super().apply()
 
-
-def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *, table=None,
-                      private: bool = True, optimizer=None, lr: float = 1e-3,
-                      max_grad_norm: float = 1.0, sampling_rate: float | None = None,
-                      steps: int | None = None, micro_batch_size: int = 16, per_example: str = "auto",
-                      seed: int | None = 0, secure: bool = False, progress: bool = True,
-                      eval_batch_size: int = 16, dist: Distributed | None = None,
-                      check_sync_every: int = 0):
+def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *,
+                      dist: Distributed | None = None, check_sync_every: int = 0, **kwargs):
     """``finetune.train.train`` for N data-parallel workers (works unchanged with one process).
 
-    Same sampling, clipping, noise and ledger as the single-process loop; the global batch is drawn
-    once (identically on all ranks) and sharded. Every rank returns the same metrics; let rank 0
-    write files. ``check_sync_every > 0`` verifies bit-identical replicas every that many steps.
+    The same loop (``train(..., dist=dist)``): same sampling, clipping, noise and ledger as one
+    process; the global batch is drawn once (identically on all ranks) and sharded. Every rank
+    returns the same metrics; let rank 0 write files. ``check_sync_every > 0`` verifies
+    bit-identical replicas every that many steps.
     """
-    import math
-    import time
-
-    from mindspore import nn
-
-    from .poisson import PoissonSampler, micro_batches
-    from .privacy import PrivacyGuard, TableMismatchError, check_table
-    from .train import TrainResult, peak_rss_mb, perplexity
+    from .train import train
 
     dist = dist if dist is not None else Distributed.from_env()
-    n = int(len(train_ids))
-    dist.check_same("the training data", hashlib.blake2b(np.ascontiguousarray(train_ids).tobytes()
-                                                         + np.ascontiguousarray(train_mask).tobytes())
-                    .digest())
-    if private and table is None:
-        raise TableMismatchError("a private run needs a certified noise table")
-    if table is not None:
-        q, t = check_table(table, dataset_size=n, sampling_rate=sampling_rate, steps=steps)
-    else:
-        if sampling_rate is None or steps is None:
-            raise ValueError("without a table, give sampling_rate and steps")
-        q, t = float(sampling_rate), int(steps)
-    guard = PrivacyGuard(table, dataset_size=n, sampling_rate=q, steps=t) if private else None
-    params = list(model.trainable_params())
-    dist.assert_in_sync(model.get_parameters())
-    if optimizer is None:
-        optimizer = nn.Adam(params, learning_rate=lr)
-    dp = DistributedDPOptimizer(optimizer, model, table if private else None, dist=dist,
-                                seed=None if secure else seed, secure=secure,
-                                max_grad_norm=max_grad_norm, expected_batch_size=q * n,
-                                per_example=per_example, guard=guard, private=private)
-    sampler = PoissonSampler(n, q, t, rng=dp.rng)  # shared generator: same global batch everywhere
-    bar = None
-    if progress and dist.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=t, desc=f"DP fine-tuning x{dist.world_size}" if private
-                   else f"fine-tuning (no DP) x{dist.world_size}", unit="step")
-    times, losses, sizes = [], [], []
-    try:
-        for step in range(t):
-            if guard is not None and guard.remaining() == 0:
-                break
-            start = time.perf_counter()
-            idx = shard(sampler.sample(), dist)
-            mbs = [([train_ids[m.indices], train_mask[m.indices]], m.mask)
-                   for m in micro_batches(idx, micro_batch_size)]
-            stats = dp.step(mbs)
-            times.append(time.perf_counter() - start)
-            losses.append(stats.loss)
-            sizes.append(stats.batch_size)
-            if check_sync_every and (step + 1) % check_sync_every == 0:
-                dist.assert_in_sync(params)
-            if bar is not None:
-                bar.set_postfix(loss=f"{stats.loss:.3f}", batch=stats.batch_size)
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    eps = guard.epsilon_spent() if guard is not None else math.inf
-    metrics = {
-        "private": bool(private), "method": dp.method, "workers": dist.world_size,
-        "steps": len(times), "sampling_rate": q, "expected_batch_size": q * n,
-        "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0,
-        "epsilon_spent": float(eps), "delta": float(table.delta) if table is not None else None,
-        "max_grad_norm": max_grad_norm if private else None, "noise_std": dp.noise_std,
-        "final_train_loss": float(np.nanmean(losses[-max(1, len(losses) // 10):])) if losses else None,
-        "train_perplexity": perplexity(model, train_ids, train_mask, eval_batch_size),
-        "val_perplexity": (perplexity(model, val_ids, val_mask, eval_batch_size)
-                           if val_ids is not None and len(val_ids) else None),
-        "first_step_seconds": times[0] if times else None,
-        "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
-        "peak_rss_mb": peak_rss_mb(), "secure_rng": bool(secure),
-    }
-    return TrainResult(metrics, guard, dp)
+    return train(model, train_ids, train_mask, val_ids, val_mask, dist=dist,
+                 check_sync_every=check_sync_every, **kwargs)

@@ -91,12 +91,23 @@ class DPOptimizer:
     guard: optional ``finetune.privacy.PrivacyGuard``; checked before and charged after each step.
     private: ``False`` runs the same pipeline without clipping or noise (non-private baseline).
     add_noise: testing switch; ``False`` makes the step non-private.
+    reduce_sum: data-parallel hook. ``None`` (one process) or a callable that receives one float64
+        vector -- this worker's clipped sum (parameters in order, flattened) followed by its three
+        step statistics (loss sum, example count, clipped count) -- and returns the element-wise
+        sum of that vector over all workers, identical on every worker. It is called once per step,
+        *before* the noise is added, so the noise is added once to the global sum (never per worker
+        and then averaged, which would divide its variance by the number of workers).
+        ``finetune.distributed.Distributed.allreduce_sum_f64`` is such a callable.
     """
 
     def __init__(self, optimizer: nn.Optimizer, network: nn.Cell, table=None, *,
                  max_grad_norm: float = 1.0, expected_batch_size: float,
                  per_example: str = "auto", seed: int | None = None, secure: bool = False,
-                 rng=None, guard=None, private: bool = True, add_noise: bool = True):
+                 rng=None, guard=None, private: bool = True, add_noise: bool = True,
+                 reduce_sum=None):
+        if reduce_sum is not None and not callable(reduce_sum):
+            raise TypeError("reduce_sum must be a callable (or None for one process)")
+        self.reduce_sum = reduce_sum
         self.optimizer = optimizer
         self.params = list(optimizer.parameters)
         self.n_coordinates = int(sum(int(np.prod(p.shape)) for p in self.params))
@@ -169,6 +180,8 @@ class DPOptimizer:
         if self._sum is None:
             self._sum = [np.zeros(p.shape, np.float64) for p in self.params]
         flat = np.concatenate([s.reshape(-1) for s in self._sum])
+        if self.reduce_sum is not None:
+            flat = self._reduce(flat)
         if self.add_noise:
             z = np.asarray(self.noise.sample(flat.size, self.rng), dtype=np.float64)
             flat = flat + self.max_grad_norm * z
@@ -188,6 +201,16 @@ class DPOptimizer:
         self._stats = [0.0, 0, 0]
         self.steps_taken += 1
         return stats
+
+    def _reduce(self, flat: np.ndarray) -> np.ndarray:
+        """Global clipped sum and statistics via ``reduce_sum`` (see the class docstring)."""
+        local = np.concatenate([flat, np.asarray(self._stats, np.float64)])
+        total = np.asarray(self.reduce_sum(local), dtype=np.float64).reshape(-1)
+        if total.shape != local.shape:
+            raise ValueError(f"reduce_sum returned {total.shape[0]} values, expected {local.size}")
+        k = flat.size
+        self._stats = [float(total[k]), int(round(total[k + 1])), int(round(total[k + 2]))]
+        return total[:k]
 
     def step(self, micro_batches: Iterable) -> StepStats:
         """One DP step over a logical batch given as ``(inputs, mask)`` micro-batches."""

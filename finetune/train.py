@@ -7,6 +7,7 @@ usable on their own (``finetune.poisson``, ``finetune.per_example``, ``finetune.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import resource
 import sys
@@ -18,6 +19,7 @@ from mindspore import Tensor, nn
 
 from accountant.randomness import make_rng
 
+from .distributed import shard
 from .dp_optimizer import DPOptimizer
 from .poisson import PoissonSampler, micro_batches
 from .privacy import PrivacyGuard, TableMismatchError, check_table
@@ -88,7 +90,8 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
           sampling_rate: float | None = None, steps: int | None = None,
           micro_batch_size: int = 16, per_example: str = "auto", seed: int | None = 0,
           secure: bool = False, progress: bool = True, epsilon_updates: int = 10,
-          eval_batch_size: int = 16, evaluate: bool = True) -> TrainResult:
+          eval_batch_size: int = 16, evaluate: bool = True, dist=None,
+          check_sync_every: int = 0) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     The sampling rate and number of steps come from ``table`` (a run that does not match it is
@@ -97,8 +100,24 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     ``epsilon_spent``, ``delta``, ``train_perplexity``, ``val_perplexity``, ``seconds_per_step``,
     ``peak_rss_mb``, ...), the privacy guard (its ledger holds what was spent) and the optimizer.
     ``evaluate=False`` skips the perplexity passes (they are then ``None``).
+
+    Data parallel (``msrun``): pass ``dist=finetune.distributed.Distributed.from_env()``. With more
+    than one worker every rank draws the identical global Poisson batch (at the global rate ``q``,
+    the table's) from a shared generator and trains on its shard ``idx[rank::N]``; the clipped sums
+    are summed exactly across workers before the noise is added once (``DPOptimizer(reduce_sum=)``),
+    so the release, the ledger and the result equal a one-process run with the same seed (up to
+    float32 rounding of the per-micro-batch sums). Every rank returns the same metrics; only rank 0
+    should write files. ``check_sync_every > 0`` verifies bit-identical replicas every that many
+    steps (they are always verified at the start and the end). With ``dist=None`` or one worker
+    this is the plain single-process loop.
     """
+    if dist is not None and dist.world_size == 1:
+        dist = None
     n = int(len(train_ids))
+    if dist is not None:
+        dist.check_same("the training data", hashlib.blake2b(
+            np.ascontiguousarray(train_ids).tobytes() + np.ascontiguousarray(train_mask).tobytes())
+            .digest())
     if private and table is None:
         raise TableMismatchError("a private run needs a certified noise table")
     if table is not None:
@@ -111,16 +130,24 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     params = list(model.trainable_params())
     if optimizer is None:
         optimizer = nn.Adam(params, learning_rate=lr)
-    rng = make_rng(seed=None if secure else seed, secure=secure)
+    if dist is None:
+        rng, reduce_sum = make_rng(seed=None if secure else seed, secure=secure), None
+    else:  # one generator shared by all ranks: the same global batch and the same noise draw
+        dist.assert_in_sync(model.get_parameters())
+        rng = dist.shared_rng(None if secure else seed, secure=secure)
+        reduce_sum = dist.allreduce_sum_f64
     dp = DPOptimizer(optimizer, model, table if private else None, max_grad_norm=max_grad_norm,
                      expected_batch_size=q * n, per_example=per_example, rng=rng, guard=guard,
-                     private=private)
+                     private=private, reduce_sum=reduce_sum)
     sampler = PoissonSampler(n, q, t, rng=rng)
     every = max(1, t // max(1, epsilon_updates))
     bar = None
-    if progress:
+    if progress and (dist is None or dist.is_main):
         from tqdm import tqdm
-        bar = tqdm(total=t, desc="DP fine-tuning" if private else "fine-tuning (no DP)", unit="step")
+        desc = "DP fine-tuning" if private else "fine-tuning (no DP)"
+        if dist is not None:
+            desc += f" x{dist.world_size} workers"
+        bar = tqdm(total=t, desc=desc, unit="step")
     times, losses, batch_sizes = [], [], []
     eps = 0.0
     try:
@@ -129,12 +156,16 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
                 break
             start = time.perf_counter()
             idx = sampler.sample()
+            if dist is not None:  # this rank's share of the global batch
+                idx = shard(idx, dist)
             mbs = [([train_ids[m.indices], train_mask[m.indices]], m.mask)
                    for m in micro_batches(idx, micro_batch_size)]
             stats = dp.step(mbs)
             times.append(time.perf_counter() - start)
             losses.append(stats.loss)
             batch_sizes.append(stats.batch_size)
+            if dist is not None and check_sync_every and (step + 1) % check_sync_every == 0:
+                dist.assert_in_sync(params)
             if guard is not None and ((step + 1) % every == 0 or step + 1 == t):
                 eps = guard.epsilon_spent()
             if bar is not None:
@@ -143,6 +174,8 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     finally:
         if bar is not None:
             bar.close()
+    if dist is not None:
+        dist.assert_in_sync(params)
     if guard is not None:
         eps = guard.epsilon_spent()
     metrics = {
@@ -167,6 +200,7 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
         "peak_rss_mb": peak_rss_mb(),
         "secure_rng": bool(secure),
+        "workers": 1 if dist is None else dist.world_size,
     }
     return TrainResult(metrics, guard, dp)
 

@@ -170,3 +170,26 @@ def test_short_dp_lora_run_lowers_validation_loss(tmp_path):
                    lr=0.01, max_grad_norm=1.0, micro_batch_size=16, progress=False)
     assert result.metrics["epsilon_spent"] <= table.certified_epsilon * (1 + 1e-9)
     assert result.metrics["val_perplexity"] < 0.9 * before, (before, result.metrics)
+
+
+def test_msrun_leaves_every_finetune_flag_to_the_script(monkeypatch):
+    """msrun's own parser matches abbreviations of its options anywhere on the command line (a
+    script flag ``--worker`` aborts msrun as an abbreviation of ``--worker_num``): every flag of
+    ``python -m finetune`` must reach the script unchanged."""
+    run = pytest.importorskip("mindspore.parallel.cluster.run")
+    from finetune.__main__ import _parser
+
+    def script_args(flag):
+        monkeypatch.setattr(sys, "argv", ["msrun", "--worker_num=2", "--local_worker_num=2",
+                                          "--join=True", "python", "-m", "finetune", flag, "1"])
+        try:
+            args = run.get_args()
+        except SystemExit:
+            return None
+        return [args.task_script, *args.task_script_args]
+
+    assert script_args("--worker") is None  # the hazard this test guards against is real
+    flags = [f for f in _parser()._option_string_actions if f.startswith("--")]
+    assert "--table" in flags and "--max-grad-norm" in flags
+    for flag in flags:
+        assert script_args(flag) == ["python", "-m", "finetune", flag, "1"], flag

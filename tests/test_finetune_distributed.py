@@ -71,6 +71,59 @@ def test_shared_generators():
     assert not (sec.random_raw(4) == d.shared_rng(secure=True).random_raw(4)).all()
 
 
+def test_reduce_sum_hook_sums_before_the_noise_is_added_once():
+    """DPOptimizer(reduce_sum=...) with a stand-in "two identical workers" reduction (2 x): the
+    update is (2 S + C Z) / E[B] -- the noise once, after the reduction, not 2 C Z -- and the step
+    statistics are the reduced ones."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from accountant.noise import Gaussian
+    from finetune.dp_optimizer import DPOptimizer
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rs = np.random.RandomState(0)
+    w0, b0 = rs.randn(3, 8).astype(np.float32), rs.randn(3).astype(np.float32)
+    x = rs.randn(6, 8).astype(np.float32)
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last row is padding: not counted
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Dense(8, 3, weight_init=Tensor(w0), bias_init=Tensor(b0))
+
+        def construct(self, x):
+            return (self.fc(x) ** 2).sum(-1)  # per-example loss [B]
+
+    class Table:
+        geometry = "l2"
+        noise = Gaussian(0.8)
+
+    def delta(reduce_sum, add_noise=True):
+        net = Net()
+        params = net.trainable_params()
+        dp = DPOptimizer(nn.SGD(params, learning_rate=1.0), net, Table(), max_grad_norm=0.5,
+                         expected_batch_size=4.0, seed=9, reduce_sum=reduce_sum,
+                         add_noise=add_noise, per_example="vmap")
+        stats = dp.step([([x], mask)])
+        now = np.concatenate([p.asnumpy().ravel() for p in params]).astype(np.float64)
+        return np.concatenate([w0.ravel(), b0]).astype(np.float64) - now, stats
+
+    seen = []
+    d1, s1 = delta(None)
+    d2, s2 = delta(lambda v: seen.append(v.size) or 2.0 * v)
+    clean, _ = delta(None, add_noise=False)  # lr * S / E[B]
+    assert seen == [d1.size + 3]               # clipped sum + (loss sum, count, clipped count)
+    assert s1.batch_size == 5 and s2.batch_size == 10
+    assert s2.loss == pytest.approx(s1.loss) and s2.clipped_fraction == s1.clipped_fraction
+    assert np.abs(clean).max() > 1e-2
+    np.testing.assert_allclose(d2 - d1, clean, atol=1e-6)  # one extra S, no extra noise
+    assert np.abs(d1 - clean).max() > 1e-2                  # and the noise is really there
+    with pytest.raises(TypeError, match="reduce_sum"):
+        DPOptimizer(nn.SGD(Net().trainable_params()), Net(), None, private=False,
+                    expected_batch_size=1.0, reduce_sum=3)
+
+
 # ------------------------------------------------------------------------------- slow, msrun
 WORKER = r'''
 """Worker for the data-parallel DP test: run under msrun (N workers) or plainly (1 process)."""
@@ -244,3 +297,71 @@ def test_two_msrun_workers_match_one_process_and_add_noise_once(tmp_path):
     np.testing.assert_array_equal(pa[0]["_z5"], pa[1]["_z5"])
     assert not np.allclose(pa[0]["_z5"], p1["_z5"])
     assert abs(ra[0]["secure_var_ratio"] - 1.0) < 5 * np.sqrt(2.0 / n)
+
+
+@pytest.mark.slow
+def test_cli_under_msrun_releases_once_and_matches_one_process(tmp_path):
+    """``msrun --worker_num=2 ... python -m finetune ...`` (the documented command) trains ONE model:
+    one set of outputs (rank 0), the ledger charged at the global rate with the epsilon of a
+    1-process run of the same steps, and the final adapter of that 1-process run."""
+    msrun = shutil.which("msrun", path=_env()["PATH"])
+    if msrun is None:
+        pytest.skip("msrun not found")
+    from safetensors.numpy import load_file
+
+    from accountant.certify import certify
+    from accountant.ledger import PrivacyLedger
+    from accountant.mechanism import Mechanism
+    from accountant.noise import Gaussian
+    from accountant.table import write_certified_table
+    from finetune.data import generate_records, write_jsonl
+
+    q, steps, sigma = 0.1, 4, 1.0
+    noise = Gaussian(sigma)
+    cert = certify(Mechanism(noise, 1.0, "l2", q, steps), 1e-5)
+    write_certified_table(tmp_path / "g.npz", noise, eps_target=cert.epsilon, delta=1e-5,
+                          sampling_rate=q, steps=steps, geometry="l2", certificate=cert,
+                          gaussian_sigma=sigma)
+    write_jsonl(generate_records(120, seed=0), tmp_path / "data.jsonl")
+    flags = ["--table", "g.npz", "--method", "lora", "--model", "tiny", "--data", "data.jsonl",
+             "--seq-len", "24", "--micro-batch", "8", "--lr", "0.01", "--seed", "3", "--quiet"]
+
+    one = subprocess.run([sys.executable, "-m", "finetune", *flags, "--out", "one"], env=_env(),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([msrun, "--worker_num=2", "--local_worker_num=2",
+                          f"--master_port={_free_port()}", "--log_dir=log", "--join=True",
+                          "python", "-m", "finetune", *flags, "--out", "two"],
+                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    logs = {p.name: p.read_text(errors="replace") for p in (tmp_path / "log").glob("*.log")}
+    assert two.returncode == 0, "".join(t[-2000:] for t in logs.values())
+
+    # exactly one set of outputs: rank 0 writes, rank 1 and the scheduler do not
+    assert sorted(logs) == ["scheduler.log", "worker_0.log", "worker_1.log"]
+    wrote = [name for name, text in logs.items() if "; wrote two" in text]
+    assert wrote == ["worker_0.log"]
+    assert "rank 0 writes the outputs" in logs["worker_1.log"]
+    assert "steps, epsilon" not in logs["scheduler.log"]  # the scheduler trained nothing
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        ["adapter.safetensors", "ledger.json", "metrics.json"]
+    assert not (tmp_path / "log" / "two").exists()
+
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    l1 = PrivacyLedger.from_json((tmp_path / "one" / "ledger.json").read_text())
+    l2 = PrivacyLedger.from_json((tmp_path / "two" / "ledger.json").read_text())
+    assert m1["workers"] == 1 and m2["workers"] == 2
+    assert m1["steps"] == m2["steps"] == l2.steps == steps
+    # the ledger charges the table's (global) rate q, exactly as one process does
+    assert m2["sampling_rate"] == q
+    entries = json.loads((tmp_path / "two" / "ledger.json").read_text())["entries"]
+    assert {e["mechanism"]["sampling_rate"] for e in entries} == {q}
+    assert m2["epsilon_spent"] == l1.epsilon() == l2.epsilon() > 0
+    assert m2["mean_batch_size"] == m1["mean_batch_size"]  # the same global Poisson batches
+
+    a1 = load_file(str(tmp_path / "one" / "adapter.safetensors"))
+    a2 = load_file(str(tmp_path / "two" / "adapter.safetensors"))
+    assert sorted(a1) == sorted(a2) and any(k.endswith("lora_B") for k in a1)
+    assert all(np.abs(a1[k]).max() > 1e-3 for k in a1 if k.endswith("lora_B"))  # it trained
+    for k in a1:
+        np.testing.assert_allclose(a2[k], a1[k], rtol=1e-5, atol=1e-6, err_msg=k)
