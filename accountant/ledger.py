@@ -31,10 +31,6 @@ def _noise_from_json(data: dict) -> Noise:
     return from_name(data["family"], **data["params"])
 
 
-class BudgetExceeded(RuntimeError):
-    """Raised before a step that would take the certified epsilon past the budget."""
-
-
 class PrivacyLedger:
     def __init__(self, delta: float, epsilon_budget: float | None = None):
         if not 0 < delta < 1:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 from scipy import integrate, special
 
@@ -652,7 +650,3 @@ def from_name(name: str, **params) -> Noise:
         return builders[name](**params)
     except TypeError as exc:
         raise NoiseParameterError(f"bad parameters for {name}: {exc}") from None
-
-
-def families() -> Sequence[str]:
-    return ("gaussian", "laplace", "gengauss", "lmo", "laplace_mixture", "tabulated")

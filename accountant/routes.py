@@ -29,7 +29,6 @@ from prv_accountant import composers, discretisers
 from prv_accountant.domain import Domain
 from prv_accountant.privacy_random_variables import PrivacyRandomVariable
 
-from accountant.privacy_loss import hockey_stick
 
 DIRECTIONS = ("remove", "add")
 
