@@ -193,13 +193,3 @@ def test_msrun_leaves_every_finetune_flag_to_the_script(monkeypatch):
     assert "--table" in flags and "--max-grad-norm" in flags
     for flag in flags:
         assert script_args(flag) == ["python", "-m", "finetune", flag, "1"], flag
-
-
-@pytest.fixture(autouse=True)
-def _restore_execution_mode():
-    """``main`` switches the process to graph mode (as the CLI should); give the tests that run
-    after this file in the same process the mode they would have had (test_finetune_model.py
-    failed after this file otherwise)."""
-    mode = ms.get_context("mode")
-    yield
-    ms.set_context(mode=mode)
