@@ -61,6 +61,17 @@ def _normalise_key(k: str) -> str:
     return k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
 
 
+def _key_problems(missing, unexpected) -> list[str]:
+    """One-line descriptions of missing and unexpected checkpoint keys (shared by both formats)."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+    return problems
+
+
 def load_hf_state_dict(model: GPT2LMHeadModel, state: dict, source: str = "state dict") -> None:
     """Copy a Hugging Face GPT-2 state dict into ``model``; raises CheckpointError on any mismatch."""
     params = dict(_base_params(model))
@@ -77,12 +88,7 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state: dict, source: str = "state
             unexpected.append(k)
             continue
         arrays[key] = v
-    missing = sorted(set(params) - set(arrays))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s), e.g. {sorted(unexpected)[:3]}")
+    problems = _key_problems(set(params) - set(arrays), unexpected)
     for key, v in arrays.items():
         want = tuple(params[key].shape)
         if _CONV1D.match(key):
@@ -147,13 +153,7 @@ def load_ckpt(model: GPT2LMHeadModel, path: str) -> None:
     except Exception as e:
         raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {e}") from None
     params = dict(_base_params(model))
-    missing = sorted(set(params) - set(loaded))
-    unexpected = sorted(set(loaded) - set(params))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+    problems = _key_problems(set(params) - set(loaded), set(loaded) - set(params))
     for k in set(params) & set(loaded):
         if tuple(loaded[k].shape) != tuple(params[k].shape):
             problems.append(f"{k}: shape {tuple(loaded[k].shape)} in file, model expects "
