@@ -582,21 +582,8 @@ class Tabulated(Noise):
                 tail = np.full_like(ax, -np.inf)
         return np.where(ax <= self.reach, core, tail)
 
-    def cdf(self, x):
-        x = np.asarray(x, dtype=np.float64)
-        j = self._bin(x)
-        inside = self._cum_left[j] + self.density[j] * (np.clip(x, self.edges[0], self.edges[-1]) - self.edges[j])
-        if self.tail_rate > 0:
-            left = self.tail_mass * np.exp(-self.tail_rate * np.maximum(-x - self.reach, 0))
-        else:
-            left = np.zeros_like(x)
-        out = np.where(x < -self.reach, left, inside)
-        return np.where(x > self.reach, 1 - self.sf(np.maximum(x, self.reach)), out)
-
-    def sf(self, x):
-        x = np.asarray(x, dtype=np.float64)
-        # symmetric law: P(Z > x) = P(Z < -x) = cdf(-x) for the continuous core and tails
-        y = -x
+    def _lower(self, y):
+        """P(Z <= y) for y <= reach: left tail below -reach, piecewise-linear CDF in the core."""
         j = self._bin(y)
         inside = self._cum_left[j] + self.density[j] * (np.clip(y, self.edges[0], self.edges[-1]) - self.edges[j])
         if self.tail_rate > 0:
@@ -604,6 +591,11 @@ class Tabulated(Noise):
         else:
             left = np.zeros_like(y)
         return np.where(y < -self.reach, left, inside)
+
+    def sf(self, x):
+        """P(Z > x) = P(Z < -x) by symmetry; below -reach it is 1 - P(Z <= x) (no tail cut off)."""
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(x >= -self.reach, self._lower(-x), 1 - self._lower(np.minimum(x, self.reach)))
 
     def expected_abs(self):
         lo, hi = self.edges[:-1], self.edges[1:]

@@ -191,3 +191,15 @@ def test_refuses_l2_for_non_gaussian_and_unbounded_slope_under_l1():
     tab = Tabulated.quantised(edges, g.interval_mass(edges[:-1], edges[1:]), g.sf(8.0), 8.0)
     with pytest.raises(CertificationError):
         certify(Mechanism(tab, geometry="l1"), 1e-5)
+
+
+def test_tabulated_tails_agree_with_its_source_on_both_sides():
+    """cdf and sf of a table with exponential tails match the Laplace it tabulates, far out on
+    both sides (sf below -reach once returned 1 - tail_mass instead of 1 - tail(|x|))."""
+    lap = Laplace(2.0)
+    edges = np.linspace(-30, 30, 3001)
+    tab = Tabulated.quantised(edges, lap.interval_mass(edges[:-1], edges[1:]), lap.sf(30.0), 0.5)
+    x = np.array([-80.0, -31.0, -30.0, -5.0, 0.0, 5.0, 30.0, 31.0, 80.0])
+    np.testing.assert_allclose(tab.cdf(x) + tab.sf(x), 1.0, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(tab.sf(x), lap.sf(x), rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(tab.cdf(x), lap.cdf(x), rtol=1e-6, atol=1e-15)
