@@ -68,9 +68,10 @@ class Noise:
         """P(a < Z <= b) computed from the side of 0 where it is accurate."""
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
-        right = self.sf(a) - self.sf(b)       # accurate when a >= 0
-        left = self.cdf(b) - self.cdf(a)      # accurate when b <= 0
-        middle = 1.0 - self.cdf(a) - self.sf(b)
+        sf_a, sf_b, cdf_a, cdf_b = self.sf(a), self.sf(b), self.cdf(a), self.cdf(b)
+        right = sf_a - sf_b                   # accurate when a >= 0
+        left = cdf_b - cdf_a                  # accurate when b <= 0
+        middle = 1.0 - cdf_a - sf_b
         out = np.where(a >= 0, right, np.where(b <= 0, left, middle))
         return np.maximum(np.where(b > a, out, 0.0), 0.0)
 
