@@ -166,7 +166,7 @@ def cmd_epsilon(args) -> dict:
 
 def _lmo_eps0(noise: LMO, sensitivity: float) -> float:
     """Pure epsilon of one unsubsampled scalar LMO release: ln p(0)/p(C) = ln(E[u]/E[u exp(-uC)])
-    (DESIGN section 1; the log-likelihood ratio of a Laplace scale mixture peaks at x = C)."""
+    (docs/soundness.md section 1; the log-likelihood ratio of a Laplace scale mixture peaks at x = C)."""
     return float(noise.logpdf(0.0) - noise.logpdf(sensitivity))
 
 

@@ -3,7 +3,7 @@
 The certificate is the larger upper bound of two independent routes (PLD via dp-accounting and PRV
 via prv-accountant), maximised over the add and remove relations.  Each route also reports a lower
 bound; if the two intervals do not overlap, the routes contradict each other and we raise
-:class:`RouteDisagreement` instead of printing a number (DESIGN rule 3.5).  For an l1 mechanism that
+:class:`RouteDisagreement` instead of printing a number (docs/soundness.md rule 5).  For an l1 mechanism that
 reduces to randomized response, the exact binomial composition is a third route.
 """
 from __future__ import annotations

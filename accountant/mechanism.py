@@ -6,7 +6,7 @@ compose (docs/privacy.md states the theorem behind each case):
 * ``scalar``: one real-valued query, |difference| <= C.  Any symmetric unimodal law; the pair is the
   law shifted by C versus the law (Lemma 1: the largest shift dominates).
 * ``l2``: vector query, ||difference||_2 <= C.  Exact only for Gaussian noise (rotation invariance);
-  any other law is refused, because the one-coordinate analysis understates epsilon (DESIGN 3.2).
+  any other law is refused, because the one-coordinate analysis understates epsilon (docs/soundness.md rule 2).
 * ``l1``: vector query, ||difference||_1 <= C, i.i.d. noise per coordinate.  Gaussian: the l2 pair
   (||v||_2 <= ||v||_1).  A law whose log-density is L-Lipschitz: every step is pure (C L)-DP in every
   direction, dominated by randomized response (Lemma 2).  Anything else is refused.

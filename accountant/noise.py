@@ -269,7 +269,7 @@ class LMO(Noise):
     ``u = a1*Gamma(shape k, scale theta) + a3*Exponential(rate lam) + a4*Uniform[ua, ub]`` (independent
     terms) and ``Z | u ~ Laplace(0, 1/u)``, so ``p(z) = (1/2) M_u'(-|z|)`` with ``M_u`` the moment
     generating function of ``u``; ``P(Z > g) = M_u(-g)/2``; ``E|Z| = E[1/u] = int_0^inf M_u(-s) ds``;
-    ``|d/dz log p| <= E[u^2]/E[u]`` (DESIGN.md section 1).  ``lam`` is a RATE; the published sampler
+    ``|d/dz log p| <= E[u^2]/E[u]`` (docs/soundness.md section 1).  ``lam`` is a RATE; the published sampler
     drew numpy's ``exponential(lam)``, i.e. used it as a scale (``LMO.from_published``).
     """
 

@@ -7,7 +7,7 @@ s, shifted copy P_s, and Poisson rate q, the pair is
 * add:     (P, A),                                loss L' = -log(1 - q + q e^l(x)),  x ~ P
 
 where ``l(x) = log p(x - s) - log p(x)`` (Zhu, Dong & Wang 2022, Thm. 11; Balle et al. 2018).  Both
-relations are always reported (DESIGN rule 3).  Everything the accountants need is the pair of tail
+relations are always reported (docs/soundness.md rule 3).  Everything the accountants need is the pair of tail
 functions of the loss
 
     U(t) = mu_upper(L > t),  W(t) = mu_lower(L > t),     delta(eps) = U(eps) - e^eps W(eps),

@@ -2,7 +2,7 @@
 
 ``make_rng(seed)`` returns a numpy ``Generator`` (PCG64) for experiments.  ``make_rng(secure=True)``
 returns :class:`SecureRandom`, a ChaCha20 keystream (package ``cryptography``) keyed with 256 bits from
-the OS CSPRNG (``os.urandom``); DESIGN.md rule 8.  Its cost: about 2x a PCG64 draw for table sampling
+the OS CSPRNG (``os.urandom``); docs/soundness.md rule 8.  Its cost: about 2x a PCG64 draw for table sampling
 (benchmarks/finetune_bench.py measures it).
 
 Both sources provide raw 64-bit words; noise samplers turn them into exact draws:

@@ -2,7 +2,7 @@
 
 ``write_certified_table`` certifies first and writes only a table whose certificate meets its target;
 ``load_table`` verifies format, checksum and shape constraints and returns the law that is both
-sampled and certified (DESIGN rule 3.1: certify what you sample).
+sampled and certified (docs/soundness.md rule 1: certify what you sample).
 """
 from __future__ import annotations
 

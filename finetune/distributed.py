@@ -1,6 +1,6 @@
 """Data-parallel DP fine-tuning across processes started by MindSpore's launcher ``msrun``.
 
-Correct DP-SGD with N workers (DESIGN.md rules 1 and 7):
+Correct DP-SGD with N workers (docs/soundness.md rules 1 and 7):
 
 1. **One global Poisson batch per step.** Every worker holds the same sampling generator (same
    seed, or for ``secure=True`` a ChaCha20 key drawn by rank 0 from ``os.urandom`` and shared), so
@@ -169,7 +169,7 @@ class Distributed:
     # -- shared randomness ---------------------------------------------------------------------
     def shared_rng(self, seed: int | None = None, secure: bool = False):
         """The same generator on every rank: seeded PCG64 (seeds checked equal), or ChaCha20 keyed
-        by 256 random bits from rank 0's ``os.urandom`` (DESIGN.md rule 8)."""
+        by 256 random bits from rank 0's ``os.urandom`` (docs/soundness.md rule 8)."""
         from accountant.randomness import make_rng
 
         if secure:

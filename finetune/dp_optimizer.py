@@ -4,7 +4,7 @@ One step (Abadi et al. 2016, Algorithm 1, with the noise law replaced by the tab
 
 1. per-example gradients of the Poisson-sampled examples (``finetune.per_example``), each clipped
    to norm ``C`` in the norm the table's certificate covers: ``l2`` for Gaussian tables, ``l1`` for
-   Laplace-type / LMO tables (DESIGN.md rule 2); a ``scalar`` table certifies one real number and
+   Laplace-type / LMO tables (docs/soundness.md rule 2); a ``scalar`` table certifies one real number and
    is refused for a gradient with more than one coordinate;
 2. their sum ``S`` (float32 on the device, then float64 on the host);
 3. ``S + C * Z`` in float64 with ``Z = table.noise.sample(n, rng)`` drawn outside the compiled graph
@@ -14,7 +14,7 @@ One step (Abadi et al. 2016, Algorithm 1, with the noise law replaced by the tab
 5. the wrapped optimizer's update.
 
 ``secure=True`` draws the noise from ``accountant.randomness.make_rng(secure=True)`` (ChaCha20 keyed
-from the OS CSPRNG, DESIGN.md rule 8).  The optimizer is wrapped in a Cell, not subclassed
+from the OS CSPRNG, docs/soundness.md rule 8).  The optimizer is wrapped in a Cell, not subclassed
 (subclassing ``nn.Adam`` breaks in PyNative mode).
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ most ``C`` (``g_i * min(1, C / ||g_i||)``) and summed.  Two ways, same result:
 ``auto`` picks book-keeping when every trainable parameter sits in a covered layer, ``vmap`` otherwise.
 
 Geometry: ``l2`` clips the Euclidean norm of the concatenated per-example gradient (Gaussian tables),
-``l1`` the sum of absolute values (Laplace-type tables, DESIGN.md rule 2).  Norms are computed in
+``l1`` the sum of absolute values (Laplace-type tables, docs/soundness.md rule 2).  Norms are computed in
 float32; the clip factor keeps a relative margin ``CLIP_MARGIN`` (1e-4, orders of magnitude above
 the float32 rounding of these sums) so that rounding does not push a clipped gradient above ``C``.
 The tests recompute every clipped per-example gradient in float64 and check the bound.

@@ -3,7 +3,7 @@
 Privacy amplification by subsampling (Abadi et al. 2016; Zhu & Wang 2019, "Poisson subsampled Renyi
 differential privacy") assumes *Poisson* sampling: every example joins a step independently with
 probability ``q``, so the batch size is Binomial(N, q) and may even be zero.  The accountant certifies
-exactly that mechanism (DESIGN.md rule 7), so this module never drops, duplicates or resamples an
+exactly that mechanism (docs/soundness.md rule 7), so this module never drops, duplicates or resamples an
 example to fit a shape.
 
 MindSpore recompiles for every new input shape, so a logical batch of variable size ``n`` is split

@@ -19,7 +19,7 @@ Families (``scale`` always grows with the noise):
 * ``gengauss``  -- generalised Gaussian ``exp(-|x/s|^beta)`` (Subbotin 1923); shape ``beta``.
 * ``lmo``       -- the LMO-DP Laplace scale mixture (Yang et al., arXiv 2405.18776): ``Z | u ~
   Laplace(1/u)`` with ``u = a1 Gamma(k, theta) + a3 Exp(rate lam) + a4 U[ua, ub]``; density
-  ``p(z) = M_u'(-|z|)/2`` (DESIGN.md section 1).  Shape: the split of ``E[u]`` between the three terms,
+  ``p(z) = M_u'(-|z|)/2`` (docs/soundness.md section 1).  Shape: the split of ``E[u]`` between the three terms,
   the Gamma shape ``k`` and the relative width ``w`` of the uniform; ``E[u] = 1/scale``.
 * ``staircase`` -- free-form pure-DP family generalising the staircase mechanism of Geng & Viswanath
   ("The optimal noise-adding mechanism in differential privacy", IEEE Trans. IT 62(2), 2016):
@@ -442,5 +442,5 @@ FAMILIES = {
                            shape_names=tuple(f"log_slope{i}" for i in range(1, len(SPLINE_KNOTS)))),
 }
 
-#: families whose log-density is Lipschitz (certifiable under l1 clipping, DESIGN.md rule 3.2)
+#: families whose log-density is Lipschitz (certifiable under l1 clipping, docs/soundness.md rule 2)
 L1_FAMILIES = ("laplace", "lmo")

@@ -6,7 +6,7 @@ rigour for speed so that a continuous optimiser can afford hundreds of evaluatio
 
 Model.  The noise is a :class:`~noise_search.families.Binned` law (bins of width ``1/n``), so a shift by
 the sensitivity is exactly ``n`` bins and the privacy loss is constant on every bin.  With Poisson
-subsampling at rate ``q`` the two neighbouring pairs are (DESIGN.md rule 3.3)
+subsampling at rate ``q`` the two neighbouring pairs are (docs/soundness.md rule 3)
 
 * remove: ``P = (1-q) f + q f(. - 1)`` against ``Q = f``,
 * add:    ``Q = f`` against ``P``,

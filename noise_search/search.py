@@ -1,6 +1,6 @@
 """Search for the noise with the least E|Z| (or variance) whose CERTIFIED epsilon meets a target.
 
-Pipeline (DESIGN.md sections 3 and 4):
+Pipeline (docs/soundness.md sections 3 and 4):
 
 1. The calibrated Gaussian (smallest sigma whose certificate meets the target, to ~1e-4; see
    :func:`calibrate_certified`) is computed with the real accountant, in a second process while the
@@ -14,10 +14,10 @@ Pipeline (DESIGN.md sections 3 and 4):
    accountant routes at full accuracy.  If the certificate exceeds the target the noise is scaled up
    and re-certified; a table whose certificate exceeds the target is never written.  If the certified
    answer is not better than the calibrated Gaussian, the Gaussian is returned ("use Gaussian here"
-   is a correct answer, DESIGN.md section 4).
+   is a correct answer, docs/soundness.md section 4).
 4. Under ``l2`` only the Gaussian has an exact certificate (rotation invariance); under ``l1`` only noise
    with a Lipschitz log-density (Laplace, LMO; per-step bound ``eps0 = C L``) is certifiable, and
-   those laws are certified as parametric laws (DESIGN.md rule 3.2).
+   those laws are certified as parametric laws (docs/soundness.md rule 2).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from noise_search import fast_accountant as fa
 from noise_search.families import FAMILIES, L1_FAMILIES, TAIL_TARGET, Binned, spline_from_gengauss
 
 #: a documented, realistic DP fine-tuning setting: Poisson rate 1% (e.g. batch ~500 of 50k examples)
-#: and 1000 steps (~10 epochs), the setting of DESIGN.md section 4.
+#: and 1000 steps (~10 epochs), the setting of docs/soundness.md section 4.
 DEFAULT_SAMPLING_RATE = 0.01
 DEFAULT_STEPS = 1000
 #: families searched under scalar geometry (``spline`` starts from the ``gengauss`` optimum)
@@ -471,7 +471,7 @@ def search(eps: float, delta: float, sampling_rate: float = DEFAULT_SAMPLING_RAT
     try:
         if geometry == "l2":
             notes.append("under l2 clipping only rotation-invariant Gaussian noise has an exact certificate "
-                         "(DESIGN.md rule 3.2): the answer is the calibrated Gaussian")
+                         "(docs/soundness.md rule 2): the answer is the calibrated Gaussian")
             chosen, candidates = gaussian_job(), []
         elif geometry == "l1":
             chosen, candidates = _search_l1(eps, delta, q, T, names, objective, gaussian_job(), notes, bar)
@@ -534,7 +534,7 @@ def _search_scalar(eps, delta, q, T, names, objective, fast_sigma, gaussian_job,
         value = best["expected_abs"] if objective == "abs" else best["variance"]
         if value < g_obj:
             notes.append("the certificate covers a one-dimensional query (|difference| <= C); for "
-                         "gradient vectors clipped in L2 norm it does not hold (DESIGN.md rule 3.2): "
+                         "gradient vectors clipped in L2 norm it does not hold (docs/soundness.md rule 2): "
                          "search with --geometry l2 or l1 instead")
             return best, candidates
         notes.append(f"{best['family']}: certified table ({objective} {value:.4f}) is not better than the "
@@ -555,7 +555,7 @@ def _search_l1(eps, delta, q, T, names_given, objective, gaussian, notes, bar):
         raise TargetError("under --geometry l1 only gaussian, laplace and lmo noise are certifiable "
                           "(the others have no Lipschitz log-density); drop --family or choose one of them")
     notes.append("under l1 clipping only noise with a Lipschitz log-density (Laplace, LMO) is certified "
-                 "(per-step pure bound eps0 = C*L, DESIGN.md rule 3.2); tabulated free-form noise is not")
+                 "(per-step pure bound eps0 = C*L, docs/soundness.md rule 2); tabulated free-form noise is not")
     results = []
     candidates = []
     for name in names:

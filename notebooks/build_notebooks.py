@@ -49,7 +49,7 @@ NB1 = [
 # 1. Optimal noise vs the calibrated Gaussian across epsilon
 
 `python -m noise_search` looks for the additive noise with the least expected magnitude E|Z| whose
-*certified* epsilon (both accountants, PRV and PLD; DESIGN.md rule 5) meets a target, and writes it
+*certified* epsilon (both accountants, PRV and PLD; docs/soundness.md rule 5) meets a target, and writes it
 as a certified table. It never returns noise worse than the calibrated Gaussian.
 
 We run it at epsilon 0.3, 1 and 3 (delta 1e-10) in two settings:
@@ -58,7 +58,7 @@ We run it at epsilon 0.3, 1 and 3 (delta 1e-10) in two settings:
   non-Gaussian noise (Laplace-like, staircase) wins by a large factor;
 * **DP-SGD-like** (q = 0.01, T = 1000): after Poisson subsampling and 1000-fold composition the
   privacy loss is nearly Gaussian (central limit theorem), so the Gaussian is nearly optimal and the
-  gain shrinks to a few percent (DESIGN.md section 4).
+  gain shrinks to a few percent (docs/soundness.md section 4).
 """),
     COMMON,
     code("""
@@ -112,7 +112,7 @@ magnitude than the Gaussian at the same (epsilon, delta) (ratio column above). I
 setting the gain shrinks to a few percent at small epsilon: with many subsampled steps the privacy
 loss is nearly Gaussian and so is the best noise. At larger epsilon the per-step loss is larger,
 the central-limit regime is weaker and the gain grows again. All of this is for a scalar query;
-for L2-clipped gradient vectors only the Gaussian has an exact certificate (DESIGN.md rule 2), and
+for L2-clipped gradient vectors only the Gaussian has an exact certificate (docs/soundness.md rule 2), and
 "use the Gaussian" is then the correct answer, which the search reports.
 """),
 ]
@@ -131,7 +131,7 @@ ships this configuration for its headline target epsilon = 0.3:
 | 1 | 0.5 | 0.1 | 1.5 | 0.1 | 0.5 | 0 | 1 |
 
 Its sampler draws `numpy.random.exponential(E_lambda)`, i.e. uses lambda as a **scale**, while its
-accountant treats lambda as a **rate** (DESIGN.md section 2). We certify both readings with this
+accountant treats lambda as a **rate** (docs/soundness.md section 2). We certify both readings with this
 library's accountant (PRV and PLD routes, both neighbouring relations), then audit the sampler
 empirically.
 """),
@@ -159,7 +159,7 @@ for as_scale in (False, True):
     p = run(*cli, check=False) if importlib.util.find_spec("accountant.__main__") else None
     cert = certify(Mechanism(noise), DELTA)
     rows.append((reading, noise, cert))
-    # closed forms (DESIGN.md section 1): pure-DP eps0 = ln(E[u] / E[u exp(-u)]), E[u e^-u] = M_u'(-1)
+    # closed forms (docs/soundness.md section 1): pure-DP eps0 = ln(E[u] / E[u exp(-u)]), E[u e^-u] = M_u'(-1)
     eps0 = np.log(noise.moment_u(1)) - (float(noise.log_mgf(-1.0)) + np.log(float(noise.dlog_mgf(-1.0))))
     print(f"{reading}:\\n  E|Z| = {noise.expected_abs():.3f}, pure-DP eps0 = ln(E[u]/E[u e^-u]) = {eps0:.4f}")
     print(f"  certified one-release epsilon at delta {DELTA:g}: {cert.epsilon:.4f} "
@@ -266,7 +266,7 @@ it cost?* Setting (everything synthetic, offline, CPU):
    for the DP runs, 5e-4 instead of 3e-3):
    non-private; DP with Gaussian noise (L2 clipping) at epsilon 1; DP with the searched noise for
    the same target. For a gradient vector a non-Gaussian certificate exists only under L1 clipping
-   (DESIGN.md rule 2); there `python -m noise_search` answers "Gaussian" for this target (see
+   (docs/soundness.md rule 2); there `python -m noise_search` answers "Gaussian" for this target (see
    below), so the third run uses its best non-Gaussian candidate (Laplace, L1 clipping) to show
    what that choice would cost;
 4. one evaluation of all three.
@@ -397,7 +397,7 @@ the mechanism-level audit of the Gaussian sampler. The price is utility: the DP 
 the base model's perplexity while the non-private model learns the private people. The Laplace run
 under L1 clipping is certified too, but L1 clipping of a many-coordinate gradient is a much harder
 constraint than L2 clipping; for DP-SGD on vectors the Gaussian under L2 is the better choice
-(DESIGN.md section 4), which is exactly the search's answer. Latency overheads are within this
+(docs/soundness.md section 4), which is exactly the search's answer. Latency overheads are within this
 shared machine's timing noise: a merged LoRA model has exactly the base model's architecture.
 """),
 ]

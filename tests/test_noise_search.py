@@ -265,7 +265,7 @@ def test_l2_geometry_returns_the_calibrated_gaussian(tmp_path):
 
 
 def test_never_worse_than_gaussian(tmp_path):
-    """Under composition Laplace noise loses to the Gaussian (DESIGN.md section 4): restricted to Laplace,
+    """Under composition Laplace noise loses to the Gaussian (docs/soundness.md section 4): restricted to Laplace,
     the search must answer with the Gaussian."""
     from noise_search import search
 

@@ -3,7 +3,7 @@
 An audit can only *refute* a privacy claim: if the empirical lower bound exceeds the certified
 epsilon, the certificate (or the code that should realise it) is wrong. A lower bound far below the
 certificate proves nothing about tightness; it is a smoke test for bugs such as sampling a different
-noise than the one that was accounted (DESIGN.md section 2).
+noise than the one that was accounted (docs/soundness.md section 2).
 
 Two audits live here.
 
