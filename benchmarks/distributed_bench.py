@@ -33,10 +33,10 @@ def worker(args) -> None:
     from mindspore import nn
 
     from accountant.noise import Gaussian
-    from finetune.distributed import Distributed, DistributedDPOptimizer, shard
-    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
-    from finetune.peft import apply_bitfit, apply_lora
-    from finetune.poisson import PoissonSampler, micro_batches
+    from finetune.dp.distributed import Distributed, DistributedDPOptimizer, shard
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    from finetune.models.peft import apply_bitfit, apply_lora
+    from finetune.dp.sampling import PoissonSampler, micro_batches
 
     ms.set_context(mode=ms.GRAPH_MODE)
     if args.threads:

@@ -69,9 +69,9 @@ class _Runner:
         import mindspore as ms
         from mindspore import Tensor, nn
 
-        from finetune.dp_optimizer import DPOptimizer
-        from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
-        from finetune.peft import apply_bitfit, apply_lora
+        from finetune.dp.optimizer import DPOptimizer
+        from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+        from finetune.models.peft import apply_bitfit, apply_lora
 
         self.model = GPT2LMHeadModel(GPT2Config.preset(spec["preset"]), seed=seed)
         if method == "lora":

@@ -11,7 +11,7 @@ Data parallel: the same command under MindSpore's launcher trains one model on N
     msrun --worker_num=2 --local_worker_num=2 --join=True python -m finetune --table ... --out ...
 
 msrun starts the command N + 1 times (N workers and a scheduler). ``run`` calls
-``finetune.distributed.Distributed.from_env()`` before any other MindSpore work: the scheduler
+``finetune.dp.distributed.Distributed.from_env()`` before any other MindSpore work: the scheduler
 serves the cluster inside it and ends there; the workers share the global Poisson batch and the
 noise draw (``finetune.train.train(dist=...)``), so there is one release, charged in the ledger at
 the global rate q, and only rank 0 writes ``--out``.
@@ -114,7 +114,7 @@ def _check_args(args) -> None:
 def run(args) -> dict:
     """Everything after argument parsing; raises UserError for user mistakes."""
     _check_args(args)
-    from .distributed import Distributed, DistributedError
+    from .dp.distributed import Distributed, DistributedError
 
     # First MindSpore work: under msrun this joins the cluster (the scheduler process ends here).
     try:
@@ -125,11 +125,11 @@ def run(args) -> dict:
 
     from accountant.table import TableError, load_table
 
-    from . import checkpoint, peft
+    from .models import checkpoint, peft
     from .data import DataError, load_dataset
-    from .dp_optimizer import GeometryError
-    from .privacy import TableMismatchError
-    from .tokenizer import load_tokenizer
+    from .dp.optimizer import GeometryError
+    from .dp.guard import TableMismatchError
+    from .models.tokenizer import load_tokenizer
     from .train import train
 
     table = None
@@ -186,7 +186,7 @@ def run(args) -> dict:
 def _write_outputs(args, model, data, result, write: bool = True) -> dict:
     """The run's metrics; with ``write`` (rank 0 only under msrun) also write the weights,
     ``ledger.json`` and ``metrics.json`` to ``--out``."""
-    from . import checkpoint, peft
+    from .models import checkpoint, peft
 
     if not write:
         weights = "model.safetensors" if args.method == "full" else "adapter.safetensors"

@@ -94,7 +94,7 @@ def load_run(run_dir, model_override=None):
     if not os.path.isdir(run_dir):
         raise UserError(f"--run/--baseline: not a directory: {run_dir}")
     metrics = _read_json(os.path.join(run_dir, "metrics.json"), "metrics.json of the run")
-    from . import checkpoint, peft
+    from .models import checkpoint, peft
 
     base_name = model_override or metrics.get("model")
     if base_name is None:
@@ -198,7 +198,7 @@ def evaluate_runs(args):
 
     from .evaluation import plots, report
     from .evaluation.scoring import LMScorer
-    from .tokenizer import load_tokenizer
+    from .models.tokenizer import load_tokenizer
 
     runs = [args.run] + list(args.baseline)
     first_metrics = _read_json(os.path.join(args.run, "metrics.json"), "metrics.json of the run")

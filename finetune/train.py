@@ -1,8 +1,8 @@
 """The DP fine-tuning loop: Poisson batches -> clipped per-example sums -> table noise -> optimizer.
 
 ``train(...)`` is the functional loop the CLI (``python -m finetune``) runs; the pieces it wires are
-usable on their own (``finetune.poisson``, ``finetune.per_example``, ``finetune.dp_optimizer``,
-``finetune.privacy``).  ``DPModelStep`` plugs the same step into ``mindspore.train.Model`` (with
+usable on their own (``finetune.dp.sampling``, ``finetune.dp.per_example``, ``finetune.dp.optimizer``,
+``finetune.dp.guard``).  ``DPModelStep`` plugs the same step into ``mindspore.train.Model`` (with
 ``PrivacyBudgetCallback`` ending training before the budget is exceeded).
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from mindspore import Tensor, nn
 
 from accountant.randomness import make_rng
 
-from .distributed import shard
-from .dp_optimizer import DPOptimizer
-from .poisson import PoissonSampler, micro_batches
-from .privacy import PrivacyGuard, TableMismatchError, check_table
+from .dp.distributed import Distributed, shard
+from .dp.optimizer import DPOptimizer
+from .dp.sampling import PoissonSampler, micro_batches
+from .dp.guard import PrivacyGuard, TableMismatchError, check_table
 
 __all__ = ["TrainResult", "train", "perplexity", "peak_rss_mb", "DPModelStep"]
 
@@ -95,13 +95,13 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     The sampling rate and number of steps come from ``table`` (a run that does not match it is
-    refused, :func:`finetune.privacy.check_table`); ``steps`` may lower the number of steps.  The
+    refused, :func:`finetune.dp.guard.check_table`); ``steps`` may lower the number of steps.  The
     noisy sum is divided by the expected batch size ``q * N``.  Returns the metrics (``steps``,
     ``epsilon_spent``, ``delta``, ``train_perplexity``, ``val_perplexity``, ``seconds_per_step``,
     ``peak_rss_mb``, ...), the privacy guard (its ledger holds what was spent) and the optimizer.
     ``evaluate=False`` skips the perplexity passes (they are then ``None``).
 
-    Data parallel (``msrun``): pass ``dist=finetune.distributed.Distributed.from_env()``. With more
+    Data parallel (``msrun``): pass ``dist=finetune.dp.distributed.Distributed.from_env()``. With more
     than one worker every rank draws the identical global Poisson batch (at the global rate ``q``,
     the table's) from a shared generator and trains on its shard ``idx[rank::N]``; the clipped sums
     are summed exactly across workers before the noise is added once (``DPOptimizer(reduce_sum=)``),
@@ -211,7 +211,7 @@ class DPModelStep(nn.Cell):
     Each dataset row is one Poisson batch: the network's input arrays with a variable leading axis
     (e.g. rows chosen by ``PoissonSampler``).  The step runs on the host (clipping and noise are not
     traced), so ``__call__`` bypasses graph compilation; the per-example work inside is compiled.
-    Combine with ``finetune.privacy.PrivacyBudgetCallback(guard)``::
+    Combine with ``finetune.dp.guard.PrivacyBudgetCallback(guard)``::
 
         step = DPModelStep(dp_optimizer)
         Model(step).train(1, poisson_dataset, callbacks=[PrivacyBudgetCallback(guard)],
@@ -235,3 +235,17 @@ class DPModelStep(nn.Cell):
 
     def construct(self, *arrays):  # pragma: no cover - __call__ is used
         raise RuntimeError("DPModelStep runs on the host; call it, do not compile it")
+
+
+def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *,
+                      dist=None, check_sync_every: int = 0, **kwargs):
+    """``finetune.train.train`` for N data-parallel workers (works unchanged with one process).
+
+    The same loop (``train(..., dist=dist)``): same sampling, clipping, noise and ledger as one
+    process; the global batch is drawn once (identically on all ranks) and sharded. Every rank
+    returns the same metrics; let rank 0 write files. ``check_sync_every > 0`` verifies
+    bit-identical replicas every that many steps.
+    """
+    dist = dist if dist is not None else Distributed.from_env()
+    return train(model, train_ids, train_mask, val_ids, val_mask, dist=dist,
+                 check_sync_every=check_sync_every, **kwargs)

@@ -131,7 +131,7 @@ def test_lm_scorer_matches_model_loss_and_generates():
     from mindspore import Tensor
 
     from finetune.evaluation.scoring import LMScorer
-    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=256, n_positions=64)
     model = GPT2LMHeadModel(cfg, seed=0)

@@ -56,8 +56,8 @@ def test_cli_dp_lora_writes_adapter_ledger_and_metrics(files, tmp_path):
     assert metrics["train_perplexity"] > 1 and metrics["val_perplexity"] > 1
     from safetensors.numpy import load_file
 
-    from finetune.checkpoint import from_pretrained
-    from finetune.peft import is_adapter_name, load_adapter
+    from finetune.models.checkpoint import from_pretrained
+    from finetune.models.peft import is_adapter_name, load_adapter
 
     saved = load_file(str(out / "adapter.safetensors"))
     assert saved and all(is_adapter_name(k) for k in saved)
@@ -120,7 +120,7 @@ def test_cli_process_exit_code_and_help(files, tmp_path):
 # what each method may change (train() on a small GPT-2)
 # ---------------------------------------------------------------------------------------------
 def _small_model():
-    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=16),
                            seed=0)
@@ -128,7 +128,7 @@ def _small_model():
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
 def test_dp_training_changes_only_what_the_method_trains(files, method):
-    from finetune.peft import apply_bitfit, apply_lora, is_adapter_name
+    from finetune.models.peft import apply_bitfit, apply_lora, is_adapter_name
     from finetune.train import train
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -153,10 +153,10 @@ def test_dp_training_changes_only_what_the_method_trains(files, method):
 
 @pytest.mark.slow
 def test_short_dp_lora_run_lowers_validation_loss(tmp_path):
-    from finetune.checkpoint import from_pretrained
+    from finetune.models.checkpoint import from_pretrained
     from finetune.data import load_dataset
-    from finetune.peft import apply_lora
-    from finetune.tokenizer import load_tokenizer
+    from finetune.models.peft import apply_lora
+    from finetune.models.tokenizer import load_tokenizer
     from finetune.train import perplexity, train
 
     ms.set_context(mode=ms.GRAPH_MODE)

@@ -1,4 +1,4 @@
-"""Tests for finetune.tokenizer (real GPT-2 BPE, offline) and finetune.data (synthetic PII corpus,
+"""Tests for finetune.models.tokenizer (real GPT-2 BPE, offline) and finetune.data (synthetic PII corpus,
 jsonl loading, padding/masks, deterministic split, CLI)."""
 import json
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import data
-from finetune.tokenizer import FULL_VOCAB_SIZE, load_tokenizer
+from finetune.models.tokenizer import FULL_VOCAB_SIZE, load_tokenizer
 
 TEXTS = [
     "Hello world",

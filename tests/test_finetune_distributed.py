@@ -1,4 +1,4 @@
-"""Data-parallel DP fine-tuning (finetune.distributed).
+"""Data-parallel DP fine-tuning (finetune.dp.distributed).
 
 Fast tests check the pieces in one process (exact transport encoding, sharding, shared generators).
 The slow test launches 2 CPU workers with ``msrun`` on a tiny GPT-2 and checks that both ranks end
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("mindspore")
-dist_mod = pytest.importorskip("finetune.distributed")
+dist_mod = pytest.importorskip("finetune.dp.distributed")
 Distributed = dist_mod.Distributed
 
 ROOT = Path(dist_mod.__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_reduce_sum_hook_sums_before_the_noise_is_added_once():
     from mindspore import Tensor, nn
 
     from accountant.noise import Gaussian
-    from finetune.dp_optimizer import DPOptimizer
+    from finetune.dp.optimizer import DPOptimizer
 
     ms.set_context(mode=ms.GRAPH_MODE)
     rs = np.random.RandomState(0)
@@ -132,10 +132,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 from accountant.noise import Gaussian
-from finetune.distributed import Distributed, DistributedDPOptimizer, shard, train_distributed
-from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
-from finetune.peft import apply_lora
-from finetune.poisson import PoissonSampler, micro_batches
+from finetune.dp.distributed import Distributed, DistributedDPOptimizer, shard
+from finetune.train import train_distributed
+from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from finetune.models.peft import apply_lora
+from finetune.dp.sampling import PoissonSampler, micro_batches
 
 out = sys.argv[1]
 ms.set_context(mode=ms.GRAPH_MODE)

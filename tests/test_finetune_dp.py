@@ -15,10 +15,10 @@ from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian, Laplace  # noqa: E402
 from accountant.randomness import SecureRandom  # noqa: E402
 from accountant.table import write_certified_table  # noqa: E402
-from finetune.dp_optimizer import DPOptimizer, GeometryError  # noqa: E402
-from finetune.per_example import PerExampleGradients, SummedGradients  # noqa: E402
-from finetune.poisson import PoissonSampler, micro_batches  # noqa: E402
-from finetune.privacy import (PrivacyBudgetCallback, PrivacyBudgetExceeded, PrivacyGuard,  # noqa: E402
+from finetune.dp.optimizer import DPOptimizer, GeometryError  # noqa: E402
+from finetune.dp.per_example import PerExampleGradients, SummedGradients  # noqa: E402
+from finetune.dp.sampling import PoissonSampler, micro_batches  # noqa: E402
+from finetune.dp.guard import (PrivacyBudgetCallback, PrivacyBudgetExceeded, PrivacyGuard,  # noqa: E402
                               TableMismatchError, check_table)
 
 B, T, D, H, K = 4, 5, 6, 7, 3
@@ -133,8 +133,8 @@ def test_bookkeeping_norms_and_sums_equal_vmap(geometry):
 def test_bookkeeping_equals_vmap_on_gpt2_lora_and_biases():
     """The tapped GPT-2 path: LoRA factors, a frozen-base Linear weight, Linear and LayerNorm
     weights and biases all in one parameter set."""
-    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
-    from finetune.peft import apply_lora
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    from finetune.models.peft import apply_lora
 
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=16)
     model = GPT2LMHeadModel(cfg, seed=0)

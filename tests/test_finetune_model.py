@@ -1,5 +1,5 @@
-"""Tests for finetune.gpt2 (architecture, per-example losses/gradients, taps, generation)
-and finetune.checkpoint (Hugging Face safetensors and MindSpore .ckpt, both directions)."""
+"""Tests for finetune.models.gpt2 (architecture, per-example losses/gradients, taps, generation)
+and finetune.models.checkpoint (Hugging Face safetensors and MindSpore .ckpt, both directions)."""
 import json
 import math
 
@@ -9,7 +9,7 @@ import pytest
 ms = pytest.importorskip("mindspore")
 from mindspore import Tensor, ops  # noqa: E402
 
-from finetune.gpt2 import GPT2Config, GPT2LMHeadModel, generate  # noqa: E402
+from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel, generate  # noqa: E402
 
 # Small enough that graph compilation stays a few seconds, big enough to have 2 blocks and 2 heads.
 CFG = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=24)
@@ -236,8 +236,8 @@ def test_generate_greedy_matches_stepwise_argmax(model):
 
 
 # ---------------------------------------------------------------- checkpoints
-from finetune import checkpoint as ckpt  # noqa: E402
-from finetune import peft  # noqa: E402
+from finetune.models import checkpoint as ckpt  # noqa: E402
+from finetune.models import peft  # noqa: E402
 
 
 def _write_hf_dir(path, cfg, sd):

@@ -1,6 +1,6 @@
 """Model-facing helpers for evaluation: per-text losses, generation and generation latency.
 
-``LMScorer`` wraps a ``finetune.gpt2.GPT2LMHeadModel`` and a tokenizer with ``encode(text) ->
+``LMScorer`` wraps a ``finetune.models.gpt2.GPT2LMHeadModel`` and a tokenizer with ``encode(text) ->
 list[int]`` and ``decode(ids) -> str``. Every batch is padded to one fixed shape [batch, seq_len]
 (MindSpore recompiles for each new input shape), and padding is masked out of the loss.
 """
@@ -90,7 +90,7 @@ class LMScorer:
     def generate(self, prompts, max_new_tokens: int = 48, top_k: int = 40, seed: int = 0,
                  batch_size: int | None = None):
         """Sampled continuations (text, prompt excluded) of each prompt, in fixed-size batches."""
-        from finetune.gpt2 import generate
+        from finetune.models.gpt2 import generate
 
         bs = int(batch_size or self.batch_size)
         enc = [list(self.tokenizer.encode(p)) or [0] for p in prompts]
@@ -121,7 +121,7 @@ class LMScorer:
                            seed: int = 0, warmup: bool = True) -> float:
         """Fastest of ``repeats`` wall times to generate for ``prompts`` (greedy); with ``warmup``
         one untimed call first (compilation)."""
-        from finetune.gpt2 import generate
+        from finetune.models.gpt2 import generate
 
         enc = [list(self.tokenizer.encode(p)) or [0] for p in prompts]
         if warmup:

@@ -1,4 +1,4 @@
-"""Load and save ``finetune.gpt2`` weights: Hugging Face safetensors and MindSpore .ckpt.
+"""Load and save ``finetune.models.gpt2`` weights: Hugging Face safetensors and MindSpore .ckpt.
 
 Hugging Face GPT-2 files (``config.json`` + ``model.safetensors``, optionally sharded with
 ``model.safetensors.index.json``) use ``Conv1D`` layers whose weights are stored [in, out]; this
@@ -12,7 +12,7 @@ must equal the token embedding (GPT-2 ties them).
 Nothing here unpickles: safetensors is a flat tensor format and MindSpore .ckpt is protobuf.
 PyTorch ``pytorch_model.bin`` files (pickles) are refused.
 
-    from finetune.checkpoint import from_pretrained, save_pretrained
+    from finetune.models.checkpoint import from_pretrained, save_pretrained
     model = from_pretrained("tiny")                 # preset, random init
     model = from_pretrained("path/to/gpt2-dir")     # config.json + model.safetensors (or model.ckpt)
     save_pretrained(model, "out-dir")               # config.json + model.safetensors (HF layout)

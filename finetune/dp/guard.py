@@ -4,9 +4,9 @@ A noise table certifies ``T`` steps of the Poisson-subsampled mechanism with rat
 ``table.noise`` and clipping geometry ``table.geometry``, at ``(epsilon, delta)``.  A training run
 is covered by that certificate only if it
 
-* samples with the same rate ``q`` (Poisson, ``finetune.poisson``; docs/soundness.md rule 7),
+* samples with the same rate ``q`` (Poisson, ``finetune.dp.sampling``; docs/soundness.md rule 7),
 * takes at most ``T`` steps (composition: fewer steps never cost more), and
-* clips in the table's geometry (``finetune.dp_optimizer.clip_geometry``).
+* clips in the table's geometry (``finetune.dp.optimizer.clip_geometry``).
 
 :func:`check_table` refuses anything else with :class:`TableMismatchError`.  :class:`PrivacyGuard`
 charges every step to an ``accountant.ledger.PrivacyLedger`` whose budget is the table's certified

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning for ``finetune.gpt2``: LoRA and BiTFiT.
+"""Parameter-efficient fine-tuning for ``finetune.models.gpt2``: LoRA and BiTFiT.
 
 * LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685):
   a frozen Dense weight W [out, in] gets a trainable low-rank update,
@@ -12,7 +12,7 @@
 Parameter names: a LoRA layer keeps the Hugging Face names of its base weights and adds
 ``<layer>.lora_A`` / ``<layer>.lora_B`` (e.g. ``transformer.h.0.attn.c_attn.lora_A``).
 
-    from finetune.peft import apply_lora, apply_bitfit, trainable_parameter_names, save_adapter
+    from finetune.models.peft import apply_lora, apply_bitfit, trainable_parameter_names, save_adapter
     apply_lora(model, r=8, alpha=16, targets=("c_attn",))   # or apply_bitfit(model)
     model.trainable_params()                                 # only what the method trains
     save_adapter(model, "adapter.safetensors")               # only the trained tensors
@@ -23,8 +23,8 @@ probe sits on its full output y, so for output gradient g: dL/dB = (alpha/r) sum
 dL/dA = (alpha/r) sum_t (B^T g_t) x_t^T.
 
 Note: ``merged`` is a Python attribute read when a graph is compiled; rebuild ``ms.jit`` functions
-after merging or unmerging (``finetune.gpt2.generate`` does this itself). Weights are written in
-place (``finetune.gpt2.assign_parameter``), so graphs compiled before a load or merge see the new
+after merging or unmerging (``finetune.models.gpt2.generate`` does this itself). Weights are written in
+place (``finetune.models.gpt2.assign_parameter``), so graphs compiled before a load or merge see the new
 values.
 """
 from __future__ import annotations
@@ -190,7 +190,7 @@ def save_adapter(model, path) -> list:
 
     info = getattr(model, "peft", None)
     if not info:
-        raise AdapterError("model has no LoRA/BiTFiT applied; use finetune.checkpoint for full weights")
+        raise AdapterError("model has no LoRA/BiTFiT applied; use finetune.models.checkpoint for full weights")
     if info["method"] == "lora" and any(c.merged for _, c in lora_layers(model)):
         raise AdapterError("LoRA layers are merged; unmerge_lora(model) before saving the adapter")
     tensors = {n: p.asnumpy() for n, p in model.parameters_and_names() if p.requires_grad}

@@ -25,12 +25,12 @@ Parameter names follow the Hugging Face layout exactly::
     (lm_head.weight is tied to transformer.wte.weight and is not a separate parameter)
 
 Dense weights are stored [out, in] because ``ops.dense(x, W, b)`` with that layout is ~5x faster
-on CPU than a 3-D matmul. Hugging Face ``Conv1D`` stores [in, out]; ``finetune.checkpoint``
+on CPU than a 3-D matmul. Hugging Face ``Conv1D`` stores [in, out]; ``finetune.models.checkpoint``
 transposes when it reads or writes Hugging Face files.
 
 API for training code (the DP optimizer builds on exactly this)::
 
-    from finetune.gpt2 import GPT2Config, GPT2LMHeadModel
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config.tiny(), seed=0)
     logits = model(input_ids, attention_mask)                 # [B, T] int32, [B, T] float32 -> [B, T, V]
     losses = model.loss(input_ids, attention_mask)            # [B] per-example mean token NLL
@@ -94,7 +94,7 @@ class GPT2Config:
       * ``tiny()``: 2 layers, width 128, 2 heads, 256 positions, vocabulary 5000. The vocabulary is
         the real GPT-2 byte-level BPE cut to its first 4743 merges (ids 0..4998 are *the same ids*
         as full GPT-2, lossless on any text; ``<|endoftext|>`` becomes id 4999). See
-        ``finetune.tokenizer.load_tokenizer(vocab_size=5000)``. Cutting merges, not remapping ids,
+        ``finetune.models.tokenizer.load_tokenizer(vocab_size=5000)``. Cutting merges, not remapping ids,
         keeps every id meaningful and makes the 50k-row embedding/head 10x smaller for tests and
         benchmarks.
       * ``small()``: GPT-2 small, 124M parameters (12 x 768, 12 heads, 1024 positions, 50257 ids).

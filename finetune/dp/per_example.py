@@ -363,7 +363,7 @@ class _TapLoss(nn.Cell):
 
 
 class _TappedClipSum(nn.Cell):
-    """Book-keeping front-end for models exposing taps (``finetune.gpt2`` protocol):
+    """Book-keeping front-end for models exposing taps (``finetune.models.gpt2`` protocol):
     ``model.loss(*inputs, probes) -> (losses, saved)`` with one probe per tap."""
 
     def __init__(self, model, slots, in_shapes, out_shapes, geometry):
@@ -382,7 +382,7 @@ class _TappedClipSum(nn.Cell):
 # public entry point
 # --------------------------------------------------------------------------------------------
 def _is_tapped(network) -> bool:
-    """The ``finetune.gpt2`` book-keeping protocol: ``taps()``, ``loss(*inputs[, probes])``."""
+    """The ``finetune.models.gpt2`` book-keeping protocol: ``taps()``, ``loss(*inputs[, probes])``."""
     return callable(getattr(network, "taps", None)) and callable(getattr(network, "loss", None))
 
 
@@ -414,7 +414,7 @@ class PerExampleGradients:
     """Clipped sums of per-example gradients.
 
     ``network``: either a Cell whose ``construct(*inputs)`` takes a batch (leading axis = examples)
-    and returns the per-example losses [B], or a tapped model (``finetune.gpt2.GPT2LMHeadModel``:
+    and returns the per-example losses [B], or a tapped model (``finetune.models.gpt2.GPT2LMHeadModel``:
     ``loss(*inputs)`` gives the per-example losses, ``taps()`` the book-keeping layers).
     ``params``: the trainable parameters, in the order the gradients are returned (default
     ``network.trainable_params()``).  ``geometry``: ``"l2"`` or ``"l1"``.  ``method``: ``"auto"``,
@@ -524,7 +524,7 @@ class PerExampleGradients:
         if self._cell is not None:
             if shapes != self._shapes:
                 raise ValueError(f"micro-batch shapes changed from {self._shapes} to {shapes}; "
-                                 "pad every micro-batch to one shape (finetune.poisson)")
+                                 "pad every micro-batch to one shape (finetune.dp.sampling)")
             return
         self._shapes = shapes
         if self.method == "vmap":

@@ -2,7 +2,7 @@
 
 One step (Abadi et al. 2016, Algorithm 1, with the noise law replaced by the table's):
 
-1. per-example gradients of the Poisson-sampled examples (``finetune.per_example``), each clipped
+1. per-example gradients of the Poisson-sampled examples (``finetune.dp.per_example``), each clipped
    to norm ``C`` in the norm the table's certificate covers: ``l2`` for Gaussian tables, ``l1`` for
    Laplace-type / LMO tables (docs/soundness.md rule 2); a ``scalar`` table certifies one real number and
    is refused for a gradient with more than one coordinate;
@@ -81,14 +81,14 @@ class DPOptimizer:
     Parameters
     ----------
     optimizer: the MindSpore optimizer; its ``parameters`` are the ones trained.
-    network: a Cell returning per-example losses, or a tapped model (``finetune.gpt2``).
+    network: a Cell returning per-example losses, or a tapped model (``finetune.models.gpt2``).
     table: a certified ``accountant.table.NoiseTable`` (noise law and geometry); ``None`` only with
         ``private=False``.
     max_grad_norm: clipping norm ``C`` (in the table's geometry); the noise is ``C * Z``.
     expected_batch_size: ``q * N``; the noisy sum is divided by it.
     per_example: ``"auto"``, ``"vmap"`` or ``"bookkeeping"``.
     seed / secure / rng: the noise source (seeded PCG64, OS-keyed ChaCha20, or your own).
-    guard: optional ``finetune.privacy.PrivacyGuard``; checked before and charged after each step.
+    guard: optional ``finetune.dp.guard.PrivacyGuard``; checked before and charged after each step.
     private: ``False`` runs the same pipeline without clipping or noise (non-private baseline).
     add_noise: testing switch; ``False`` makes the step non-private.
     reduce_sum: data-parallel hook. ``None`` (one process) or a callable that receives one float64
@@ -97,7 +97,7 @@ class DPOptimizer:
         sum of that vector over all workers, identical on every worker. It is called once per step,
         *before* the noise is added, so the noise is added once to the global sum (never per worker
         and then averaged, which would divide its variance by the number of workers).
-        ``finetune.distributed.Distributed.allreduce_sum_f64`` is such a callable.
+        ``finetune.dp.distributed.Distributed.allreduce_sum_f64`` is such a callable.
     """
 
     def __init__(self, optimizer: nn.Optimizer, network: nn.Cell, table=None, *,

@@ -6,7 +6,7 @@ Correct DP-SGD with N workers (docs/soundness.md rules 1 and 7):
    seed, or for ``secure=True`` a ChaCha20 key drawn by rank 0 from ``os.urandom`` and shared), so
    all workers draw the *same* global batch with the certified rate ``q`` (global expected batch /
    dataset size) and each takes its shard ``indices[rank::N]``. No example is dropped or repeated.
-2. **Each worker clips its own examples** and sums them (``finetune.per_example``).
+2. **Each worker clips its own examples** and sums them (``finetune.dp.per_example``).
 3. **The clipped sums are summed across workers exactly**: float64 host sums are exchanged
    bit-for-bit (MindSpore 2.10's CPU ``AllReduce`` only takes float32/float16, so the 64-bit words
    travel as 16-bit pieces in float32, which add to zero padding exactly) and added in rank order,
@@ -24,7 +24,7 @@ Use::
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True my_train.py
 
-    from finetune.distributed import Distributed, DistributedDPOptimizer, shard
+    from finetune.dp.distributed import Distributed, DistributedDPOptimizer, shard
     dist = Distributed.from_env()                      # rank/world from msrun; world 1 otherwise
     dp = DistributedDPOptimizer(opt, model, table, dist=dist, seed=0, max_grad_norm=1.0,
                                 expected_batch_size=q * n)
@@ -33,7 +33,7 @@ Use::
         mine = shard(idx, dist)
         dp.step([([ids[m.indices], mask[m.indices]], m.mask) for m in micro_batches(mine, 16)])
 
-or simply ``train_distributed(...)`` (same arguments and result as ``finetune.train.train``).
+or simply ``finetune.train.train_distributed(...)`` (same arguments and result as ``finetune.train.train``).
 Workers need the virtualenv first on ``PATH`` (msrun starts ``python`` from ``PATH``). msrun also
 accepts a module: ``msrun --worker_num=2 --local_worker_num=2 --join=True python -m pkg.mod ARGS``.
 
@@ -49,10 +49,10 @@ import os
 
 import numpy as np
 
-from .dp_optimizer import DPOptimizer
+from .optimizer import DPOptimizer
 
 __all__ = ["Distributed", "SharedSecureRandom", "DistributedDPOptimizer", "shard",
-           "train_distributed", "DistributedError"]
+           "DistributedError"]
 
 _CHUNK_WORDS = 1 << 20  # 64-bit words per collective call (4 float32 each, per rank)
 
@@ -206,7 +206,7 @@ def shard(indices, dist: Distributed) -> np.ndarray:
 
 
 class DistributedDPOptimizer(DPOptimizer):
-    """A ``finetune.dp_optimizer.DPOptimizer`` whose ``reduce_sum`` hook sums the workers' clipped
+    """A ``finetune.dp.optimizer.DPOptimizer`` whose ``reduce_sum`` hook sums the workers' clipped
     sums and step statistics exactly (``Distributed.allreduce_sum_f64``) before the noise is added,
     and whose noise generator is shared, so the identical noise is added once to the global sum on
     every worker.
@@ -228,19 +228,3 @@ class DistributedDPOptimizer(DPOptimizer):
         super().__init__(optimizer, network, table, rng=self.dist.shared_rng(seed, secure),
                          reduce_sum=reduce_sum, **kwargs)
         self.secure = bool(secure)
-
-
-def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *,
-                      dist: Distributed | None = None, check_sync_every: int = 0, **kwargs):
-    """``finetune.train.train`` for N data-parallel workers (works unchanged with one process).
-
-    The same loop (``train(..., dist=dist)``): same sampling, clipping, noise and ledger as one
-    process; the global batch is drawn once (identically on all ranks) and sharded. Every rank
-    returns the same metrics; let rank 0 write files. ``check_sync_every > 0`` verifies
-    bit-identical replicas every that many steps.
-    """
-    from .train import train
-
-    dist = dist if dist is not None else Distributed.from_env()
-    return train(model, train_ids, train_mask, val_ids, val_mask, dist=dist,
-                 check_sync_every=check_sync_every, **kwargs)
