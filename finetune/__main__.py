@@ -183,6 +183,16 @@ def run(args) -> dict:
     return metrics
 
 
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _write_outputs(args, model, data, result, write: bool = True) -> dict:
     """The run's metrics; with ``write`` (rank 0 only under msrun) also write the weights,
     ``ledger.json`` and ``metrics.json`` to ``--out``."""
@@ -201,7 +211,9 @@ def _write_outputs(args, model, data, result, write: bool = True) -> dict:
     metrics.update(method=args.method, per_example=result.optimizer.method, model=args.model,
                    table=os.path.basename(args.table) if args.table else None,
                    n_train=len(data.train), n_val=len(data.val), seed=None if args.secure else args.seed,
-                   weights=os.path.basename(weights))
+                   weights=os.path.basename(weights),
+                   # the corpus, so python -m finetune.evaluate --run finds it and notices a change
+                   data=os.path.abspath(args.data), data_sha256=_sha256(args.data))
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in metrics.items()}
     if write:
@@ -224,9 +236,10 @@ def main(argv=None) -> int:
     eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
                if metrics["private"] else "no DP")
     where = f"wrote {args.out}" if metrics.pop("_wrote", True) else "rank 0 writes the outputs"
-    print(f"{metrics['steps']} steps, {eps_txt}, train perplexity {metrics['train_perplexity']:.3f}, "
-          f"val perplexity {metrics['val_perplexity']}, {metrics['seconds_per_step']:.3f} s/step; "
-          f"{where}")
+    val = metrics["val_perplexity"]
+    print(f"{metrics['steps']} steps, {eps_txt}, train perplexity {metrics['train_perplexity']:.2f}, "
+          f"val perplexity {'n/a' if val is None else f'{val:.2f}'}, "
+          f"{metrics['seconds_per_step']:.3f} s/step; {where}")
     return 0
 
 
