@@ -1,10 +1,11 @@
 """``python -m finetune.evaluate``: did DP fine-tuning protect the data, and what did it cost?
 
-    python -m finetune.evaluate --run runs/dp --data data.jsonl [--baseline runs/nodp] --out report/
+    python -m finetune.evaluate --run runs/dp [--baseline runs/nodp] --out report/
 
 Reads a run directory written by ``python -m finetune`` (``metrics.json``, ``ledger.json``,
 ``adapter.safetensors`` or ``model.safetensors`` + ``config.json``), rebuilds the base model it
-started from and the fine-tuned model, and measures on the corpus it was trained on (train records =
+started from and the fine-tuned model, and measures on the corpus it was trained on (recorded in
+``metrics.json`` with its sha256; a corpus changed since training is refused; train records =
 members, validation records = non-members):
 
 - utility: validation perplexity (fine-tuned and base), training seconds per step and peak memory
@@ -57,8 +58,9 @@ def _parser():
     p.add_argument("--baseline", action="append", default=[],
                    help="another run directory (e.g. the --no-dp run) evaluated the same way and "
                         "drawn in the same plots; repeatable")
-    p.add_argument("--data", help="the jsonl corpus the runs were trained on (required unless the "
-                                  "run's metrics.json records it)")
+    p.add_argument("--data", help="the jsonl corpus the runs were trained on (default: the path "
+                                  "recorded in the run's metrics.json; its sha256 must match the "
+                                  "recorded one)")
     p.add_argument("--table", help="the run's noise table (default: the file named in metrics.json, "
                                    "looked up next to the run directory and in the working directory)")
     p.add_argument("--model", help="base model the run started from (default: metrics.json 'model')")
@@ -192,6 +194,34 @@ def sampler_audit(table_path, draws, seed):
     return res, table
 
 
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_corpus(run_dirs, data_arg=None) -> str:
+    """The corpus the runs were trained on: ``--data`` or the path the first run recorded; refused
+    when it is missing or its sha256 differs from what any run recorded (members would be mislabelled)."""
+    recorded = [(d, _read_json(os.path.join(d, "metrics.json"), "metrics.json of the run"))
+                for d in run_dirs]
+    path = data_arg or recorded[0][1].get("data")
+    if not path:
+        raise UserError(f"{run_dirs[0]}/metrics.json does not record the training corpus; pass --data")
+    if not os.path.isfile(path):
+        raise UserError(f"the corpus {run_dirs[0]} was trained on is gone: {path}; pass --data")
+    digest = file_sha256(path)
+    for d, m in recorded:
+        if m.get("data_sha256") not in (None, digest):
+            raise UserError(f"{path} changed since {d} was trained on it (sha256 differs); evaluate "
+                            "on the exact training corpus (or pass --data with it)")
+    return path
+
+
 # ----------------------------------------------------------------------------------- main
 def evaluate_runs(args):
     from tqdm import tqdm
@@ -201,10 +231,10 @@ def evaluate_runs(args):
     from .models.tokenizer import load_tokenizer
 
     runs = [args.run] + list(args.baseline)
-    first_metrics = _read_json(os.path.join(args.run, "metrics.json"), "metrics.json of the run")
-    data_path = args.data or first_metrics.get("data")
-    if not data_path:
-        raise UserError("--data is required (the run's metrics.json does not record its corpus)")
+    for run_dir in runs:
+        if not os.path.isdir(run_dir):
+            raise UserError(f"--run/--baseline: not a directory: {run_dir}")
+    data_path = resolve_corpus(runs, args.data)
     data = load_eval_data(data_path, args.canaries)
     opts = report.EvalOptions(n_generate=args.n_generate, max_new_tokens=args.max_new_tokens,
                               top_k=args.top_k, mia_limit=args.mia_limit, seed=args.seed)
@@ -305,10 +335,6 @@ def _jsonable(x):
     return x
 
 
-def _fmt(v, f="{:.3f}"):
-    return "n/a" if v is None else f.format(v)
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -325,32 +351,9 @@ def main(argv=None) -> int:
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
-    eps = s["epsilon"]
-    print(f"epsilon {_fmt(eps, '{:.4g}')} (delta {_fmt(s['delta'], '{:g}')})"
-          f"{'' if eps is not None else ' [non-private]'}")
-    print(f"  utility   val perplexity {_fmt(s['val_perplexity'])} (base {_fmt(s['base_val_perplexity'])}),"
-          f" {_fmt(s['train_seconds_per_step'])} s/step, inference overhead "
-          f"{_fmt(None if s['inference_overhead'] is None else 100 * s['inference_overhead'], '{:+.1f}')}%")
-    print(f"  MIA       AUC {_fmt(s['mia_auc'])} [{_fmt(s['mia_auc_ci'][0])}, {_fmt(s['mia_auc_ci'][1])}]"
-          f" ({s['mia_attack']} attack), TPR@1%FPR {_fmt(s['mia_tpr_at_1pct_fpr'])}"
-          + ("" if eps is None else f", inside the DP bound at 95%: {s['mia_inside_dp_bound']}"
-             f" (largest empirical excess {s['mia_dp_bound_max_excess']:+.3f})"))
-    print(f"  PII       precision {_fmt(s['pii_precision'])}, recall {_fmt(s['pii_recall'])} "
-          f"(held-out recall {_fmt(s['pii_holdout_recall'])}, {s['pii_extracted']} extracted)")
-    if s["canary_exposure_max"] is not None:
-        print(f"  canaries  exposure mean {_fmt(s['canary_exposure_mean'], '{:.2f}')}, max "
-              f"{_fmt(s['canary_exposure_max'], '{:.2f}')} bits")
-    print(f"  audit     one-run empirical eps >= {_fmt(s['audit_epsilon_lower_bound'])} (95%), "
-          f"certified {_fmt(eps, '{:.4g}')}")
-    if s["sampler_audit_epsilon_lower_bound"] is not None:
-        print(f"  sampler   empirical eps >= {_fmt(s['sampler_audit_epsilon_lower_bound'])} (95%), "
-              f"certified one release {_fmt(s['sampler_certified_epsilon'])}")
-    for name, b in s.get("baselines", {}).items():
-        print(f"  baseline {name}: val perplexity {_fmt(b['val_perplexity'])}, MIA AUC "
-              f"{_fmt(b['mia_auc'])}, TPR@1%FPR {_fmt(b['mia_tpr_at_1pct_fpr'])}, PII precision "
-              f"{_fmt(b['pii_precision'])} recall {_fmt(b['pii_recall'])}, audit eps >= "
-              f"{_fmt(b['audit_epsilon_lower_bound'])}")
-    print(f"wrote summary.json, details.json and {len(s['plots'])} plots to {args.out}")
+    from .evaluation.report import summary_text
+
+    print(summary_text(s, args.out))
     return 0
 
 

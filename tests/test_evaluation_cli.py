@@ -283,3 +283,85 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
     assert s["baselines"]["nodp"]["val_perplexity"] < s["val_perplexity"]
     assert {"roc", "perplexity_vs_epsilon", "noise_density"} <= set(s["plots"])
     assert "epsilon" in p.stdout
+
+
+# ------------------------------------------------------------------ the run names its corpus
+def _fake_run(tmp_path, name, data, sha=None):
+    from finetune.evaluate import file_sha256
+
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(
+        {"data": str(data), "data_sha256": sha or file_sha256(data), "model": "tiny"}))
+    return d
+
+
+def test_run_finds_its_corpus_and_refuses_a_changed_one(tmp_path, capsys):
+    from finetune.evaluate import UserError, resolve_corpus
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "split": "train"}\n')
+    run = _fake_run(tmp_path, "run", data)
+    assert resolve_corpus([str(run)]) == str(data)
+    # a copy elsewhere with the same bytes is accepted through --data
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    assert resolve_corpus([str(run)], str(copy)) == str(copy)
+    # one byte changed since training: refused, for the run and for a baseline alike
+    data.write_text('{"text": "b", "split": "train"}\n')
+    with pytest.raises(UserError, match="changed since"):
+        resolve_corpus([str(run)])
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"text": "c", "split": "train"}\n')
+    good, forged = _fake_run(tmp_path, "good", ok), _fake_run(tmp_path, "forged", ok, sha="0" * 64)
+    with pytest.raises(UserError, match="forged"):
+        resolve_corpus([str(good), str(forged)])
+    # through the command line: one line, exit code 2
+    assert _cli(["--run", str(run), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "changed since" in err
+    # corpus gone, or never recorded
+    data.unlink()
+    with pytest.raises(UserError, match="gone"):
+        resolve_corpus([str(run)])
+    (run / "metrics.json").write_text(json.dumps({"model": "tiny"}))
+    with pytest.raises(UserError, match="pass --data"):
+        resolve_corpus([str(run)])
+
+
+def _summary(**over):
+    s = {"epsilon": 0.99981234, "delta": 1e-5, "val_perplexity": 4300.570697481919,
+         "base_val_perplexity": 8.32811, "train_seconds_per_step": 0.41837,
+         "inference_overhead": -0.1133, "mia_attack": "reference", "mia_auc": 0.56034,
+         "mia_auc_ci": [0.5251, 0.5961], "mia_tpr_at_1pct_fpr": 0.038, "mia_inside_dp_bound": True,
+         "mia_dp_bound_max_excess": 0.0262, "pii_precision": 0.0, "pii_recall": 0.0,
+         "pii_holdout_recall": 0.0, "pii_extracted": 91, "canary_exposure_mean": 1.3389,
+         "canary_exposure_max": 4.3541, "audit_epsilon_lower_bound": 0.0,
+         "sampler_audit_epsilon_lower_bound": 0.6461, "sampler_certified_epsilon": 0.9589,
+         "plots": {"roc": "roc.png"}}
+    s.update(over)
+    return s
+
+
+def test_summary_text_is_rounded_and_explains_its_terms():
+    from finetune.evaluation.report import GLOSSARY, summary_text
+
+    base = _summary(epsilon=None, delta=None, val_perplexity=4.1101, mia_auc=0.6786,
+                    mia_inside_dp_bound=None, pii_precision=0.0946, audit_epsilon_lower_bound=0.1287)
+    text = summary_text(_summary(baselines={"nodp": base}), "report")
+    assert "val perplexity 4300.57 (base 8.33)" in text
+    assert "epsilon 0.9999 (delta 1e-05)" in text and "inside the DP bound at 95%: yes" in text
+    assert "baseline nodp (non-private): val perplexity 4.11, MIA AUC 0.679" in text
+    assert "4300.570697" not in text and "0.99981234" not in text
+    terms = text.split("terms (one line each):\n")[1].splitlines()
+    for term, _ in GLOSSARY:  # every term used above is explained on its own line
+        assert sum(line.strip().startswith(term + " ") for line in terms) == 1
+    assert {"base", "inside the DP bound at 95%"} <= {t for t, _ in GLOSSARY}
+    # no canaries: the audit line says how to get them instead of a bare n/a
+    text = summary_text(_summary(audit_epsilon_lower_bound=None, canary_exposure_max=None))
+    assert "python -m finetune.evaluation.prepare" in text
+    # a significant violation is shouted
+    assert "inside the DP bound at 95%: NO" in summary_text(_summary(mia_inside_dp_bound=False))
+    # a certified epsilon is rounded up, never printed below its value
+    assert "epsilon 1.001 (delta" in summary_text(_summary(epsilon=1.0000001))
+    assert "epsilon 0.3 (delta" in summary_text(_summary(epsilon=0.3))

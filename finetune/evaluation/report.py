@@ -210,3 +210,94 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
                                       else sampler_audit.get("certified_epsilon")),
     }
     return s
+
+
+# ------------------------------------------------------------------------------ for people
+GLOSSARY = (
+    ("epsilon", "the certified privacy loss the run spent (smaller is more private; with delta, "
+                "the failure probability); non-private runs have none"),
+    ("base", "the model the run started from (its --model) before fine-tuning on this corpus: "
+             "what the model knew without the private records"),
+    ("val perplexity", "how well the model predicts held-out records it never trained on "
+                       "(lower is better)"),
+    ("MIA AUC", "membership inference: 0.5 = an attacker cannot tell training records from "
+                "held-out ones, 1.0 = always can; TPR@1%FPR = training records caught when 1% of "
+                "held-out ones are wrongly accused"),
+    ("inside the DP bound at 95%", "no point of the attack's ROC curve is significantly above "
+                                   "TPR = e^eps x FPR + delta (Clopper-Pearson, 95%), the most any "
+                                   "(eps, delta)-DP model allows"),
+    ("PII precision/recall", "of the names, e-mails, phones and addresses in sampled generations "
+                             "(minus those the base model also produces): share that are training "
+                             "PII / share of all training PII recovered"),
+    ("exposure", "how much more likely the model finds its secret canaries than random ones, in "
+                 "bits (about 1 = chance, log2 of the number of possible secrets = memorised)"),
+    ("one-run audit", "an empirical lower bound on epsilon from guessing which audit canaries "
+                      "were trained on (95% confidence); it must stay below the certified epsilon"),
+)
+
+
+def _num(v, fmt="{:.3f}"):
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _rounded(v, digits: int = 4, up: bool = True) -> str:
+    """``v`` to ``digits`` significant digits, rounded up (a certified epsilon is never printed
+    below its value) or down (an empirical lower bound is never printed above its value)."""
+    if v is None:
+        return "n/a"
+    if v == 0 or not math.isfinite(v):
+        return f"{v:g}"
+    k = max(0, digits - 1 - math.floor(math.log10(abs(v))))
+    scaled = v * 10 ** k
+    r = math.ceil(scaled - 1e-9 * abs(scaled)) if up else math.floor(scaled + 1e-9 * abs(scaled))
+    text = f"{r / 10 ** k:.{k}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def summary_text(s: dict, out_dir: str | None = None) -> str:
+    """The summary printed by ``python -m finetune.evaluate``: numbers rounded for reading, then one
+    line per term. ``s`` is the dictionary of ``summarise`` plus ``baselines`` (same keys)."""
+    eps = s["epsilon"]
+    pct = lambda x: None if x is None else 100.0 * x
+    lines = [f"epsilon {_rounded(eps)} (delta {_num(s['delta'], '{:g}')})"
+             + ("" if eps is not None else " [non-private]"),
+             f"  utility   val perplexity {_num(s['val_perplexity'], '{:.2f}')} (base "
+             f"{_num(s['base_val_perplexity'], '{:.2f}')}), "
+             f"{_num(s.get('train_seconds_per_step'), '{:.3f}')} s/step, inference overhead "
+             f"{_num(pct(s['inference_overhead']), '{:+.1f}')}%"]
+    mia = (f"  MIA       AUC {_num(s['mia_auc'])} [{_num(s['mia_auc_ci'][0])}, "
+           f"{_num(s['mia_auc_ci'][1])}] ({s['mia_attack']} attack), TPR@1%FPR "
+           f"{_num(s['mia_tpr_at_1pct_fpr'])}")
+    if eps is not None:
+        mia += (f", inside the DP bound at 95%: {'yes' if s['mia_inside_dp_bound'] else 'NO'}"
+                f" (largest empirical excess {_num(s['mia_dp_bound_max_excess'], '{:+.3f}')})")
+    lines.append(mia)
+    lines.append(f"  PII       precision {_num(s['pii_precision'])}, recall {_num(s['pii_recall'])} "
+                 f"(held-out recall {_num(s['pii_holdout_recall'])}; {s['pii_extracted']} PII strings "
+                 f"in the generations)")
+    if s.get("canary_exposure_max") is not None:
+        lines.append(f"  canaries  exposure mean {_num(s['canary_exposure_mean'], '{:.2f}')}, max "
+                     f"{_num(s['canary_exposure_max'], '{:.2f}')} bits")
+    if s.get("audit_epsilon_lower_bound") is None:
+        lines.append("  audit     n/a: the corpus has no canaries (add them before training with "
+                     "python -m finetune.evaluation.prepare)")
+    else:
+        lines.append(f"  audit     one-run empirical eps >= {_rounded(s['audit_epsilon_lower_bound'], 3, up=False)} "
+                     f"(95%), certified {_rounded(eps)}")
+    if s.get("sampler_audit_epsilon_lower_bound") is not None:
+        lines.append(f"  sampler   noise-table audit: empirical eps >= "
+                     f"{_rounded(s['sampler_audit_epsilon_lower_bound'], 3, up=False)} (95%), certified for one "
+                     f"release {_rounded(s['sampler_certified_epsilon'], 3)}")
+    for name, b in (s.get("baselines") or {}).items():
+        be = b.get("epsilon")
+        lines.append(f"  baseline {name} ({'eps ' + _rounded(be) if be is not None else 'non-private'}):"
+                     f" val perplexity {_num(b['val_perplexity'], '{:.2f}')}, MIA AUC "
+                     f"{_num(b['mia_auc'])}, TPR@1%FPR {_num(b['mia_tpr_at_1pct_fpr'])}, PII precision "
+                     f"{_num(b['pii_precision'])} recall {_num(b['pii_recall'])}, audit eps >= "
+                     f"{_rounded(b['audit_epsilon_lower_bound'], 3, up=False)}")
+    lines.append("terms (one line each):")
+    width = max(len(t) for t, _ in GLOSSARY)
+    lines += [f"  {t:<{width}}  {d}" for t, d in GLOSSARY]
+    if out_dir is not None:
+        lines.append(f"wrote summary.json, details.json and {len(s.get('plots', {}))} plots to {out_dir}")
+    return "\n".join(lines)
