@@ -1,0 +1,523 @@
+"""Certified LOWER bounds on the true epsilon of product noise under L2 clipping.
+
+Any one pair of neighbouring data sets lower-bounds the supremum that defines epsilon. The pair used
+here (docs/privacy.md, section 7): every other example has zero gradient, the added one has the
+constant clipped gradient ``v`` spread evenly over ``k`` coordinates (``v_i = C / sqrt(k)``). A step
+releases ``B v + Z`` with ``B ~ Bernoulli(q)`` and ``Z`` the product noise; the privacy loss depends
+on the release only through ``L = sum_i l(x_i)``, ``l(x) = log p(x - s) - log p(x)``, ``s = C/sqrt(k)``.
+
+Every stage below keeps the result a lower bound (Theorem 7 of docs/privacy.md):
+
+1. one coordinate: the loss ``l(X)`` is *garbled* into bins of a fine grid (exact bin masses under
+   ``P`` and ``P_s`` from :func:`accountant.privacy_loss.level_set_masses`); a garbling (a Markov
+   kernel applied to the release) can only lower every hockey-stick divergence;
+2. the bins are garbled again onto a lattice by merging neighbouring mass so that every merged
+   bin's likelihood ratio is *exactly* a lattice value (:func:`garble_to_lattice`); unmergeable
+   mass is dropped (dropping mass lowers delta, which is an expectation of a non-negative function);
+3. ``k = 4^j`` coordinates: ``2j`` squarings by FFT convolution, re-garbled onto a coarser lattice
+   whenever the support grows; FFT noise below its error bound is dropped;
+4. the subsampled step pair (remove: ``((1-q)P + qP_v, P)``, add: its mirror) is garbled onto a
+   lattice of the step loss, composed ``T`` times by FFT, and ``delta(eps)`` is read off with the
+   FFT's wrap-around mass and floating-point error subtracted.
+
+The lower bound is the maximum over ``k`` in ``{1, 4, 16, ...} <= d`` and over both relations.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numba
+import numpy as np
+from scipy import fft as sfft
+from scipy import integrate
+
+from dp_accounting.pld import common as pld_common
+
+from accountant.certify import certify
+from accountant.mechanism import Mechanism
+from accountant.noise import GeneralizedGaussian, Gaussian, Laplace, Noise, Tabulated
+from accountant.privacy_loss import TAIL_NEGLIGIBLE, level_set_masses
+
+#: lattice points snap onto a lattice value within this fraction of a step (a stated float tolerance)
+SNAP = 1e-9
+UNIT = 2.0 ** -52
+
+
+class AuditError(ValueError):
+    """The audit cannot run (bad arguments) or failed its own self-check."""
+
+
+@dataclass(frozen=True)
+class AuditAccuracy:
+    """Grid sizes. ``coordinate_points``: lattice points of one coordinate's loss; ``fine_factor``:
+    fine bins per lattice step; ``max_points``: lattice size kept through the squarings;
+    ``step_points``: lattice steps across the per-step loss's standard deviation (stage 4)."""
+
+    coordinate_points: int = 4096
+    fine_factor: int = 8
+    max_points: int = 1 << 16
+    step_points: int = 500
+    max_step: float = 1e-4
+
+
+@dataclass
+class AuditResult:
+    lower_bound: float
+    k: int
+    one_coordinate: float
+    gaussian_limit: float | None
+    sigma_eff: float | None
+    fisher_information: float
+    upper_bound: float | None
+    delta: float
+    dimension: int
+    claimed_epsilon: float | None = None
+    refuted: bool | None = None
+    per_k: list = field(default_factory=list)
+    mechanism: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Garbling onto a lattice
+# ----------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _garble(t, w, step, snap, leftover):
+    """Greedy merge of sorted atoms at lattice positions ``t`` (loss = t * step, up to the common
+    offset) with lower masses ``w`` into bins whose loss is exactly an integer position m.
+    Returns (m, lower mass) per bin, the dropped lower mass and the largest upward snap (in steps)."""
+    n = t.shape[0]
+    out_m = np.empty(2 * n + 1, np.int64)
+    out_w = np.empty(2 * n + 1, np.float64)
+    nb = 0
+    dropped = 0.0
+    max_up = 0.0
+    i = 0
+    rw = w[0] if n > 0 else 0.0
+    while i < n:
+        if rw <= 0.0:
+            i += 1
+            if i < n:
+                rw = w[i]
+            continue
+        m = math.ceil(t[i] - snap)
+        if t[i] >= m - snap:              # on the lattice, to the float tolerance
+            if m - t[i] > max_up:
+                max_up = m - t[i]
+            out_m[nb] = m
+            out_w[nb] = rw
+            nb += 1
+            rw = 0.0
+            continue
+        balance = rw * math.expm1((t[i] - m) * step)   # < 0: this atom lies below its target
+        mass = rw
+        on_target = 0.0                   # mass of atoms that sit on the target itself
+        j = i + 1
+        closed = False
+        while j < n:
+            if abs(t[j] - m) <= snap:
+                if m - t[j] > max_up:
+                    max_up = m - t[j]
+                on_target += w[j]
+                mass += w[j]
+                j += 1
+                continue
+            c = w[j] * math.expm1((t[j] - m) * step)
+            if c > 0.0 and balance + c >= 0.0:
+                f = min(1.0, -balance / c)
+                mass += f * w[j]
+                out_m[nb] = m
+                out_w[nb] = mass
+                nb += 1
+                i = j
+                rw = w[j] * (1.0 - f)
+                closed = True
+                break
+            balance += c
+            mass += w[j]
+            j += 1
+        if not closed:                    # nothing above to balance with: keep the on-target atoms
+            if on_target > 0.0:
+                out_m[nb] = m
+                out_w[nb] = on_target
+                nb += 1
+            if leftover != 0:             # each leftover atom to the lattice point below (1) / above (2)
+                for r in range(i, n):
+                    part = rw if r == i else w[r]
+                    if abs(t[r] - m) <= snap:
+                        continue
+                    out_m[nb] = math.floor(t[r] + snap) if leftover == 1 else math.ceil(t[r] - snap)
+                    out_w[nb] = part
+                    nb += 1
+            else:
+                dropped += mass - on_target
+            i = n
+    return out_m[:nb], out_w[:nb], dropped, max_up
+
+
+LEFTOVER = {"drop": 0, "down": 1, "up": 2}
+
+
+def garble_to_lattice(t, w, step: float, leftover: str = "drop"):
+    """Garble a discrete pair onto the integer lattice positions.
+
+    The pair is given by sorted positions ``t`` (the loss is ``offset + t * step``, offset common to
+    all atoms and irrelevant here) and lower-measure masses ``w`` (upper masses ``w * exp(loss)``).
+    Contiguous runs of atoms (splitting at most one atom at each end) are merged so that each run's
+    upper/lower mass ratio is ``exp`` of the loss at an integer position; merging is a
+    post-processing, so every hockey-stick divergence can only decrease (docs/privacy.md, Theorem
+    7). Mass that cannot be balanced at the top is dropped (``leftover="drop"``), or each such
+    atom is moved to the lattice point below (``"down"``) or above it (``"up"``): moving losses
+    down under the lower measure lowers delta when delta is non-decreasing in the loss (the remove
+    relation, and any final step pair), moving them up lowers it when it is non-increasing (the
+    add relation seen through L). Atoms within ``SNAP`` of a lattice
+    point are assigned to it; the largest upward move is returned so the caller can account for it.
+
+    Returns ``(first, lower_masses, dropped_lower_mass, max_upward_snap_in_steps)``:
+    ``lower_masses[i]`` sits at position ``first + i``.
+    """
+    t = np.ascontiguousarray(t, dtype=np.float64)
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    keep = (w > 0) & np.isfinite(t)
+    dropped_inf = float(np.sum(w[~keep]))
+    m, mass, dropped, up = _garble(t[keep], w[keep], float(step), SNAP, LEFTOVER[leftover])
+    if len(m) == 0:
+        return 0, np.zeros(1), dropped + dropped_inf, 0.0
+    first = int(m.min())
+    out = np.bincount(m - first, weights=mass)
+    return first, out, dropped + dropped_inf, up
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1-2: one coordinate
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LatticeLaw:
+    """P-masses ``p`` of a loss on the lattice ``origin + (first + stride * i) * unit`` (the
+    tilted measure P_v has masses ``p * exp(loss)``). ``up`` bounds how far float snapping moved
+    any loss value upwards (loss units)."""
+
+    origin: float
+    unit: float
+    first: int
+    stride: int
+    p: np.ndarray
+    up: float = 0.0
+
+    @property
+    def step(self) -> float:
+        return self.stride * self.unit
+
+    def losses(self) -> np.ndarray:
+        return self.origin + (self.first + self.stride * np.arange(len(self.p))) * self.unit
+
+
+def _cells(noise: Noise, shift: float, resolution: float) -> np.ndarray:
+    """Cut points of a partition of the line into cells on which l(x) = log p(x - s) - log p(x) is
+    monotone (breaks at 0, s and, for tables, every edge and shifted edge) and varies by at most
+    ``resolution`` (cells whose end values differ more are cut uniformly)."""
+    reach = float(noise.isf(TAIL_NEGLIGIBLE))
+    pts = [np.sinh(np.linspace(-math.asinh(reach), math.asinh(reach + shift), 8193)),
+           np.linspace(-2 * shift, 3 * shift, 2049), [0.0, shift]]
+    if isinstance(noise, Tabulated):
+        inside = noise.edges[np.abs(noise.edges) <= reach]
+        pts += [inside, inside + shift]
+    x = np.unique(np.concatenate(pts))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ell = noise.logpdf(x - shift) - noise.logpdf(x)
+    jump = np.abs(np.diff(ell))
+    jump = np.where(np.isfinite(jump), jump, 0.0)
+    parts = np.minimum(np.ceil(jump / resolution), 1e6).astype(np.int64)
+    parts = np.maximum(parts, 1)
+    start = np.repeat(x[:-1], parts)
+    width = np.repeat(np.diff(x) / parts, parts)
+    offset = np.arange(len(start)) - np.repeat(np.cumsum(parts) - parts, parts)
+    return np.append(start + offset * width, x[-1])
+
+
+def coordinate_law(noise: Noise, shift: float, accuracy: AuditAccuracy = AuditAccuracy(),
+                   leftover: str = "drop") -> LatticeLaw:
+    """The one-coordinate pair (P_s, P) garbled onto a lattice.
+
+    Stage 1: the line is cut into cells (:func:`_cells`, plus the two outer half-lines); reporting
+    only the cell of x is a garbling whose losses are log(P_s(cell) / P(cell)), with both masses
+    exact from the law's survival functions. Stage 2: these atoms are garbled onto a lattice of
+    ``coordinate_points`` steps whose ends are -/+ the largest cell loss A, so the atoms of
+    Laplace noise (l = -A on x <= 0, +A on x >= s) sit exactly on it."""
+    reach = float(noise.isf(TAIL_NEGLIGIBLE))
+    # a first pass fixes the loss range, the second cuts cells at the final resolution
+    scale = _loss_range(noise, shift, reach)
+    resolution = 2 * scale / (accuracy.coordinate_points * accuracy.fine_factor)
+    cuts = _cells(noise, shift, resolution)
+    lo, hi = cuts[:-1], cuts[1:]
+    # the two outer half-lines (mass <= TAIL_NEGLIGIBLE each) are dropped
+    p_mass = noise.interval_mass(lo, hi)
+    s_mass = noise.interval_mass(lo - shift, hi - shift)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ell = noise.logpdf(cuts - shift) - noise.logpdf(cuts)
+    ok = (p_mass > 0) & (s_mass > 0) & np.isfinite(ell[:-1]) & np.isfinite(ell[1:])
+    x = np.log(s_mass[ok]) - np.log(p_mass[ok])
+    # l is monotone on a cell, so its loss lies between the end values (clip float noise)
+    x = np.clip(x, np.minimum(ell[:-1], ell[1:])[ok], np.maximum(ell[:-1], ell[1:])[ok])
+    w = p_mass[ok]
+    order = np.argsort(x, kind="stable")
+    x, w = x[order], w[order]
+    big = max(float(x[-1]), -float(x[0]))
+    unit = 2 * big / accuracy.coordinate_points
+    first, p, _, up = garble_to_lattice((x + big) / unit, w, unit, leftover)
+    return LatticeLaw(-big, unit, first, 1, p, up * unit)
+
+
+def _loss_range(noise: Noise, shift: float, reach: float) -> float:
+    """max |l| over the scanned region (sets the fine resolution only; not a soundness input)."""
+    xs = np.concatenate([np.sinh(np.linspace(-math.asinh(reach), math.asinh(reach + shift), 20001)),
+                         [0.0, shift]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ell = np.abs(noise.logpdf(xs - shift) - noise.logpdf(xs))
+    ell = ell[np.isfinite(ell)]
+    if len(ell) == 0 or float(ell.max()) <= 0:
+        raise AuditError(f"{noise.family}: the per-coordinate privacy loss vanishes (shift {shift:g})")
+    return float(ell.max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: k coordinates by repeated squaring
+# ----------------------------------------------------------------------------------------------
+def _fft_floor(a: np.ndarray, b: np.ndarray, n: int) -> float:
+    """Bound on the absolute error of one FFT convolution entry: 64 log2(n) u ||a||_2 ||b||_2
+    (the forward-error bound of FFT convolution with a generous constant; docs/privacy.md,
+    section 7 gives the measured errors)."""
+    return 64 * math.log2(max(n, 2)) * UNIT * float(np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def _tilt(p: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", under="ignore", divide="ignore"):
+        return np.where(p > 0, np.exp(np.log(np.where(p > 0, p, 1.0)) + losses), 0.0)
+
+
+def square(law: LatticeLaw) -> LatticeLaw:
+    """Law of L + L' (independent copies). The P-masses and the P_v-masses are both convolved
+    (each accurate in its own bulk: P_v = e^L P carries the upper tail); each result minus the FFT
+    error bound is a lower estimate of the true mass, and the larger of the two is kept."""
+    p = law.p
+    v = _tilt(p, law.losses())
+    n = 2 * len(p) - 1
+    size = sfft.next_fast_len(n, real=True)
+    fp, fv = sfft.rfft(p, size), sfft.rfft(v, size)
+    eta_p, eta_v = _fft_floor(p, p, size), _fft_floor(v, v, size)
+    pp = sfft.irfft(fp * fp, size)[:n]
+    vv = sfft.irfft(fv * fv, size)[:n]
+    out = LatticeLaw(2 * law.origin, law.unit, 2 * law.first, law.stride, pp, 2 * law.up)
+    # Outer tails (beyond the outermost entries far above the error bound): each estimate minus
+    # its error bound is below the true mass; keep the larger. Inside, the computed masses are kept
+    # (negative float noise clipped): their error is the FFT's, measured in docs/privacy.md s. 7.
+    tail = np.maximum(np.maximum(pp - eta_p, _tilt(np.maximum(vv - eta_v, 0.0), -out.losses())), 0.0)
+    big = np.nonzero(pp > 1e3 * eta_p)[0]
+    inside = np.zeros(n, dtype=bool)
+    if len(big):
+        inside[big[0]:big[-1] + 1] = True
+    out.p = np.where(inside, np.maximum(pp, 0.0), tail)
+    nz = np.nonzero(out.p)[0]
+    if len(nz) == 0:
+        raise AuditError("all mass lost in the k-fold convolution (numerical failure)")
+    out.first += law.stride * int(nz[0])
+    out.p = out.p[nz[0]:nz[-1] + 1]
+    return out
+
+
+def coarsen(law: LatticeLaw, max_points: int, leftover: str = "drop") -> LatticeLaw:
+    """Garble onto every other lattice point until at most ``max_points`` remain."""
+    while len(law.p) > max_points:
+        # positions counted from the origin, so lattice-aligned atoms (Laplace) stay on the lattice
+        t = (law.first + law.stride * np.arange(len(law.p))) / (2.0 * law.stride)
+        first, p, _, _ = garble_to_lattice(t, law.p, 2 * law.step, leftover)
+        law = LatticeLaw(law.origin, law.unit, 2 * law.stride * first, 2 * law.stride, p, law.up)
+    return law
+
+
+def k_coordinate_law(noise: Noise, sensitivity: float, k: int, accuracy: AuditAccuracy = AuditAccuracy(),
+                     direction: str = "remove") -> LatticeLaw:
+    """Law of L = sum of k per-coordinate losses (shift C/sqrt(k)) under P, garbled onto a
+    lattice (k a power of 2: log2(k) squarings). Unbalanced mass is rounded down for the remove
+    relation (whose delta increases with L) and up for the add relation (whose delta decreases)."""
+    if k < 1 or k & (k - 1):
+        raise AuditError(f"k must be a power of 2, got {k}")
+    leftover = "down" if direction == "remove" else "up"
+    law = coordinate_law(noise, sensitivity / math.sqrt(k), accuracy, leftover)
+    for _ in range(k.bit_length() - 1):
+        law = coarsen(square(law), accuracy.max_points, leftover)
+    return law
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4: subsampling and T-fold composition
+# ----------------------------------------------------------------------------------------------
+def epsilon_for_delta(losses: np.ndarray, upper: np.ndarray, delta: float) -> float:
+    """Smallest eps >= 0 with sum_y upper_y (1 - e^(eps - y))_+ <= delta for a discrete upper
+    measure at sorted ``losses`` (exact for that measure)."""
+    u_above = np.concatenate([np.cumsum(upper[::-1])[::-1][1:], [0.0]])     # losses > y_j
+    with np.errstate(over="ignore", under="ignore"):
+        w_above = np.concatenate([np.cumsum((upper * np.exp(-losses))[::-1])[::-1][1:], [0.0]])
+        d_at = u_above - np.exp(losses) * w_above                            # delta(y_j)
+    above = np.nonzero(d_at > delta)[0]
+    if len(above) == 0:
+        total_u = float(np.sum(upper))
+        total_w = float(np.sum(upper * np.exp(-losses)))
+        if total_u <= delta or total_w <= 0:
+            return 0.0
+        return max(0.0, min(math.log((total_u - delta) / total_w), float(losses[0])))
+    j = int(above[-1])
+    nxt = float(losses[min(j + 1, len(losses) - 1)])
+    if w_above[j] <= 0:
+        return max(0.0, nxt)
+    return max(0.0, min(math.log((u_above[j] - delta) / w_above[j]), nxt))
+
+
+def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
+                  accuracy: AuditAccuracy = AuditAccuracy()) -> dict:
+    """Lower bound on epsilon at ``delta`` of ``steps`` compositions of the Poisson-subsampled
+    pair whose k-coordinate loss L has the law ``law``; max over the remove and add relations."""
+    L = law.losses()
+    p = law.p
+    y = np.log1p(q * np.expm1(L)) if q < 1 else L.copy()     # remove loss log(1 - q + q e^L)
+    out = {}
+    for direction in ("remove", "add"):
+        if direction == "remove":
+            x, w = y, p                                          # upper A, lower P
+        else:
+            x, w = -y[::-1], (p * np.exp(y))[::-1]               # upper P, lower A
+        u = w * np.exp(x)
+        mean = float(np.sum(u * x) / np.sum(u))
+        sd = math.sqrt(max(float(np.sum(u * (x - mean) ** 2) / np.sum(u)), 0.0))
+        dstep = min(accuracy.max_step, max(sd, 1e-12) / accuracy.step_points)
+        offset = float(x[int(np.argmax(w))])                     # the heaviest atom sits on the lattice
+        first, lower, dropped, up = garble_to_lattice((x - offset) / dstep, w, dstep, "down")
+        g = offset + (first + np.arange(len(lower))) * dstep
+        upper = lower * np.exp(g)
+        trunc = min(1e-15, delta * 1e-6)
+        low_idx, composed = pld_common.self_convolve(upper, steps, trunc)
+        composed = np.asarray(composed, dtype=np.float64)
+        noise_amp = max(-float(composed.min()), 0.0) if len(composed) else 0.0
+        composed = np.maximum(composed, 0.0)
+        # the FFT's wrapped-around mass (<= trunc) and its measured noise on every entry
+        guard = trunc + 10 * noise_amp * len(composed)
+        # float snapping moved losses up by at most `shift` in total (docs/privacy.md, section 7)
+        shift = steps * (up * dstep + (law.up if direction == "remove" else 0.0))
+        losses = offset * steps + (first * steps + low_idx + np.arange(len(composed))) * dstep
+        eps = epsilon_for_delta(losses, composed, (delta + guard) * math.exp(shift)) - shift
+        out[direction] = {"epsilon": max(eps, 0.0), "step": dstep, "dropped": dropped, "guard": guard,
+                          "snap_shift": shift, "points": len(upper), "composed_points": len(composed)}
+    out["epsilon"] = max(out["remove"]["epsilon"], out["add"]["epsilon"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# References: Fisher information and the Gaussian limit
+# ----------------------------------------------------------------------------------------------
+def fisher_information(noise: Noise) -> float:
+    """I = E[(d/dx log p(X))^2]; infinite for densities with jumps (tables)."""
+    if isinstance(noise, Gaussian):
+        return 1 / noise.sigma ** 2
+    if isinstance(noise, Laplace):
+        return 1 / noise.scale ** 2
+    if isinstance(noise, GeneralizedGaussian):
+        b, a = noise.beta, noise.scale
+        if b <= 0.5:
+            return math.inf
+        return b * b * math.exp(math.lgamma(2 - 1 / b) - math.lgamma(1 / b)) / (a * a)
+    if isinstance(noise, Tabulated):
+        return math.inf
+    # symmetric law: 2 * int_0^inf (log p)'(x)^2 p(x) dx, derivative by central differences
+    reach = float(noise.isf(1e-16))
+
+    def integrand(x):
+        hstep = 1e-6 * max(1.0, x)
+        d = (noise.logpdf(x + hstep) - noise.logpdf(max(x - hstep, 0.0))) / (x + hstep - max(x - hstep, 0.0))
+        return float(d * d * noise.pdf(x))
+
+    val, _ = integrate.quad(integrand, 0, reach, limit=400, points=[1.0])
+    return 2 * val
+
+
+def gaussian_limit(noise: Noise, sensitivity: float, q: float, steps: int, delta: float):
+    """(epsilon, sigma_eff) of the k -> infinity limit: Gaussian noise with sigma_eff = 1/(C sqrt(I))
+    and sensitivity 1 (docs/privacy.md, section 3); (None, None) when I is infinite."""
+    info = fisher_information(noise)
+    if not math.isfinite(info) or info <= 0:
+        return None, None
+    sigma_eff = 1 / (sensitivity * math.sqrt(info))
+    return certify(Mechanism(Gaussian(sigma_eff), 1.0, "scalar", q, steps), delta).epsilon, sigma_eff
+
+
+# ----------------------------------------------------------------------------------------------
+# The audit
+# ----------------------------------------------------------------------------------------------
+def k_grid(dimension: int, max_k: int | None = None) -> list[int]:
+    """k = 1, 4, 16, ... up to the dimension (and max_k)."""
+    top = min(dimension, max_k) if max_k else dimension
+    out, k = [], 1
+    while k <= top:
+        out.append(k)
+        k *= 4
+    return out
+
+
+def lower_bound_at_k(mechanism: Mechanism, k: int, delta: float,
+                     accuracy: AuditAccuracy = AuditAccuracy()) -> dict:
+    """Certified lower bound on epsilon from the pair with v spread over k coordinates."""
+    law = k_coordinate_law(mechanism.noise, mechanism.sensitivity, k, accuracy)
+    out = compose_lower(law, mechanism.sampling_rate, int(mechanism.steps), delta, accuracy)
+    out["k"] = k
+    out["loss_step"] = law.step
+    return out
+
+
+def audit(mechanism: Mechanism, dimension: int, delta: float, claimed_epsilon: float | None = None,
+          max_k: int | None = None, accuracy: AuditAccuracy = AuditAccuracy(),
+          progress: bool = False) -> AuditResult:
+    """Certified lower bound on the epsilon of ``mechanism`` (product noise, L2 clipping with norm
+    ``mechanism.sensitivity``) on vectors of ``dimension`` coordinates; see the module docstring."""
+    start = time.perf_counter()
+    if mechanism.geometry != "l2":
+        raise AuditError(f"the audit is for l2 clipping, got geometry {mechanism.geometry!r}")
+    if int(dimension) != dimension or dimension < 1:
+        raise AuditError(f"dimension must be a positive integer, got {dimension}")
+    if not (0 < delta < 1):
+        raise AuditError(f"delta must lie in (0, 1), got {delta}")
+    if delta < 1e-13:
+        raise AuditError(f"delta {delta:g} is below what float64 accounting can resolve (about 1e-13)")
+    if claimed_epsilon is not None and not (claimed_epsilon >= 0 and math.isfinite(claimed_epsilon)):
+        raise AuditError(f"claimed epsilon must be a finite non-negative number, got {claimed_epsilon}")
+    grid = k_grid(int(dimension), max_k)
+    per_k = []
+    iterator = grid
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(grid, desc="audit k", unit="k")
+    for k in iterator:
+        r = lower_bound_at_k(mechanism, k, delta, accuracy)
+        per_k.append({"k": k, "lower_bound": r["epsilon"],
+                      "remove": r["remove"]["epsilon"], "add": r["add"]["epsilon"],
+                      "loss_step": r["loss_step"], "step": r["remove"]["step"],
+                      "guard": max(r["remove"]["guard"], r["add"]["guard"])})
+    best = max(per_k, key=lambda r: r["lower_bound"])
+    q, steps, c = mechanism.sampling_rate, int(mechanism.steps), mechanism.sensitivity
+    limit, sigma_eff = gaussian_limit(mechanism.noise, c, q, steps, delta)
+    upper = None
+    if isinstance(mechanism.noise, Gaussian):
+        upper = certify(mechanism, delta).epsilon
+        if best["lower_bound"] > upper * (1 + 1e-6):
+            raise AuditError(f"self-check failed: lower bound {best['lower_bound']:.6g} exceeds the "
+                             f"certified upper bound {upper:.6g}")
+    refuted = None if claimed_epsilon is None else bool(best["lower_bound"] > claimed_epsilon)
+    return AuditResult(lower_bound=best["lower_bound"], k=best["k"], one_coordinate=per_k[0]["lower_bound"],
+                       gaussian_limit=limit, sigma_eff=sigma_eff,
+                       fisher_information=fisher_information(mechanism.noise), upper_bound=upper,
+                       delta=delta, dimension=int(dimension), claimed_epsilon=claimed_epsilon,
+                       refuted=refuted, per_k=per_k, mechanism=mechanism.describe(),
+                       seconds=time.perf_counter() - start)
