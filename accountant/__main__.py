@@ -16,6 +16,7 @@ import math
 import sys
 import time
 
+from accountant.audit_cli import add_audit_command
 from accountant.certify import CertificationError, calibrate, certify, delta_for_epsilon
 from accountant.mechanism import GEOMETRIES, Mechanism
 from accountant.noise import LMO, GeneralizedGaussian, Gaussian, Laplace, NoiseParameterError
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=_probability, required=True, help="target delta in (0, 1)")
     p.add_argument("--out", metavar="TABLE.npz", help="also write the calibrated law as a certified table")
     p.set_defaults(run=cmd_calibrate)
+    add_audit_command(sub, _add_noise_args, _noise_and_defaults)
     return parser
 
 
