@@ -233,6 +233,10 @@ GLOSSARY = (
                  "bits (about 1 = chance, log2 of the number of possible secrets = memorised)"),
     ("one-run audit", "an empirical lower bound on epsilon from guessing which audit canaries "
                       "were trained on (95% confidence); it must stay below the certified epsilon"),
+    ("noise-table audit", "the same kind of lower bound for the noise sampler alone, on two "
+                          "neighbouring scalar inputs; it must stay below one release's certificate"),
+    ("inference overhead", "generation time of the fine-tuned model (LoRA merged) relative to the "
+                           "base model"),
 )
 
 
