@@ -29,6 +29,9 @@ The tests recompute every clipped per-example gradient in float64 and check the 
 """
 from __future__ import annotations
 
+import copy
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -154,6 +157,57 @@ def _walk_replaceable(network: nn.Cell):
             if child is None:
                 continue
             yield parent, name, child, f"{path}.{name}" if path else name
+
+
+def _subtree_ids(cell: nn.Cell) -> set[int]:
+    return {id(c) for _, c in cell.cells_and_names()}
+
+
+def _clone_cell(cell: nn.Cell, children: dict) -> nn.Cell:
+    """A new Cell of the same class whose attributes are ``cell``'s (same Parameter objects), with
+    the sub-cells in ``children`` (old id -> new cell) swapped in: in ``_cells`` and in any list or
+    tuple attribute holding cells (``nn.SequentialCell.cell_list``).  ``cell`` is not modified."""
+    new = copy.copy(cell)  # Cell.__setstate__ would share cell.__dict__: give it its own below
+    state = dict(cell.__dict__)
+    state["_cells"] = OrderedDict((k, children.get(id(v), v) if v is not None else None)
+                                  for k, v in cell.__dict__["_cells"].items())
+    for key in ("_params", "_buffers", "_params_list"):
+        if isinstance(state.get(key), dict):
+            state[key] = type(state[key])(state[key])
+    for key, value in list(state.items()):
+        if isinstance(value, (list, tuple)) and any(id(v) in children for v in value):
+            state[key] = type(value)(children.get(id(v), v) for v in value)
+    # fresh compilation identity: the clone must never reuse (or evict) the original's graphs
+    state["_create_time"] = time.time_ns()
+    state["_compile_cache"] = None
+    state["_phase_cache"] = None
+    state["_compiled"] = False
+    object.__setattr__(new, "__dict__", state)
+    nn.Cell.total_instance_count += 1
+    return new
+
+
+def _shadow_network(network: nn.Cell, replacements: dict) -> nn.Cell:
+    """A structural copy of ``network`` in which the sub-cells ``replacements`` (id -> new cell)
+    are swapped in.  Only the cells on a path from the root to a replaced cell are copied; every
+    other sub-cell and every Parameter is shared.  ``network`` itself is left untouched (classes,
+    children, Parameters), so it keeps running at any shape and ``save_checkpoint(network)`` sees
+    only its own Parameters."""
+    memo: dict[int, nn.Cell] = {}
+
+    def visit(cell):
+        if id(cell) in replacements:
+            return replacements[id(cell)]
+        if id(cell) in memo:
+            return memo[id(cell)]
+        kids = {}
+        for child in cell.__dict__["_cells"].values():
+            if child is not None and (_subtree_ids(child) & replacements.keys()):
+                kids[id(child)] = visit(child)
+        memo[id(cell)] = _clone_cell(cell, kids) if kids else cell
+        return memo[id(cell)]
+
+    return visit(network)
 
 
 def bookkeeping_coverage(network: nn.Cell, params: Sequence[Parameter]) -> list[str]:
@@ -357,7 +411,7 @@ class _TapLoss(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, inputs, probes, mask):
+    def construct(self, inputs, mask, *probes):
         losses, saved = self.model.loss(*inputs, probes)
         return (losses * mask).sum(), losses, saved
 
@@ -369,11 +423,17 @@ class _TappedClipSum(nn.Cell):
     def __init__(self, model, slots, in_shapes, out_shapes, geometry):
         super().__init__(auto_prefix=False)
         self.tap_loss = _TapLoss(model)
-        self.grad = ms.value_and_grad(self.tap_loss, grad_position=1, has_aux=True)
+        # The probes are separate positional inputs: PyNative mode returns no gradient for a
+        # tuple-valued input (graph mode does), so differentiate w.r.t. each position.
+        positions = tuple(range(2, 2 + len(in_shapes)))
+        self.single = len(positions) == 1
+        self.grad = ms.value_and_grad(self.tap_loss, grad_position=positions, has_aux=True)
         self.core = _BookkeepingCore(slots, in_shapes, out_shapes, geometry)
 
     def construct(self, inputs, probes, mask, clip):
-        (_, losses, saved), probe_grads = self.grad(inputs, probes, mask)
+        (_, losses, saved), probe_grads = self.grad(inputs, mask, *probes)
+        if self.single:
+            probe_grads = (probe_grads,)
         grads, norms = self.core(probe_grads, saved, mask, clip)
         return grads, losses * mask, norms
 
@@ -421,8 +481,9 @@ class PerExampleGradients:
     ``"vmap"`` or ``"bookkeeping"``.
 
     :meth:`clipped_sum` takes inputs of one fixed micro-batch shape, a 0/1 mask (padding rows 0)
-    and the clipping norm (``inf``: no clipping).  For plain Cells book-keeping installs probe
-    layers into ``network`` in place (parameter names and values untouched).
+    and the clipping norm (``inf``: no clipping).  For plain Cells book-keeping runs an
+    engine-owned structural copy of ``network`` (same Parameter objects, probed layers swapped in);
+    ``network`` itself is never modified and its checkpoint holds only its own Parameters.
     """
 
     def __init__(self, network: nn.Cell, params: Sequence[Parameter] | None = None,
@@ -461,8 +522,8 @@ class PerExampleGradients:
     # ---- set-up ---------------------------------------------------------------------------
     def _install_probes(self, example_inputs):
         ids = {id(p): k for k, p in enumerate(self.params)}
-        layers, slots = [], [None] * len(self.params)
-        for parent, name, child, path in list(_walk_replaceable(self.network)):
+        layers, slots, replacements = [], [None] * len(self.params), {}
+        for _, _, child, path in list(_walk_replaceable(self.network)):
             rule = _dense_rule(child)
             if rule is not None:
                 w = getattr(child, rule.weight)
@@ -477,20 +538,25 @@ class PerExampleGradients:
             wanted = [(p, kind) for p, kind in roles if p is not None and id(p) in ids]
             if not wanted:
                 continue  # frozen layer: leave it alone
+            if id(child) in replacements:
+                continue  # one cell reachable by two paths: probe it once
             for p, kind in wanted:
                 slots[ids[id(p)]] = _Slot(len(layers), kind)
-            parent._cells[name] = new  # pylint: disable=protected-access
+            replacements[id(child)] = new
             layers.append(new)
+        # The probed layers go into an engine-owned copy of the network; the user's Cell is never
+        # modified (docs/privacy.md: nothing data-derived in the user's objects).
+        shadow = _shadow_network(self.network, replacements)
         # one eager pass records the activation shapes, then the buffers are allocated
         mode = ms.get_context("mode")
         ms.set_context(mode=ms.PYNATIVE_MODE)
         try:
-            self.network(*example_inputs)
+            shadow(*example_inputs)
         finally:
             ms.set_context(mode=mode)
         for layer in layers:
             layer.allocate()
-        return _ProbedClipSum(self.network, layers, slots, self.geometry)
+        return _ProbedClipSum(shadow, layers, slots, self.geometry)
 
     def _tapped_cell(self, inputs):
         ids = {id(p): k for k, p in enumerate(self.params)}
