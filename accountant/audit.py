@@ -1,12 +1,12 @@
 """Certified LOWER bounds on the true epsilon of product noise under L2 clipping.
 
 Any one pair of neighbouring data sets lower-bounds the supremum that defines epsilon. The pair used
-here (docs/privacy.md, section 7): every other example has zero gradient, the added one has the
+here (docs/privacy.md, section "Audit"): every other example has zero gradient, the added one has the
 constant clipped gradient ``v`` spread evenly over ``k`` coordinates (``v_i = C / sqrt(k)``). A step
 releases ``B v + Z`` with ``B ~ Bernoulli(q)`` and ``Z`` the product noise; the privacy loss depends
 on the release only through ``L = sum_i l(x_i)``, ``l(x) = log p(x - s) - log p(x)``, ``s = C/sqrt(k)``.
 
-Every stage below keeps the result a lower bound (Theorem 7 of docs/privacy.md):
+Every stage below keeps the result a lower bound (Theorem A of docs/privacy.md):
 
 1. one coordinate: the loss ``l(X)`` is *garbled* into bins of a fine grid (exact bin masses under
    ``P`` and ``P_s`` from :func:`accountant.privacy_loss.level_set_masses`); a garbling (a Markov
@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 import numba
 import numpy as np
 from scipy import fft as sfft
-from scipy import integrate
 
 from dp_accounting.pld import common as pld_common
 
@@ -171,7 +170,7 @@ def garble_to_lattice(t, w, step: float, leftover: str = "drop"):
     Contiguous runs of atoms (splitting at most one atom at each end) are merged so that each run's
     upper/lower mass ratio is ``exp`` of the loss at an integer position; merging is a
     post-processing, so every hockey-stick divergence can only decrease (docs/privacy.md, Theorem
-    7). Mass that cannot be balanced at the top is dropped (``leftover="drop"``), or each such
+    A). Mass that cannot be balanced at the top is dropped (``leftover="drop"``), or each such
     atom is moved to the lattice point below (``"down"``) or above it (``"up"``): moving losses
     down under the lower measure lowers delta when delta is non-decreasing in the loss (the remove
     relation, and any final step pair), moving them up lowers it when it is non-increasing (the
@@ -291,7 +290,7 @@ def _loss_range(noise: Noise, shift: float, reach: float) -> float:
 def _fft_floor(a: np.ndarray, b: np.ndarray, n: int) -> float:
     """Bound on the absolute error of one FFT convolution entry: 64 log2(n) u ||a||_2 ||b||_2
     (the forward-error bound of FFT convolution with a generous constant; docs/privacy.md,
-    section 7 gives the measured errors)."""
+    section "Audit" gives the measured errors)."""
     return 64 * math.log2(max(n, 2)) * UNIT * float(np.linalg.norm(a) * np.linalg.norm(b))
 
 
@@ -315,7 +314,7 @@ def square(law: LatticeLaw) -> LatticeLaw:
     out = LatticeLaw(2 * law.origin, law.unit, 2 * law.first, law.stride, pp, 2 * law.up)
     # Outer tails (beyond the outermost entries far above the error bound): each estimate minus
     # its error bound is below the true mass; keep the larger. Inside, the computed masses are kept
-    # (negative float noise clipped): their error is the FFT's, measured in docs/privacy.md s. 7.
+    # (negative float noise clipped): their error is the FFT's, measured in docs/privacy.md, section "Audit".
     tail = np.maximum(np.maximum(pp - eta_p, _tilt(np.maximum(vv - eta_v, 0.0), -out.losses())), 0.0)
     big = np.nonzero(pp > 1e3 * eta_p)[0]
     inside = np.zeros(n, dtype=bool)
@@ -406,7 +405,7 @@ def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
         composed = np.maximum(composed, 0.0)
         # the FFT's wrapped-around mass (<= trunc) and its measured noise on every entry
         guard = trunc + 10 * noise_amp * len(composed)
-        # float snapping moved losses up by at most `shift` in total (docs/privacy.md, section 7)
+        # float snapping moved losses up by at most `shift` in total (docs/privacy.md, section "Audit")
         shift = steps * (up * dstep + (law.up if direction == "remove" else 0.0))
         losses = offset * steps + (first * steps + low_idx + np.arange(len(composed))) * dstep
         eps = epsilon_for_delta(losses, composed, (delta + guard) * math.exp(shift)) - shift
@@ -432,16 +431,14 @@ def fisher_information(noise: Noise) -> float:
         return b * b * math.exp(math.lgamma(2 - 1 / b) - math.lgamma(1 / b)) / (a * a)
     if isinstance(noise, Tabulated):
         return math.inf
-    # symmetric law: 2 * int_0^inf (log p)'(x)^2 p(x) dx, derivative by central differences
+    # symmetric law: 2 * int_0^inf (log p)'(x)^2 p(x) dx, central differences of log p on an
+    # asinh-spaced grid reaching the 1e-16 quantile, trapezoid rule (heavy tails included)
     reach = float(noise.isf(1e-16))
-
-    def integrand(x):
-        hstep = 1e-6 * max(1.0, x)
-        d = (noise.logpdf(x + hstep) - noise.logpdf(max(x - hstep, 0.0))) / (x + hstep - max(x - hstep, 0.0))
-        return float(d * d * noise.pdf(x))
-
-    val, _ = integrate.quad(integrand, 0, reach, limit=400, points=[1.0])
-    return 2 * val
+    xs = np.sinh(np.linspace(math.asinh(1e-9), math.asinh(reach), 400001))
+    hstep = 1e-6 * np.maximum(xs, 1e-3)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = (noise.logpdf(xs + hstep) - noise.logpdf(np.maximum(xs - hstep, 0.0))) / (xs + hstep - np.maximum(xs - hstep, 0.0))
+        return float(2 * np.trapz(d * d * noise.pdf(xs), xs))
 
 
 def gaussian_limit(noise: Noise, sensitivity: float, q: float, steps: int, delta: float):

@@ -1,0 +1,165 @@
+"""The audit's lower bound (docs/privacy.md, section 7): below exact certificates, below Monte-Carlo
+estimates of the pair it claims to bound, converging to the Gaussian limit, and above the
+axis-aligned reading where spreading the difference matters."""
+import json
+import math
+
+import numpy as np
+import pytest
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+from accountant import audit as A
+from accountant.__main__ import main
+from accountant.certify import certify
+from accountant.mechanism import Mechanism
+from accountant.noise import LMO, Gaussian, Laplace
+
+PUBLISHED = {"a1": 1, "a3": 0.5, "a4": 0.1, "G_k": 1.5, "G_theta": 0.1, "E_lambda": 0.5, "U_a": 0, "U_b": 1}
+
+
+def _hockey(loss, lower, eps):
+    """delta(eps) of a discrete pair given by losses and lower masses."""
+    upper = lower * np.exp(loss)
+    return float(np.sum(np.maximum(upper - math.exp(eps) * lower, 0.0)))
+
+
+def test_garbling_is_exact_on_the_lattice_and_lowers_every_divergence():
+    rng = np.random.default_rng(3)
+    x = np.sort(rng.normal(0, 0.3, 4000))
+    w = rng.random(4000)
+    w /= w.sum()
+    step = 0.01
+    first, lower, dropped, up = A.garble_to_lattice(x / step, w, step)
+    g = (first + np.arange(len(lower))) * step
+    assert up == 0.0
+    assert abs(lower.sum() + dropped - 1) < 1e-12 and dropped < 1e-2
+    # merged bins have upper/lower ratio exactly e^g: total upper mass is kept up to the dropped part
+    assert np.sum(lower * np.exp(g)) <= np.sum(w * np.exp(x)) + 1e-12
+    for eps in (-0.2, 0.0, 0.1, 0.3, 0.6):
+        assert _hockey(g, lower, eps) <= _hockey(x, w, eps) + 1e-12
+    # and it is tight: the lattice is far finer than the spread
+    assert _hockey(g, lower, 0.3) >= 0.97 * _hockey(x, w, 0.3)
+
+
+def test_squaring_matches_exact_convolution_within_the_fft_error():
+    law = A.coordinate_law(Laplace(1.0), 1 / 4)
+    sq = A.square(law)
+    exact = np.convolve(law.p, law.p)
+    start = (sq.first - 2 * law.first) // law.stride
+    err = np.abs(sq.p - exact[start:start + len(sq.p)])
+    bound = A._fft_floor(law.p, law.p, 2 * len(law.p))
+    assert err.max() <= bound
+    assert exact[:start].sum() + exact[start + len(sq.p):].sum() < 1e-12   # nothing but tails trimmed
+
+
+@pytest.mark.slow
+def test_gaussian_lower_bound_within_one_percent_below_exact_for_every_k():
+    mech = Mechanism(Gaussian(1.0), 1.0, "l2", 0.01, 1000)
+    exact = certify(mech, 1e-5).epsilon
+    res = A.audit(mech, 4 ** 5, 1e-5)
+    assert res.upper_bound == pytest.approx(exact)
+    assert len(res.per_k) == 6
+    for row in res.per_k:
+        assert 0.99 * exact <= row["lower_bound"] <= exact * (1 + 1e-9), row
+    assert res.gaussian_limit == pytest.approx(exact, rel=1e-3)   # sigma_eff = sigma for Gaussian noise
+
+
+def test_laplace_one_coordinate_against_dp_accounting():
+    for b, q, steps, delta in ((1.0, 0.01, 1000, 1e-5), (0.7, 1.0, 1, 1e-6)):
+        lb = A.lower_bound_at_k(Mechanism(Laplace(b), 1.0, "l2", q, steps), 1, delta)["epsilon"]
+        pld = pld_lib.from_laplace_mechanism(b, sensitivity=1.0, sampling_prob=q, value_discretization_interval=1e-5)
+        exact = pld.self_compose(steps).get_epsilon_for_delta(delta)
+        assert 0.99 * exact <= lb <= exact * (1 + 1e-9), (b, q, steps, lb, exact)
+
+
+def _monte_carlo_delta(noise, k, q, steps, eps, direction, n, rng):
+    """E_upper[(1 - e^(eps - loss))_+] for the pair with v = (C/sqrt k) 1_k, C = 1, by sampling."""
+    v = np.full(k, 1 / math.sqrt(k))
+    total = np.zeros(n)
+    for _ in range(steps):
+        x = noise.sample(n * k, rng).reshape(n, k)
+        if direction == "remove":
+            x = x + np.where(rng.random(n) < q, 1.0, 0.0)[:, None] * v
+        ell = np.sum(noise.logpdf(x - v) - noise.logpdf(x), axis=1)
+        y = np.log1p(q * np.expm1(ell))
+        total += y if direction == "remove" else -y
+    values = -np.expm1(np.minimum(eps - total, 0.0))
+    return values.mean(), values.std() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("noise", [Laplace(1.0), LMO.from_published(PUBLISHED, exp_lambda_as_scale=True)])
+def test_lower_bound_never_exceeds_monte_carlo_delta(noise):
+    rng = np.random.default_rng(7)
+    q, steps, delta = 0.5, 3, 0.02
+    for k in (2, 4, 8):
+        r = A.lower_bound_at_k(Mechanism(noise, 1.0, "l2", q, steps), k, delta)
+        for direction in ("remove", "add"):
+            eps = r[direction]["epsilon"]
+            mc, se = _monte_carlo_delta(noise, k, q, steps, eps, direction, 200_000, rng)
+            # the pair's true delta at the bound's epsilon is >= delta
+            assert delta <= mc + 4 * se, (k, direction, eps, mc, se)
+
+
+@pytest.mark.slow
+def test_laplace_converges_to_gaussian_limit():
+    mech = Mechanism(Laplace(2.0), 1.0, "l2", 0.01, 1000)
+    res = A.audit(mech, 4 ** 8, 1e-6)
+    assert res.fisher_information == pytest.approx(0.25)
+    assert res.sigma_eff == pytest.approx(2.0)
+    gaps = [abs(res.gaussian_limit - r["lower_bound"]) for r in res.per_k]
+    assert all(b < a for a, b in zip(gaps, gaps[1:]))             # monotone approach
+    assert gaps[-1] < 0.01 * res.gaussian_limit
+    assert res.k == 4 ** 8
+
+
+def test_spread_direction_beats_axis_aligned_reading():
+    # one release at a small delta: Laplace is pure 1-DP on one coordinate, a Gaussian-like
+    # loss when the difference is spread
+    res = A.audit(Mechanism(Laplace(1.0), 1.0, "l2", 1.0, 1), 4 ** 6, 1e-10, claimed_epsilon=1.0)
+    assert res.one_coordinate <= 1.0 + 1e-9
+    assert res.lower_bound > 3 * res.one_coordinate
+    assert res.k > 1 and res.refuted is True
+    assert res.lower_bound <= res.gaussian_limit * 1.01
+
+
+def test_fisher_information_of_lmo_matches_finite_differences_of_the_density():
+    noise = LMO.from_published(PUBLISHED, exp_lambda_as_scale=True)
+    xs = np.linspace(1e-4, float(noise.isf(1e-14)), 400001)
+    d = np.gradient(noise.logpdf(xs), xs)
+    ref = 2 * np.trapz(d * d * noise.pdf(xs), xs)
+    assert A.fisher_information(noise) == pytest.approx(ref, rel=2e-3)
+
+
+def test_cli_json_and_verdicts(tmp_path, capsys):
+    path = tmp_path / "lmo.json"
+    path.write_text(json.dumps(PUBLISHED))
+    args = ["audit", "--noise", "lmo", "--params", str(path), "--exp-lambda-as-scale", "--dimension", "16",
+            "--sampling-rate", "1", "--steps", "1", "--delta", "1e-6", "--json"]
+    assert main(args + ["--claimed-epsilon", "0.3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("lower_bound", "k", "one_coordinate", "gaussian_limit", "upper_bound", "refuted"):
+        assert key in out
+    assert out["upper_bound"] is None and out["refuted"] is True and out["lower_bound"] > 0.3
+    assert [r["k"] for r in out["per_k"]] == [1, 4, 16]
+    assert main(args + ["--claimed-epsilon", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["refuted"] is False
+    assert main(args[:-1]) == 0
+    assert "lower bound" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [
+    ["--noise", "laplace", "--scale", "1", "--delta", "1e-6"],                          # no --dimension
+    ["--noise", "laplace", "--scale", "1", "--dimension", "8", "--delta", "1e-6", "--geometry", "l1"],
+    ["--noise", "lmo", "--dimension", "8", "--delta", "1e-6"],                          # no --params
+    ["--noise", "laplace", "--scale", "1", "--dimension", "8"],                          # no --delta
+    ["--noise", "laplace", "--scale", "1", "--dimension", "2.5", "--delta", "1e-6"],
+    ["--noise", "laplace", "--scale", "1", "--dimension", "8", "--delta", "1e-16"],
+])
+def test_cli_usage_errors_exit_2_in_one_line(bad, capsys):
+    try:
+        code = main(["audit", *bad])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
