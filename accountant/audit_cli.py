@@ -1,5 +1,5 @@
 """`python -m accountant audit`: a certified lower bound on the true epsilon of product noise under
-L2 clipping (docs/privacy.md, section "Audit"), compared with a claimed epsilon.
+L2 clipping (docs/privacy.md, section 'Audit'), compared with a claimed epsilon.
 
     python -m accountant audit --noise lmo --params published.json --dimension 355000000 \\
         --sampling-rate 0.01 --steps 1000 --delta 1e-10 --claimed-epsilon 0.3
@@ -44,7 +44,7 @@ def add_audit_command(sub, add_noise_args, noise_and_defaults):
         description="Certified lower bound on the true epsilon of a DP-SGD configuration that adds i.i.d. "
                     "per-coordinate noise to L2-clipped gradients: the maximum over k = 1, 4, 16, ... <= d "
                     "of the bound from one neighbouring pair whose gradient difference is spread evenly over "
-                    "k coordinates (docs/privacy.md, section "Audit"). Prints the one-coordinate value (k = 1), "
+                    "k coordinates (docs/privacy.md, section 'Audit'). Prints the one-coordinate value (k = 1), "
                     "the Gaussian limit sigma_eff = 1/(C sqrt(I)) for reference, the certified upper bound "
                     "where one exists (Gaussian noise) and, with --claimed-epsilon, the verdict. Exit code 0 "
                     "whatever the verdict; 2 for usage errors.")
