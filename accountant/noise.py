@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
+
 import numpy as np
 from scipy import integrate, special
 
@@ -477,6 +479,56 @@ class LaplaceMixture(Noise):
 LATTICE = 2.0 ** 53  # masses are integer multiples of 1/LATTICE (docs/table-format.md)
 
 
+def _exact_width(edges: np.ndarray, j: int) -> tuple[int, int]:
+    """Width of bin ``j`` as an exact ratio of integers ``(num, den)``, ``den`` a power of two (a
+    float difference is not exact in general)."""
+    n1, d1 = float(edges[j]).as_integer_ratio()
+    n2, d2 = float(edges[j + 1]).as_integer_ratio()
+    den = max(d1, d2)
+    return n2 * (den // d2) - n1 * (den // d1), den
+
+
+def _exactly_denser(m_out: float, w_out: tuple, m_in: float, w_in: tuple) -> bool:
+    """Exactly whether ``m_out / w_out > m_in / w_in`` (masses floats, widths exact ratios)."""
+    a, b = float(m_out).as_integer_ratio()
+    c, d = float(m_in).as_integer_ratio()
+    return a * w_in[0] * d * w_out[1] > c * w_out[0] * b * w_in[1]
+
+
+def unimodality_violation(edges, mass, tail_mass: float, tail_rate: float) -> str | None:
+    """Why the table ``(edges, mass, tail_mass, tail_rate)`` is not an exactly symmetric law whose
+    density is non-increasing in |x|, or ``None`` if it is one.
+
+    Exactly what Lemma 1 of docs/privacy.md needs, with no tolerance: the masses (on the 2^-53
+    lattice when written by this library) are compared as exact rationals against the exact bin
+    widths, ``mass[j+1] * width[j] <= mass[j] * width[j+1]`` outward from the bin at 0, and the tail
+    starts no higher than the last bin (``tail_mass * tail_rate * width[-1] <= mass[-1]``).  A float
+    screen decides the clear cases; near-ties are settled in exact integer arithmetic.
+    """
+    edges = np.asarray(edges, dtype=np.float64)
+    mass = np.asarray(mass, dtype=np.float64)
+    if not np.array_equal(mass, mass[::-1]):
+        i = int(np.argmax(mass != mass[::-1]))
+        return (f"bin {i} holds mass {mass[i]!r} but its mirror bin {len(mass) - 1 - i} holds "
+                f"{mass[len(mass) - 1 - i]!r}")
+    n = len(mass)
+    start = n // 2                        # first bin right of 0 (the centre bin when n is odd)
+    m = mass[start:]
+    widths = np.diff(edges)[start:]
+    lhs, rhs = m[1:] * widths[:-1], m[:-1] * widths[1:]     # density[j+1] <= density[j] <=> lhs <= rhs
+    for j in np.nonzero(lhs > rhs * (1 - 1e-12))[0]:
+        if _exactly_denser(m[j + 1], _exact_width(edges, start + j + 1), m[j], _exact_width(edges, start + j)):
+            dens = m / widths
+            return (f"the density rises from {dens[j]:.6g} to {dens[j + 1]:.6g} away from 0 at "
+                    f"x = {edges[start + j + 1]:.6g}")
+    if tail_mass > 0:
+        w_num, w_den = _exact_width(edges, n - 1)
+        if Fraction(tail_mass) * Fraction(tail_rate) * Fraction(w_num, w_den) > Fraction(float(m[-1])):
+            return (f"the tail starts at density {tail_mass * tail_rate:.6g}, above the last bin's "
+                    f"{m[-1] / widths[-1]:.6g}")
+    return None
+
+
 class Tabulated(Noise):
     """Piecewise-uniform core on ``edges`` with exponential tails (table format v1).
 
@@ -494,8 +546,11 @@ class Tabulated(Noise):
             raise NoiseParameterError("table needs edges of length n+1 and mass of length n >= 1")
         if not (np.all(np.isfinite(edges)) and np.all(np.diff(edges) > 0)):
             raise NoiseParameterError("table edges must be finite and strictly increasing")
-        if np.max(np.abs(edges + edges[::-1])) > 1e-12 * max(1.0, edges[-1]):
-            raise NoiseParameterError("table edges must be symmetric about 0")
+        if not np.array_equal(edges, -edges[::-1]):
+            i = int(np.argmax(edges != -edges[::-1]))
+            raise NoiseParameterError(
+                f"table edges must be exactly symmetric about 0 (edges[{i}] = {edges[i]!r} but "
+                f"-edges[{len(edges) - 1 - i}] = {-edges[len(edges) - 1 - i]!r}); docs/privacy.md, Lemma 1")
         if not (np.all(np.isfinite(mass)) and np.all(mass >= 0)):
             raise NoiseParameterError("table masses must be finite and non-negative")
         if not (tail_mass >= 0 and math.isfinite(tail_rate) and tail_rate >= 0):
@@ -510,16 +565,12 @@ class Tabulated(Noise):
             if np.any(scaled != np.round(scaled)) or int(np.round(mass * LATTICE).sum()) + 2 * int(
                     round(tail_mass * LATTICE)) != int(LATTICE):
                 raise NoiseParameterError("table masses are not on the 2^-53 lattice the sampler needs")
-        density = mass / np.diff(edges)
-        if np.max(np.abs(density - density[::-1])) > 1e-9 * np.max(density):
-            raise NoiseParameterError("table density must be symmetric about 0")
-        centre = np.searchsorted(edges, 0.0, side="right") - 1  # bin containing 0+
-        right = density[centre:]
-        outer = tail_mass * tail_rate
-        if np.any(np.diff(right) > 1e-12 * right[0]) or outer > right[-1] * (1 + 1e-12):
+        problem = unimodality_violation(edges, mass, tail_mass, tail_rate)
+        if problem:
             raise NoiseParameterError(
-                "table density must be unimodal (non-increasing in |x|, tail below the last bin); "
-                "the accountant certifies only symmetric unimodal noise")
+                f"table density is not symmetric unimodal: {problem}; the accountant certifies only "
+                "exactly symmetric laws whose density does not increase away from 0 (docs/privacy.md, Lemma 1)")
+        density = mass / np.diff(edges)
         self.edges, self.mass, self.tail_mass, self.tail_rate = edges, mass, tail_mass, tail_rate
         self.density = density
         self.reach = float(edges[-1])
@@ -527,27 +578,53 @@ class Tabulated(Noise):
 
     @classmethod
     def quantised(cls, edges, mass, tail_mass, tail_rate) -> "Tabulated":
-        """Round a symmetric unimodal table onto the 2^-53 lattice, keeping it symmetric unimodal.
+        """Round a symmetric unimodal table onto the 2^-53 lattice, keeping it exactly symmetric
+        unimodal (what the constructor requires, docs/privacy.md Lemma 1).
 
-        Each right-half mass is rounded down (and capped so the density stays non-increasing), the
-        left half mirrors it, and the remainder goes to the central bin(s), which hold the largest
-        density, so unimodality is kept.  Certify the returned table, not its input.
+        The edges are made exactly symmetric by mirroring the right half (the centre edge becomes 0
+        when the bin count is even); they may move by rounding only.  Each right-half mass is rounded
+        down and capped, in exact rational arithmetic, so the density stays non-increasing; the left
+        half mirrors it, and the remainder goes to the central bin(s), which hold the largest density.
+        Certify the returned table, not its input.
         """
         edges = np.asarray(edges, dtype=np.float64)
         mass = np.asarray(mass, dtype=np.float64)
         n = len(mass)
+        if edges.ndim != 1 or mass.ndim != 1 or len(edges) != n + 1 or n < 1:
+            raise NoiseParameterError("table needs edges of length n+1 and mass of length n >= 1")
+        scale = max(abs(float(edges[0])), abs(float(edges[-1])))
+        if np.max(np.abs(edges + edges[::-1])) > 1e-9 * scale:
+            raise NoiseParameterError("table edges must be symmetric about 0 to be quantised")
+        if np.max(np.abs(mass - mass[::-1])) > 1e-9 * max(float(np.max(mass)), 1e-300):
+            raise NoiseParameterError("table masses must be symmetric about 0 to be quantised")
+        half = n // 2
+        first = half if n % 2 == 0 else half + 1       # right-half bins (excluding a centre bin)
+        right = edges[first:].copy()
+        if n % 2 == 0:
+            right[0] = 0.0
+        edges = np.concatenate([-right[:0:-1] if n % 2 == 0 else -right[::-1], right])
         widths = np.diff(edges)
         total = math.fsum(mass) + 2 * float(tail_mass)
         mass, tail_mass = mass / total, float(tail_mass) / total
-        half = n // 2
-        first = half if n % 2 == 0 else half + 1       # right-half bins (excluding a centre bin)
-        ints = np.floor(mass[first:] * LATTICE).astype(np.int64)
-        for j in range(1, len(ints)):                  # keep density non-increasing outward
-            cap = int(math.floor(ints[j - 1] * widths[first + j] / widths[first + j - 1]))
-            ints[j] = min(ints[j], cap)
+        ints = [int(v) for v in np.floor(mass[first:] * LATTICE)]
         tail_int = int(math.floor(tail_mass * LATTICE))
-        if tail_int > 0 and len(ints):   # the tail may not start above the last bin's density
-            tail_int = min(tail_int, int(math.floor(ints[-1] / (widths[-1] * float(tail_rate)))))
+
+        def cap(m_in: int, j_in: int, j_out: int) -> int:
+            """Largest lattice mass of bin ``j_out`` whose density does not exceed that of bin
+            ``j_in`` holding ``m_in`` lattice units (exact rational arithmetic)."""
+            (out_num, out_den), (in_num, in_den) = _exact_width(edges, j_out), _exact_width(edges, j_in)
+            return (m_in * out_num * in_den) // (out_den * in_num)
+
+        if n % 2 == 1 and ints:    # the centre bin (a lower bound of its final mass) may not be outgrown
+            ints[0] = min(ints[0], cap(int(LATTICE) - 2 * sum(ints) - 2 * tail_int, half, first))
+        for j in range(1, len(ints)):                  # keep density non-increasing outward (exact)
+            rough = ints[j - 1] * (widths[first + j] / widths[first + j - 1])
+            if ints[j] <= rough * (1 - 1e-12):         # clearly within the cap (rough is 1e-15 exact)
+                continue
+            ints[j] = min(ints[j], cap(ints[j - 1], first + j - 1, first + j))
+        if tail_int > 0 and ints:   # the tail may not start above the last bin's density
+            w_num, w_den = _exact_width(edges, n - 1)
+            tail_int = min(tail_int, math.floor(Fraction(ints[-1] * w_den, w_num) / Fraction(float(tail_rate))))
         full = np.zeros(n, dtype=np.int64)
         full[first:] = ints
         full[:half] = ints[::-1]
@@ -561,8 +638,7 @@ class Tabulated(Noise):
             full[half] += rest // 2
         tab_mass = full.astype(np.float64) / LATTICE
         rate = float(tail_rate) if tail_int > 0 else 0.0
-        tab = cls(edges, tab_mass, tail_int / LATTICE, rate, check_lattice=True)
-        return tab
+        return cls(edges, tab_mass, tail_int / LATTICE, rate, check_lattice=True)
 
     @property
     def params(self):
@@ -616,9 +692,15 @@ class Tabulated(Noise):
         return float(np.dot(self.mass, per_bin) + tail)
 
     def scaled(self, factor):
+        """The table stretched by ``factor``.  Rounding the stretched edges can tilt a run of bins of
+        equal density by one ulp; the masses are then re-quantised (they move by a few 2^-53 units)
+        so that the result is exactly unimodal again.  Certify the returned table."""
         f = _positive("scale factor", factor)
         rate = self.tail_rate / f if self.tail_mass > 0 else 0.0
-        return Tabulated(self.edges * f, self.mass, self.tail_mass, rate)
+        try:
+            return Tabulated(self.edges * f, self.mass, self.tail_mass, rate)
+        except NoiseParameterError:
+            return Tabulated.quantised(self.edges * f, self.mass, self.tail_mass, rate)
 
     def loss_pieces(self, shift, reach):
         raise NotImplementedError("tabulated laws use exact cells (privacy_loss.tabulated_cells)")
