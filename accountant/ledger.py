@@ -5,6 +5,10 @@ count; heterogeneous runs (a change of rate or noise midway) compose exactly thr
 :func:`accountant.certify.certify`.  ``steps_remaining`` answers "how many more steps of this
 mechanism fit the budget?" by bisection on certified epsilons and caches the answer, so a training
 loop can stop BEFORE the budget would be exceeded at the cost of one comparison per step.
+
+It also records how the run sampled (``sampling``: ``poisson`` or ``shuffle``) and the neighbouring
+relation its epsilon is about (``relation``: ``add/remove``, ``zero-out`` or ``substitution``;
+``accountant.shuffle``, docs/privacy.md Section 7).  Under ``shuffle`` an entry is one epoch.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import math
 from accountant.certify import certify, pld_epsilon
 from accountant.mechanism import Mechanism
 from accountant.noise import Noise, Tabulated, from_name
+from accountant.shuffle import check_sampling
 
 LEDGER_VERSION = 1
 
@@ -32,7 +37,10 @@ def _noise_from_json(data: dict) -> Noise:
 
 
 class PrivacyLedger:
-    def __init__(self, delta: float, epsilon_budget: float | None = None):
+    def __init__(self, delta: float, epsilon_budget: float | None = None, *,
+                 sampling: str = "poisson", relation: str | None = None):
+        self.relation = check_sampling(sampling, relation)
+        self.sampling = sampling
         if not 0 < delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {delta}")
         if epsilon_budget is not None and not epsilon_budget > 0:
@@ -132,6 +140,7 @@ class PrivacyLedger:
     def to_json(self) -> str:
         return json.dumps({
             "ledger_version": LEDGER_VERSION, "delta": self.delta, "epsilon_budget": self.epsilon_budget,
+            "sampling": self.sampling, "relation": self.relation,
             "entries": [{"mechanism": {**m.describe(), "noise": _noise_to_json(m.noise)}, "count": c}
                         for m, c in self._entries],
             "epsilon_spent": self.epsilon(),
@@ -142,7 +151,8 @@ class PrivacyLedger:
         data = json.loads(text)
         if data.get("ledger_version") != LEDGER_VERSION:
             raise ValueError(f"unsupported ledger version {data.get('ledger_version')!r}")
-        ledger = cls(data["delta"], data.get("epsilon_budget"))
+        ledger = cls(data["delta"], data.get("epsilon_budget"), sampling=data.get("sampling", "poisson"),
+                     relation=data.get("relation"))
         for entry in data["entries"]:
             m = entry["mechanism"]
             mech = Mechanism(_noise_from_json(m["noise"]), m["sensitivity"], m["geometry"],

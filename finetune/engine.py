@@ -1,0 +1,532 @@
+"""``make_private``: one call from a batch size, a number of epochs and a target epsilon to DP-SGD.
+
+::
+
+    from finetune import make_private
+    engine = make_private(net, optimizer, dataset_size=len(x), batch_size=64, epochs=3,
+                          target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0)
+    for batch in engine.batches(x, y):
+        engine.step(batch)
+    print(engine.epsilon())
+
+It turns ``batch_size`` / ``epochs`` (or ``steps``) into the sampling rate ``q = B / N`` and ``T``
+steps, calibrates Gaussian noise with ``accountant.certify.calibrate`` (two accountants, the larger
+upper bound; docs/privacy.md), keeps the certified table in memory (``save_table=PATH`` writes it),
+and wires ``DPOptimizer`` (clipping, noise), the sampler and a hard stop (``ReleaseGuard``).
+
+Sampling (``accountant.shuffle``; docs/privacy.md Section 7):
+
+* ``"poisson"`` (default): each example joins each step with probability ``q``; certified under
+  add/remove with amplification by subsampling.
+* ``"shuffle"``: every example exactly once per epoch in fixed-size batches; no amplification: one
+  release of the unsampled mechanism per epoch, composed over epochs, under ``relation="zero-out"``
+  (sensitivity C, default) or ``"substitution"`` (2C).  The engine prints what Poisson sampling
+  would certify at the same noise.
+
+Randomness: ``seed`` makes sampling and noise reproducible (two independent PCG64 streams);
+``secure=True`` draws both from OS-keyed ChaCha20 (docs/soundness.md rule 8), one switch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from accountant.certify import Certificate, calibrate, certify
+from accountant.mechanism import Mechanism
+from accountant.noise import Gaussian
+from accountant.randomness import SecureRandom, make_rng
+from accountant.shuffle import RELATION_TEXT, check_sampling, run_mechanism, release_mechanism, \
+    sensitivity, steps_per_epoch
+
+__all__ = ["make_private", "PrivateEngine", "LogicalBatch", "EngineConfigError"]
+
+STATE_FORMAT = "finetune.engine"
+STATE_VERSION = 1
+
+
+class EngineConfigError(ValueError):
+    """make_private was called with settings that do not describe one certifiable run."""
+
+
+@dataclass(frozen=True)
+class LogicalBatch:
+    """One step's examples as fixed-shape micro-batches ``[(inputs, mask), ...]`` (padding masked)."""
+
+    step: int
+    sampling: str
+    ticket: int
+    size: int
+    micro: list = field(repr=False)
+
+    def __iter__(self):
+        return iter(self.micro)
+
+    def __len__(self) -> int:
+        return len(self.micro)
+
+
+@dataclass(frozen=True)
+class _NoiseSpec:
+    """What ``DPOptimizer`` reads from a table: the law it samples and the geometry it clips in."""
+
+    noise: object
+    geometry: str
+
+
+def _rng_pair(seed, secure: bool):
+    """Independent generators for sampling and for noise (a data pipeline may sample ahead)."""
+    if secure:
+        if seed is not None:
+            raise EngineConfigError("secure=True draws from the OS CSPRNG and cannot be seeded; drop seed")
+        return SecureRandom(), SecureRandom()
+    children = np.random.SeedSequence(seed).spawn(2)
+    return tuple(np.random.Generator(np.random.PCG64(c)) for c in children)
+
+
+def _rng_state(rng):
+    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else None
+
+
+class PrivateEngine:
+    """The private training run built by :func:`make_private` (read its attributes, do not set them).
+
+    ``noise_multiplier`` (Gaussian sigma in units of ``max_grad_norm``, ``None`` for a non-Gaussian
+    table), ``certificate`` (``accountant.certify.Certificate`` of the whole run), ``sampling``,
+    ``relation``, ``sampling_rate``, ``steps``, ``epochs``, ``delta``, ``summary`` (the printed text),
+    ``poisson_epsilon`` (shuffle with ``compare_poisson``: the certificate of Poisson sampling at
+    ``q = B / N`` for the same steps and noise, under add/remove),
+    ``optimizer`` (the ``DPOptimizer``) and ``guard`` (the ledger and hard stop).
+    """
+
+    def __init__(self, *, dp_optimizer, guard, sampler, sampling, relation, dataset_size, batch_size,
+                 micro_batch_size, steps, epochs, sampling_rate, delta, noise, geometry, certificate,
+                 noise_multiplier, epsilon_target, secure, sample_rng, noise_rng, steps_in_epoch,
+                 table=None):
+        self.optimizer = dp_optimizer
+        self.guard = guard
+        self.sampler = sampler
+        self.sampling, self.relation = sampling, relation
+        self.dataset_size, self.batch_size = dataset_size, batch_size
+        self.micro_batch_size = micro_batch_size
+        self.steps, self.epochs, self.steps_in_epoch = steps, epochs, steps_in_epoch
+        self.sampling_rate, self.delta = sampling_rate, delta
+        self.noise, self.geometry = noise, geometry
+        self.certificate: Certificate = certificate
+        self.noise_multiplier = noise_multiplier
+        self.epsilon_target = epsilon_target
+        self.secure = secure
+        self._sample_rng, self._noise_rng = sample_rng, noise_rng
+        self._table = table
+        self.poisson_epsilon = None
+        self.summary = ""
+        self.ticket = int.from_bytes(os.urandom(6), "little")   # names this engine's sampler
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _check_arrays(self, arrays) -> list[np.ndarray]:
+        if not arrays:
+            raise EngineConfigError("give the data arrays, e.g. engine.batches(x, y)")
+        out = [np.asarray(a) for a in arrays]
+        for k, a in enumerate(out):
+            if a.ndim == 0 or len(a) != self.dataset_size:
+                raise EngineConfigError(f"data array {k} has {len(a) if a.ndim else 0} rows, but the run "
+                                        f"was accounted for dataset_size={self.dataset_size}")
+        return out
+
+    def _indices(self, step: int) -> np.ndarray:
+        if self.sampling == "poisson":
+            return self.sampler.sample()
+        return self.sampler.batch(step)
+
+    def plan(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The index batches of the remaining steps, drawn in order from the accounted sampler."""
+        for step in range(self.guard.steps_taken, self.guard.limit):
+            yield step, self._indices(step)
+
+    def batches(self, *arrays) -> Iterator[LogicalBatch]:
+        """The remaining steps' logical batches of ``arrays`` (rows = examples), as micro-batches."""
+        from .dp.sampling import micro_batches
+
+        data = self._check_arrays(arrays)
+        for step, idx in self.plan():
+            micro = [([a[m.indices] for a in data], m.mask)
+                     for m in micro_batches(idx, self.micro_batch_size)]
+            yield LogicalBatch(step, self.sampling, self.ticket, int(idx.size), micro)
+
+    def step(self, batch: LogicalBatch):
+        """One DP step on a batch of :meth:`batches`; returns ``finetune.dp.optimizer.StepStats``."""
+        from .dp.release_guard import SamplingMismatch
+
+        if not isinstance(batch, LogicalBatch):
+            raise SamplingMismatch(
+                f"engine.step takes the batches of engine.batches(...), got {type(batch).__name__}: a "
+                f"batch from another loader is not what the certificate ({self.sampling} sampling) accounts")
+        self.guard.check_sampling(batch.sampling)
+        if batch.ticket != self.ticket:
+            raise SamplingMismatch("this batch was drawn by another engine's sampler; use the batches "
+                                   "of the engine that accounts for it")
+        if batch.step != self.guard.steps_taken:
+            raise SamplingMismatch(f"batch of step {batch.step} given at step {self.guard.steps_taken}: "
+                                   "each batch is used once, in order")
+        return self.optimizer.step(batch.micro)
+
+    def epsilon(self) -> float:
+        """Certified epsilon (at ``delta``, under ``relation``) of the steps taken so far."""
+        return self.guard.epsilon_spent()
+
+    # ---- mindspore.train.Model -------------------------------------------------------------------
+    def dataset(self, *arrays, column_names: Sequence[str] | None = None):
+        """A ``mindspore.dataset`` of the remaining steps' micro-batches (``finetune.dp.dataset``)."""
+        from .dp.dataset import MicroBatchRows, make_dataset
+
+        data = self._check_arrays(arrays)
+        names = list(column_names) if column_names is not None else [f"x{k}" for k in range(len(data))]
+        if len(names) != len(data):
+            raise EngineConfigError(f"{len(names)} column names for {len(data)} data arrays")
+        rows = MicroBatchRows(data, list(self.plan()), self.micro_batch_size, self.ticket)
+        return make_dataset(rows, names)
+
+    def train_network(self):
+        """The DP step as a ``mindspore.train.Model`` network (rows of :meth:`dataset`)."""
+        from .dp.dataset import DPTrainStep
+
+        return DPTrainStep(self.optimizer, self.guard, self.ticket)
+
+    def callback(self):
+        """``PrivacyBudgetCallback``: ends ``Model.train`` before a step the certificate does not cover."""
+        from .dp.guard import PrivacyBudgetCallback
+
+        return PrivacyBudgetCallback(self.guard)
+
+    # ---- the certified table ---------------------------------------------------------------------
+    @property
+    def table(self):
+        """The noise table (``accountant.table.NoiseTable``, in units of C, sensitivity 1) in memory."""
+        if self._table is None:
+            self._table = _in_memory_table(self)
+        return self._table
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        return {"sampling": self.sampling, "relation": self.relation, "dataset_size": self.dataset_size,
+                "batch_size": self.batch_size, "steps": self.steps, "sampling_rate": self.sampling_rate,
+                "delta": self.delta, "geometry": self.geometry, "noise": self.noise.family,
+                "params": self.noise.params, "max_grad_norm": self.optimizer.max_grad_norm,
+                "secure": self.secure}
+
+    def state_dict(self) -> dict:
+        """The run's state for a checkpoint: steps taken, the ledger, the sampler's position (its
+        generator and the current shuffle order; sampling is data-independent) and the noise
+        generator (none for ``secure=True``: a resumed secure run is keyed afresh).  When
+        ``DPOptimizer`` has ``state_dict`` (weights and the MindSpore optimizer's moments as numpy
+        arrays) it is included under ``"optimizer"``; otherwise save the weights yourself
+        (``mindspore.save_checkpoint``).  Everything but ``"optimizer"`` is JSON."""
+        state = {"format": STATE_FORMAT, "version": STATE_VERSION, "run": self._identity(),
+                 "guard": self.guard.state_dict(), "sample_rng": _rng_state(self._sample_rng),
+                 "noise_rng": _rng_state(self._noise_rng), "optimizer": None}
+        if self.sampling == "shuffle":
+            state["shuffle"] = self.sampler.state_dict()
+        if hasattr(self.optimizer, "state_dict"):
+            inner = dict(self.optimizer.state_dict())
+            inner["ledger"] = None          # the engine's guard carries the ledger (releases, not steps)
+            state["optimizer"] = inner
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run from :meth:`state_dict` (into a fresh engine); refuse another run's state."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise EngineConfigError("not a make_private engine state")
+        if state.get("version") != STATE_VERSION:
+            raise EngineConfigError(f"unsupported engine state version {state.get('version')!r}")
+        mine = self._identity()
+        theirs = state.get("run", {})
+        diff = [k for k in mine if theirs.get(k) != mine[k]]
+        if diff:
+            raise EngineConfigError("the saved state belongs to another run: "
+                                    + ", ".join(f"{k} {theirs.get(k)!r} != {mine[k]!r}" for k in diff))
+        if self.guard.steps_taken or self.guard.ledger.steps:
+            raise EngineConfigError("this engine has already taken steps; load a state into a new engine")
+        self.guard.load_state_dict(state["guard"])
+        if state.get("optimizer") is not None:
+            if not hasattr(self.optimizer, "load_state_dict"):
+                raise EngineConfigError("the saved state holds optimizer state this version cannot load")
+            self.optimizer.load_state_dict(state["optimizer"])
+        for rng, saved in ((self._sample_rng, state.get("sample_rng")), (self._noise_rng, state.get("noise_rng"))):
+            if saved is not None and isinstance(rng, np.random.Generator):
+                rng.bit_generator.state = saved
+        if self.sampling == "shuffle":
+            self.sampler.load_state_dict(state.get("shuffle", {}))
+
+
+def _in_memory_table(engine: PrivateEngine):
+    """A ``NoiseTable`` for the engine's law: q and T of its releases, certificate at sensitivity 1."""
+    from accountant.table import NoiseTable, tabulate
+
+    mech = _table_mechanism(engine)
+    cert = engine.certificate if sensitivity(engine.relation) == 1.0 else certify(mech, engine.delta)
+    noise = engine.noise
+    sigma = engine.noise_multiplier
+    meta = {"format_version": 1, "law": noise.family, "family": noise.family, "params": noise.params,
+            "eps_target": engine.epsilon_target or cert.epsilon, "delta": engine.delta,
+            "sampling_rate": mech.sampling_rate, "steps": mech.steps, "geometry": engine.geometry,
+            "certified_epsilon": {k: r["upper"] for k, r in cert.routes.items()} | {"final": cert.epsilon},
+            "expected_abs": noise.expected_abs(), "gaussian_sigma": sigma,
+            "gaussian_expected_abs": None if sigma is None else sigma * math.sqrt(2 / math.pi),
+            "sampling": engine.sampling, "relation": engine.relation}
+    return NoiseTable(noise, meta, tabulate(noise))
+
+
+def _table_mechanism(engine: PrivateEngine) -> Mechanism:
+    """The run as a table describes it: sensitivity 1, the releases' rate and count."""
+    run = run_mechanism(engine.noise, engine.geometry, engine.sampling, engine.relation, engine.steps,
+                        engine.sampling_rate, engine.steps_in_epoch)
+    return Mechanism(run.noise, 1.0, run.geometry, run.sampling_rate, run.steps)
+
+
+def _load(noise):
+    from accountant.table import NoiseTable, TableError, load_table
+
+    if isinstance(noise, NoiseTable):
+        return noise
+    if isinstance(noise, (str, os.PathLike)):
+        try:
+            return load_table(noise)
+        except TableError as exc:
+            raise EngineConfigError(str(exc)) from None
+    raise EngineConfigError(f"noise= takes a table path or an accountant.table.NoiseTable, got {type(noise).__name__}")
+
+
+def _positive_int(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _fmt_routes(cert: Certificate) -> str:
+    return ", ".join(f"{name.upper()} {r['upper']:.4f}" for name, r in cert.routes.items())
+
+
+def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = None,
+                 epochs: int | None = None, steps: int | None = None,
+                 target_epsilon: float | None = None, target_delta: float | None = None,
+                 max_grad_norm: float = 1.0, noise_multiplier: float | None = None, noise=None,
+                 sampling: str = "poisson", relation: str | None = None, secure: bool = False,
+                 seed: int | None = None, micro_batch_size: int | None = None,
+                 per_example: str = "auto", save_table=None, compare_poisson: bool = True,
+                 verbose: bool = True) -> PrivateEngine:
+    """Make ``optimizer`` (any MindSpore optimizer over the parameters to train) private for ``net``.
+
+    ``net(*inputs)`` returns per-example losses (shape [B]).  Give exactly one noise source:
+
+    * ``target_epsilon`` (with ``target_delta``): calibrate Gaussian noise (l2 clipping) to it;
+    * ``noise_multiplier`` (with ``target_delta``): Gaussian sigma in units of ``max_grad_norm``; the
+      engine certifies the epsilon it buys;
+    * ``noise``: a table path or ``NoiseTable`` (searched or calibrated; any certified law and
+      geometry).  Its q, T and geometry must fit the run: Poisson runs take the table's q (and its T
+      unless fewer ``steps``/``epochs`` are asked for); shuffle runs need a q = 1 table certified
+      for at least as many epochs.  The printed certificate is always re-computed from the table's
+      law for this exact run, never copied from the table's metadata.
+
+    Length: ``epochs`` (``ceil(N / batch_size)`` steps each) or ``steps``.  ``sampling`` is
+    ``"poisson"`` or ``"shuffle"``; ``relation`` (shuffle only) ``"zero-out"`` or ``"substitution"``.
+    ``micro_batch_size`` is the fixed shape of one compiled call (default ``min(batch_size, 32)``).
+    ``save_table=PATH`` writes the calibrated table (refuses an existing file).  Prints a summary
+    unless ``verbose=False``; the numbers are attributes of the returned :class:`PrivateEngine`.
+    """
+    from .dp.guard import TableMismatchError, check_table
+    from .dp.optimizer import DPOptimizer, GeometryError, clip_geometry
+    from .dp.release_guard import ReleaseGuard
+    from .dp.sampling import PoissonSampler
+    from .dp.shuffle import ShuffleSampler
+
+    try:
+        relation = check_sampling(sampling, relation)
+    except ValueError as exc:
+        raise EngineConfigError(str(exc)) from None
+    n = _positive_int("dataset_size", dataset_size)
+    if n is None:
+        raise EngineConfigError("dataset_size is required (the number of examples, e.g. len(x))")
+    batch_size, epochs, steps = (_positive_int("batch_size", batch_size), _positive_int("epochs", epochs),
+                                 _positive_int("steps", steps))
+    sources = [k for k, v in (("target_epsilon", target_epsilon), ("noise_multiplier", noise_multiplier),
+                              ("noise", noise)) if v is not None]
+    if len(sources) != 1 and sources != ["target_epsilon", "noise"]:
+        raise EngineConfigError("give one noise source: target_epsilon=, noise_multiplier= or noise= "
+                                f"(got {', '.join(sources) or 'none'})")
+    if epochs is not None and steps is not None:
+        raise EngineConfigError("give epochs= or steps=, not both")
+    try:
+        max_grad_norm = float(max_grad_norm)
+    except (TypeError, ValueError):
+        max_grad_norm = math.nan
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise EngineConfigError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
+    if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise EngineConfigError(f"target_epsilon must be positive, got {target_epsilon!r}")
+    if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise EngineConfigError(f"noise_multiplier must be positive, got {noise_multiplier!r}")
+    table = _load(noise) if noise is not None else None
+    if save_table is not None:
+        if table is not None:
+            raise EngineConfigError("save_table writes a calibrated table; noise= already is one")
+        if Path(save_table).exists():
+            raise EngineConfigError(f"save_table {str(save_table)!r} exists; choose another path "
+                                    "(a table is never overwritten)")
+        from accountant.output_path import OutputPathError, check_output_file
+        try:
+            check_output_file(save_table, what="save_table")
+        except OutputPathError as exc:
+            raise EngineConfigError(str(exc)) from None
+    if table is not None:
+        if target_delta is not None and float(target_delta) != table.delta:
+            raise EngineConfigError(f"target_delta {target_delta:g} differs from the table's delta {table.delta:g}")
+        delta = table.delta
+    else:
+        if target_delta is None:
+            raise EngineConfigError("target_delta is required (e.g. 1e-5, well below 1/dataset_size)")
+        delta = float(target_delta)
+        if not 0 < delta < 1:
+            raise EngineConfigError(f"target_delta must lie in (0, 1), got {target_delta!r}")
+
+    # ---- q, T and what one release is -----------------------------------------------------------
+    if sampling == "poisson":
+        if batch_size is None:
+            if table is None:
+                raise EngineConfigError("batch_size is required (the expected number of examples per step)")
+            q = table.sampling_rate
+        else:
+            if batch_size > n:
+                raise EngineConfigError(f"batch_size {batch_size} exceeds dataset_size {n}")
+            q = batch_size / n
+        per_epoch = steps_per_epoch(n, max(1, round(q * n)))   # as many steps as a shuffled epoch
+        if steps is None and epochs is not None:
+            steps = epochs * per_epoch
+        if table is not None:
+            try:
+                q, steps = check_table(table, dataset_size=n, sampling_rate=q, steps=steps)
+            except TableMismatchError as exc:
+                raise EngineConfigError(str(exc)) from None
+        if steps is None:
+            raise EngineConfigError("give epochs= or steps=")
+        expected_batch, steps_in_epoch = q * n, None
+        epochs_run = steps / per_epoch
+        accounted_rate, releases = q, steps
+    else:
+        if batch_size is None:
+            raise EngineConfigError("sampling='shuffle' needs batch_size")
+        if batch_size > n:
+            raise EngineConfigError(f"batch_size {batch_size} exceeds dataset_size {n}")
+        steps_in_epoch = steps_per_epoch(n, batch_size)
+        if steps is None:
+            if epochs is None:
+                raise EngineConfigError("give epochs= or steps=")
+            steps = epochs * steps_in_epoch
+        epochs_run = -(-steps // steps_in_epoch)
+        q, expected_batch = batch_size / n, float(batch_size)
+        accounted_rate, releases = 1.0, epochs_run
+        if table is not None:
+            if table.sampling_rate != 1.0:
+                raise EngineConfigError(
+                    f"the table certifies Poisson sampling at rate {table.sampling_rate:g}; a shuffled run "
+                    "is one unsampled release per epoch and needs a table with sampling rate 1 "
+                    "(make_private(..., sampling='shuffle', save_table=PATH) writes one)")
+            if table.steps < epochs_run:
+                raise EngineConfigError(f"the table certifies {table.steps} releases but the shuffled run "
+                                        f"has {epochs_run} epochs")
+    params = list(optimizer.parameters)
+    n_coords = int(sum(int(np.prod(p.shape)) for p in params))
+
+    # ---- noise and certificate --------------------------------------------------------------------
+    s = sensitivity(relation)
+    if table is not None:
+        noise_law, geometry = table.noise, table.geometry
+        try:
+            clip_geometry(geometry, n_coords)
+        except GeometryError as exc:
+            raise EngineConfigError(str(exc)) from None
+        mech = release_mechanism(noise_law, geometry, sampling, relation, accounted_rate).with_steps(releases)
+        cert = certify(mech, delta)
+        if target_epsilon is not None and cert.epsilon > target_epsilon:
+            raise EngineConfigError(f"the table's law certifies epsilon {cert.epsilon:.4g} for this run, "
+                                    f"above target_epsilon {target_epsilon:g}")
+        sigma = noise_law.params.get("sigma") if isinstance(noise_law, Gaussian) else None
+    else:
+        geometry = "l2"
+        if noise_multiplier is not None:
+            sigma = float(noise_multiplier)
+            cert = certify(Mechanism(Gaussian(sigma), s, geometry, accounted_rate, releases), delta)
+        else:
+            if verbose:
+                print(f"make_private: calibrating Gaussian noise to epsilon {target_epsilon:g} at delta "
+                      f"{delta:g} ({releases} releases) ...", flush=True)
+            sigma, cert = calibrate(Gaussian, float(target_epsilon), delta, accounted_rate, releases,
+                                    geometry, sensitivity=s)
+        noise_law = Gaussian(sigma)
+
+    sample_rng, noise_rng = _rng_pair(seed, bool(secure))
+    if sampling == "poisson":
+        sampler = PoissonSampler(n, q, steps, rng=sample_rng)
+    else:
+        sampler = ShuffleSampler(n, batch_size, epochs_run, rng=sample_rng)
+    release = release_mechanism(noise_law, geometry, sampling, relation, accounted_rate)
+    guard = ReleaseGuard(release, sampling=sampling, relation=relation, steps=steps,
+                         steps_in_epoch=steps_in_epoch, delta=delta, budget=cert.epsilon,
+                         expected_batch_size=expected_batch)
+    dp = DPOptimizer(optimizer, net, _NoiseSpec(noise_law, geometry), max_grad_norm=float(max_grad_norm),
+                     expected_batch_size=expected_batch, per_example=per_example, rng=noise_rng,
+                     guard=guard)
+    engine = PrivateEngine(
+        dp_optimizer=dp, guard=guard, sampler=sampler, sampling=sampling, relation=relation,
+        dataset_size=n, batch_size=batch_size if batch_size is not None else q * n,
+        micro_batch_size=_positive_int("micro_batch_size", micro_batch_size) or int(min(32, max(1, round(expected_batch)))),
+        steps=steps, epochs=epochs_run, sampling_rate=q, delta=delta, noise=noise_law, geometry=geometry,
+        certificate=cert, noise_multiplier=sigma, epsilon_target=target_epsilon, secure=bool(secure),
+        sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=steps_in_epoch, table=table)
+    if sampling == "shuffle" and compare_poisson:
+        engine.poisson_epsilon = certify(Mechanism(noise_law, 1.0, geometry, q, steps), delta).epsilon
+    engine.summary = _summary(engine, max_grad_norm)
+    if save_table is not None:
+        _save(engine, save_table)
+        engine.summary += f"\n  table written to {save_table}"
+    if verbose:
+        print(engine.summary, flush=True)
+    return engine
+
+
+def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
+    law = (f"Gaussian noise, noise multiplier {e.noise_multiplier:.4f} (std {e.noise_multiplier:.4f} x "
+           f"max_grad_norm {max_grad_norm:g})" if e.noise_multiplier is not None
+           else f"{e.noise.family} noise {e.noise.params} x max_grad_norm {max_grad_norm:g}")
+    lines = [f"make_private: {law}, {e.geometry} clipping"]
+    if e.sampling == "poisson":
+        lines.append(f"  sampling: poisson, rate q = {e.sampling_rate:.6g} (expected batch "
+                     f"{e.sampling_rate * e.dataset_size:.4g} of {e.dataset_size}), T = {e.steps} steps")
+    else:
+        lines.append(f"  sampling: shuffle, {e.steps_in_epoch} batches of {e.batch_size} per epoch, "
+                     f"{e.epochs} epochs, {e.steps} steps; no amplification: one release per epoch")
+    target = f" (target {e.epsilon_target:g})" if e.epsilon_target is not None else ""
+    lines.append(f"  certificate: epsilon {e.certificate.epsilon:.4f}{target} at delta {e.delta:g}, "
+                 f"relation {RELATION_TEXT[e.relation]}; accountants {_fmt_routes(e.certificate)}")
+    if e.poisson_epsilon is not None:
+        lines.append(f"  Poisson sampling at q = {e.sampling_rate:.6g} for {e.steps} steps with the same noise "
+                     f"would certify epsilon {e.poisson_epsilon:.4f} (add/remove) instead "
+                     f"of {e.certificate.epsilon:.4f}: {e.certificate.epsilon / e.poisson_epsilon:.2f}x smaller")
+    return "\n".join(lines)
+
+
+def _save(engine: PrivateEngine, path) -> None:
+    from accountant.table import write_certified_table
+
+    mech = _table_mechanism(engine)
+    cert = engine.certificate if sensitivity(engine.relation) == 1.0 else None
+    engine._table = write_certified_table(Path(path), engine.noise, eps_target=engine.epsilon_target or engine.certificate.epsilon,
+                          delta=engine.delta, sampling_rate=mech.sampling_rate, steps=mech.steps,
+                          geometry=engine.geometry, certificate=cert,
+                          gaussian_sigma=engine.noise_multiplier,
+                          extra={"sampling": engine.sampling, "relation": engine.relation})
