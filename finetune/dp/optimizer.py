@@ -6,10 +6,15 @@ One step (Abadi et al. 2016, Algorithm 1, with the noise law replaced by the tab
    to norm ``C`` in the norm the table's certificate covers: ``l2`` for Gaussian tables, ``l1`` for
    Laplace-type / LMO tables (docs/soundness.md rule 2); a ``scalar`` table certifies one real number and
    is refused for a gradient with more than one coordinate;
-2. their sum ``S`` (float32 on the device, then float64 on the host);
+2. their sum ``S``, accumulated over the micro-batches in float32 on the device and copied to the
+   host once per step (float64 there);
 3. ``S + C * Z`` in float64 with ``Z = table.noise.sample(n, rng)`` drawn outside the compiled graph
    (float64, exact for the certified law including its tails, rule 1); only this noisy sum is cast
-   to float32, which is post-processing of the certified release;
+   to float32, which is post-processing of the certified release.  The noise does not depend on
+   the data, so :meth:`DPOptimizer.step` draws it in a background thread while the device computes
+   the clipped sum; the draw starts after the step's Poisson batch was sampled and finishes before
+   the step returns, so a seeded generator is used in exactly the order of a sequential run (same
+   batches, same noise), and an interrupted step restores the generator's state;
 4. division by the *expected* batch size ``q * N`` (not the realised one, which would leak it);
 5. the wrapped optimizer's update.
 
@@ -20,12 +25,14 @@ from the OS CSPRNG, docs/soundness.md rule 8).  The optimizer is wrapped in a Ce
 from __future__ import annotations
 
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from accountant.randomness import make_rng
 
@@ -54,6 +61,18 @@ def clip_geometry(table_geometry: str, n_coordinates: int) -> str:
             f"{n_coordinates} coordinates; a scalar certificate covers one real-valued query only. "
             "Use a table certified for geometry 'l2' (Gaussian) or 'l1' (Laplace-type, LMO).")
     raise GeometryError(f"unknown table geometry {table_geometry!r}; expected 'l1', 'l2' or 'scalar'")
+
+
+class _AddTuple(nn.Cell):
+    """Element-wise sum of two gradient tuples, on the device (one compiled launch)."""
+
+    def __init__(self):
+        super().__init__(auto_prefix=False)
+        self.map = ops.HyperMap()
+        self.add = ops.Add()
+
+    def construct(self, a, b):
+        return self.map(self.add, a, b)
 
 
 class _Apply(nn.Cell):
@@ -98,13 +117,18 @@ class DPOptimizer:
         *before* the noise is added, so the noise is added once to the global sum (never per worker
         and then averaged, which would divide its variance by the number of workers).
         ``finetune.dp.distributed.Distributed.allreduce_sum_f64`` is such a callable.
+    prefetch_noise: draw each step's noise in a background thread while the device computes
+        (:meth:`step` only; same draws as without).  ``last_timings`` holds the host-side phases
+        of the last step in seconds (``clipped_sum``: device work of all micro-batches; ``d2h``;
+        ``noise_draw`` (in the thread) and ``noise_wait`` (what the step still waited for it);
+        ``noise_add``; ``h2d``; ``update``).
     """
 
     def __init__(self, optimizer: nn.Optimizer, network: nn.Cell, table=None, *,
                  max_grad_norm: float = 1.0, expected_batch_size: float,
                  per_example: str = "auto", seed: int | None = None, secure: bool = False,
                  rng=None, guard=None, private: bool = True, add_noise: bool = True,
-                 reduce_sum=None):
+                 reduce_sum=None, prefetch_noise: bool = True):
         if reduce_sum is not None and not callable(reduce_sum):
             raise TypeError("reduce_sum must be a callable (or None for one process)")
         self.reduce_sum = reduce_sum
@@ -137,9 +161,16 @@ class DPOptimizer:
         self.rng = rng if rng is not None else make_rng(seed=seed, secure=secure)
         self.secure = bool(secure)
         self._apply = _Apply(optimizer)
+        self._add = _AddTuple()
         self._sum = None
         self._stats = [0.0, 0, 0]  # loss sum, examples, clipped examples
         self.steps_taken = 0
+        self.prefetch_noise = bool(prefetch_noise)
+        self._noise_future = None
+        self._rng_state = None
+        self._pool = None
+        self.last_timings: dict = {}
+        self._t_clip = 0.0
 
     @property
     def method(self) -> str:
@@ -154,20 +185,52 @@ class DPOptimizer:
 
     # ---- accumulation over micro-batches -----------------------------------------------------
     def accumulate(self, inputs: Sequence, mask) -> None:
-        """Add one micro-batch's clipped per-example gradients to the running sum."""
+        """Add one micro-batch's clipped per-example gradients to the running sum (on the device)."""
+        start = time.perf_counter()
         mask = np.asarray(mask, dtype=np.float32)
         grads, losses, norms = self.grads.clipped_sum(inputs, mask, self.max_grad_norm)
-        parts = [g.asnumpy().astype(np.float64) for g in grads]
-        if self._sum is None:
-            self._sum = parts
-        else:
-            for acc, part in zip(self._sum, parts):
-                acc += part
+        self._sum = grads if self._sum is None else self._add(self._sum, grads)
         real = mask > 0
         self._stats[0] += float(losses.asnumpy()[real].astype(np.float64).sum())
         self._stats[1] += int(real.sum())
         if self.private:
             self._stats[2] += int((norms.asnumpy()[real] > self.max_grad_norm * (1 - 1e-4)).sum())
+        self._t_clip += time.perf_counter() - start
+
+    # ---- noise ----------------------------------------------------------------------------------
+    def _draw(self):
+        start = time.perf_counter()
+        z = np.asarray(self.noise.sample(self.n_coordinates, self.rng), dtype=np.float64)
+        return z, time.perf_counter() - start
+
+    def _start_noise(self) -> None:
+        """Begin drawing this step's noise in the background (data-independent)."""
+        if not (self.add_noise and self.prefetch_noise) or self._noise_future is not None:
+            return
+        bg = getattr(self.rng, "bit_generator", None)
+        self._rng_state = bg.state if bg is not None else None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-noise")
+        self._noise_future = self._pool.submit(self._draw)
+
+    def _cancel_noise(self) -> None:
+        """Discard a background draw of a step that did not happen; rewind a seeded generator."""
+        future, self._noise_future = self._noise_future, None
+        if future is None:
+            return
+        try:
+            future.result()
+        finally:
+            if self._rng_state is not None:
+                self.rng.bit_generator.state = self._rng_state
+            self._rng_state = None
+
+    def _take_noise(self):
+        future, self._noise_future = self._noise_future, None
+        self._rng_state = None
+        if future is None:
+            return self._draw()
+        return future.result()
 
     def apply(self) -> StepStats:
         """Add noise to the accumulated sum, divide by the expected batch size, update.
@@ -176,22 +239,47 @@ class DPOptimizer:
         still added: every step of the certified mechanism releases a noisy sum.
         """
         if self.guard is not None:
-            self.guard.check_next()
-        if self._sum is None:
-            self._sum = [np.zeros(p.shape, np.float64) for p in self.params]
-        flat = np.concatenate([s.reshape(-1) for s in self._sum])
+            try:
+                self.guard.check_next()
+            except BaseException:
+                self._cancel_noise()
+                raise
+        timings = {"clipped_sum": self._t_clip}
+        t0 = time.perf_counter()
+        flat = np.zeros(self.n_coordinates, np.float64)
+        if self._sum is not None:  # one device-to-host copy of the float32 sum
+            k = 0
+            for g in self._sum:
+                part = g.asnumpy().reshape(-1)
+                flat[k:k + part.size] = part
+                k += part.size
+        t1 = time.perf_counter()
+        timings["d2h"] = t1 - t0
         if self.reduce_sum is not None:
             flat = self._reduce(flat)
         if self.add_noise:
-            z = np.asarray(self.noise.sample(flat.size, self.rng), dtype=np.float64)
-            flat = flat + self.max_grad_norm * z
-        update = (flat / self.expected_batch_size).astype(np.float32)
+            z, timings["noise_draw"] = self._take_noise()
+            t2 = time.perf_counter()
+            timings["noise_wait"] = t2 - t1
+            z *= self.max_grad_norm   # float64 throughout: S + C Z, then / (q N), then the cast
+            flat += z
+            del z
+        else:
+            t2 = t1
+        flat /= self.expected_batch_size
+        update = flat.astype(np.float32)
+        del flat
+        t3 = time.perf_counter()
+        timings["noise_add"] = t3 - t2
         grads, k = [], 0
         for p in self.params:
             size = int(np.prod(p.shape))
             grads.append(Tensor(update[k:k + size].reshape(p.shape)))
             k += size
+        t4 = time.perf_counter()
+        timings["h2d"] = t4 - t3
         self._apply(ms.mutable(tuple(grads)))
+        timings["update"] = time.perf_counter() - t4
         if self.guard is not None:
             self.guard.record_step()
         loss_sum, n, clipped = self._stats
@@ -199,6 +287,8 @@ class DPOptimizer:
                           clipped_fraction=clipped / n if n else 0.0, noise_std=self.noise_std)
         self._sum = None
         self._stats = [0.0, 0, 0]
+        self._t_clip = 0.0
+        self.last_timings = timings
         self.steps_taken += 1
         return stats
 
@@ -216,6 +306,12 @@ class DPOptimizer:
         """One DP step over a logical batch given as ``(inputs, mask)`` micro-batches."""
         if self.guard is not None:
             self.guard.check_next()
-        for inputs, mask in micro_batches:
-            self.accumulate(inputs, mask)
+        self._start_noise()
+        try:
+            for inputs, mask in micro_batches:
+                self.accumulate(inputs, mask)
+        except BaseException:
+            self._cancel_noise()
+            self._sum, self._stats, self._t_clip = None, [0.0, 0, 0], 0.0
+            raise
         return self.apply()

@@ -1,0 +1,353 @@
+"""``python -m finetune.federated``: a DP-FedAvg federation of K organisations on one machine.
+
+    python -m finetune.federated --clients 3 --rounds 20 --client-rate 1.0 --table t.npz \\
+        --method lora --model tiny --data data.jsonl --out runs/fed
+
+Real processes on 127.0.0.1: this process is the Flower server (``DPFedAvg``, Flower's gRPC
+transport); each organisation is a ``python -m finetune.federated.client`` process holding its
+share of the training split (divided by person).  The work happens in a sibling folder
+``.<out>.partial``; at the end it is renamed to ``--out``, which then has the shape of a
+``python -m finetune`` run (``adapter.safetensors``, ``ledger.json``, ``metrics.json``) plus
+``federation.json`` (round history) and, with ``--record-table``, each organisation's own ledger.
+A federation that was interrupted (server killed) is continued with ``--resume``: the ledger is
+read back, never restarted.  User mistakes end with a one-line error and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROG = "python -m finetune.federated"
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
+def _parser():
+    p = _Parser(prog=PROG, description="Client-level DP federated fine-tuning (DP-FedAvg, McMahan "
+                "et al. 2018) of a GPT-2 adapter on Flower: Poisson client sampling at --client-rate, "
+                "each update clipped to --clip-norm in the table's norm, noise drawn once per round "
+                "from the certified table, divided by the expected number of organisations. The table "
+                "must be certified for q = --client-rate and T >= --rounds (python -m accountant "
+                "calibrate ... --sampling-rate q --steps ROUNDS --geometry l2).",
+                epilog="Outputs in --out: adapter.safetensors, ledger.json (client-level), "
+                       "metrics.json, federation.json; clients/client-<i>.ledger.json with "
+                       "--record-table. docs/federated.md states both guarantees.")
+    p.add_argument("--clients", type=int, required=True, help="number of organisations K")
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds (at most the table's T)")
+    p.add_argument("--client-rate", type=float, default=None,
+                   help="Poisson client sampling rate q (default: the table's; must match it)")
+    p.add_argument("--table", required=True, help="certified noise table for the client-level release")
+    p.add_argument("--method", required=True, choices=("lora", "bitfit"),
+                   help="what travels and trains: LoRA adapters or biases (BiTFiT)")
+    p.add_argument("--model", required=True, help="'tiny', 'small' or a Hugging Face GPT-2 directory")
+    p.add_argument("--data", required=True, help="jsonl corpus (python -m finetune.data writes one)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted federation")
+    p.add_argument("--clip-norm", type=float, default=1.0,
+                   help="client update clipping norm C in the table's norm (default 1.0)")
+    p.add_argument("--server-lr", type=float, default=1.0, help="server step on the noisy mean (default 1)")
+    p.add_argument("--local-steps", type=int, default=5, help="local steps k per round (default 5)")
+    p.add_argument("--local-batch", type=int, default=16,
+                   help="expected local Poisson batch without --record-table (default 16)")
+    p.add_argument("--lr", type=float, default=1e-3, help="local Adam learning rate (default 1e-3)")
+    p.add_argument("--record-table", default=None,
+                   help="optional table for record-level DP-SGD inside every organisation; its q and "
+                        "T are the local Poisson rate and the local step budget")
+    p.add_argument("--record-clip", type=float, default=1.0,
+                   help="per-example clipping norm for --record-table (default 1.0)")
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds a round waits for updates; late ones count as failed (default 600)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling, noise, init (default 0)")
+    p.add_argument("--secure", action="store_true", help="OS-keyed CSPRNG for sampling and noise")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per example (default 64)")
+    p.add_argument("--micro-batch", type=int, default=16, help="micro-batch size (default 16)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="validation share when the jsonl has no 'split' field (default 0.1)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-targets", default="c_attn", help="LoRA target layers (default c_attn)")
+    p.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _positive(name, value, integer=False):
+    ok = value >= 1 if integer else (value > 0 and math.isfinite(value))
+    if not ok:
+        raise UserError(f"--{name} must be {'>= 1' if integer else 'a positive number'}, got {value}")
+
+
+def _check_args(args) -> None:
+    for name in ("clients", "rounds", "local_steps", "local_batch", "micro_batch"):
+        _positive(name.replace("_", "-"), getattr(args, name), integer=True)
+    for name in ("clip_norm", "server_lr", "lr", "record_clip", "round_timeout"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len must be >= 2, got {args.seq_len}")
+    for name in ("data", "table") + (("record_table",) if args.record_table else ()):
+        if not os.path.isfile(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')}: no such file: {getattr(args, name)}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if args.secure and args.seed != 0:
+        raise UserError("--secure draws from the OS; drop --seed")
+
+
+def _work_dir(out: Path) -> Path:
+    return out.resolve().parent / f".{out.name}.partial"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args) -> dict:
+    _check_args(args)
+    from accountant.output_path import OutputPathError, check_output_dir
+    from accountant.table import TableError, load_table
+
+    out = Path(args.out)
+    try:
+        check_output_dir(out, overwrite=args.overwrite)
+    except OutputPathError as e:
+        raise UserError(str(e)) from None
+    work = _work_dir(out)
+    if work.exists() and not args.resume:
+        if not args.overwrite:
+            raise UserError(f"an interrupted federation is in {work}; pass --resume to continue it "
+                            "(its ledger is kept) or --overwrite to discard it")
+        shutil.rmtree(work)
+    if args.resume and not work.exists():
+        raise UserError(f"--resume: no interrupted federation for {out} (expected {work})")
+    try:
+        table = load_table(args.table)
+        record_table = load_table(args.record_table) if args.record_table else None
+    except (TableError, OSError) as e:
+        raise UserError(f"cannot use noise table: {e}") from None
+    q = table.sampling_rate if args.client_rate is None else float(args.client_rate)
+    if abs(q - table.sampling_rate) > 1e-12 * table.sampling_rate:
+        raise UserError(f"--client-rate {q:g} does not match the table's certified rate "
+                        f"{table.sampling_rate:g}; calibrate a table for this rate")
+    if args.rounds > table.steps:
+        raise UserError(f"--rounds {args.rounds} exceeds the {table.steps} rounds the table certifies")
+    if table.geometry not in ("l1", "l2"):
+        raise UserError(f"the table certifies geometry {table.geometry!r}; a federated update is a "
+                        "vector: use a table certified for l2 (Gaussian) or l1")
+
+    import mindspore as ms
+
+    from finetune.data import DataError, load_dataset
+    from finetune.models import checkpoint, peft
+    from finetune.models.tokenizer import load_tokenizer
+
+    from .client import base_sha256, build_model
+    from .state import FederationState, StateError
+    from .strategy import DPFedAvg
+
+    targets = [t for t in args.lora_targets.split(",") if t]
+    try:
+        model = build_model(args.model, args.method, args.seed, args.lora_r, args.lora_alpha, targets)
+        tok = load_tokenizer(model.config.vocab_size)
+        data = load_dataset(args.data, tok, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                            seed=args.seed)
+    except (checkpoint.CheckpointError, peft.AdapterError, DataError, OSError, ValueError) as e:
+        raise UserError(f"cannot set up the federation: {e}") from None
+    if record_table is not None:
+        from finetune.dp.guard import TableMismatchError, check_table
+
+        from .partition import split_by_person
+        for i, rows in enumerate(split_by_person(data.train.records, args.clients, args.seed)):
+            try:
+                check_table(record_table, dataset_size=len(rows))
+            except TableMismatchError as e:
+                raise UserError(f"--record-table does not fit organisation {i}: {e}") from None
+
+    config = {"clients": args.clients, "client_rate": q, "clip_norm": args.clip_norm,
+              "table_sha256": table.metadata["sha256"], "method": args.method, "model": args.model,
+              "seed": None if args.secure else args.seed, "server_lr": args.server_lr,
+              "local_steps": args.local_steps, "record_table": (record_table.metadata["sha256"]
+                                                                if record_table else None)}
+    params = {n: p.asnumpy() for n, p in model.parameters_and_names() if p.requires_grad}
+    try:
+        if args.resume:
+            state = FederationState.load(work, table, config, q)
+        else:
+            work.mkdir()
+            state = FederationState.create(work, table, params, config, q)
+    except StateError as e:
+        raise UserError(str(e)) from None
+    remaining = max(0, args.rounds - state.rounds_done)
+    (work / "clients").mkdir(exist_ok=True)
+    client_cfg = {"model": args.model, "method": args.method, "seed": args.seed, "lora_r": args.lora_r,
+                  "lora_alpha": args.lora_alpha, "lora_targets": targets, "data": os.path.abspath(args.data),
+                  "clients": args.clients, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
+                  "record_table": os.path.abspath(args.record_table) if args.record_table else None,
+                  "workdir": str(work), "local_steps": args.local_steps, "lr": args.lr,
+                  "local_batch": args.local_batch, "micro_batch": args.micro_batch,
+                  "record_clip": args.record_clip, "secure": args.secure}
+    cfg_path = work / "clients" / "config.json"
+    cfg_path.write_text(json.dumps(client_cfg, indent=1))
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=args.rounds, initial=state.rounds_done, desc="federated rounds", unit="round")
+
+    def on_round(rec):
+        if bar is not None:
+            bar.set_postfix(eps=f"{rec['epsilon']:.3g}", got=f"{rec['received']}/{rec['sampled']}")
+            bar.update(1)
+
+    strategy = DPFedAvg(state, table, n_clients=args.clients, clip_norm=args.clip_norm,
+                        max_releases=table.steps, seed=None if args.secure else args.seed,
+                        secure=args.secure, server_lr=args.server_lr, base_sha256=base_sha256(model),
+                        on_round=on_round)
+    started = time.perf_counter()
+    if remaining:
+        address = f"127.0.0.1:{args.port or _free_port()}"
+        procs = start_clients(address, args.clients, cfg_path, work / "clients")
+        try:
+            serve(address, strategy, remaining, args.round_timeout)
+        finally:
+            stop_clients(procs)
+    if bar is not None:
+        bar.close()
+    metrics = finish(args, model, data, state, table, record_table, work, out,
+                     time.perf_counter() - started, strategy.stopped_by_budget)
+    return metrics
+
+
+def start_clients(address: str, n: int, cfg_path: Path, log_dir: Path) -> list:
+    """One ``python -m finetune.federated.client`` process per organisation (logs in log_dir)."""
+    procs = []
+    for i in range(n):
+        log = open(log_dir / f"client-{i}.log", "ab")
+        procs.append((subprocess.Popen([sys.executable, "-m", "finetune.federated.client",
+                                        "--server", address, "--index", str(i), "--config",
+                                        str(cfg_path)], stdout=log, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def stop_clients(procs, grace: float = 30.0) -> None:
+    deadline = time.time() + grace
+    for proc, log in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def serve(address: str, strategy, rounds: int, round_timeout: float):
+    """Flower's gRPC server on a loopback address for ``rounds`` rounds."""
+    import logging
+
+    import flwr as fl
+    from flwr.common.logger import FLOWER_LOGGER
+
+    from .client import check_loopback
+
+    check_loopback(address)
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+    return fl.server.start_server(server_address=address, strategy=strategy,
+                                  config=fl.server.ServerConfig(num_rounds=rounds,
+                                                                round_timeout=round_timeout))
+
+
+def finish(args, model, data, state, table, record_table, work: Path, out: Path, seconds: float,
+           stopped_by_budget: bool) -> dict:
+    """Write the adapter and metrics into the work folder, then rename it to ``--out``."""
+    from finetune.models import peft
+    from finetune.models.gpt2 import assign_parameter
+    from finetune.train import perplexity
+
+    from accountant.ledger import PrivacyLedger
+
+    params = dict(model.parameters_and_names())
+    for name, value in state.global_params.items():
+        assign_parameter(params[name], value.astype("float32"))
+    peft.save_adapter(model, work / "adapter.safetensors")
+    record = {}
+    for i in range(args.clients):
+        path = work / "clients" / f"client-{i}.ledger.json"
+        if path.exists():
+            led = PrivacyLedger.from_json(path.read_text())
+            record[f"client-{i}"] = {"epsilon": led.epsilon(), "delta": led.delta, "steps": led.steps}
+    hist = state.history
+    per_round = [h["seconds"] for h in hist]
+    metrics = {
+        "private": True, "federated": True, "method": args.method, "model": args.model,
+        "weights": "adapter.safetensors", "table": os.path.basename(args.table),
+        "seed": None if args.secure else args.seed, "steps": state.rounds_done,
+        "epsilon_spent": state.epsilon(), "delta": table.delta,
+        "certified_epsilon_of_table": table.certified_epsilon,
+        "neighbouring_relation": "add or remove one organisation (all its records)",
+        "record_level": ({"neighbouring_relation": "add or remove one record of one organisation",
+                          "table": os.path.basename(args.record_table), "per_client": record}
+                         if record_table is not None else None),
+        "clients": args.clients, "client_rate": state.mechanism.sampling_rate,
+        "expected_clients": state.mechanism.sampling_rate * args.clients,
+        "clip_norm": args.clip_norm, "local_steps": args.local_steps,
+        "noise_std": args.clip_norm * math.sqrt(table.noise.variance()) /
+                     (state.mechanism.sampling_rate * args.clients),
+        "stopped_by_budget": bool(stopped_by_budget),
+        "n_train": len(data.train), "n_val": len(data.val),
+        "val_perplexity": perplexity(model, data.val.ids, data.val.mask) if len(data.val) else None,
+        "train_perplexity": None,
+        "seconds_per_round": sum(per_round) / len(per_round) if per_round else None,
+        "bytes_up_per_round": sum(h["bytes_up"] for h in hist) / len(hist) if hist else None,
+        "bytes_down_per_round": sum(h["bytes_down"] for h in hist) / len(hist) if hist else None,
+        "failed_updates": sum(h["failed"] for h in hist), "wall_seconds": seconds,
+    }
+    from .state import atomic_write
+    atomic_write(work / "metrics.json", json.dumps(metrics, indent=1).encode())
+    (work / "clients" / "config.json").unlink(missing_ok=True)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(work, out)
+    return metrics
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        m = run(args)
+    except UserError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    rec = ""
+    if m["record_level"]:
+        eps = [v["epsilon"] for v in m["record_level"]["per_client"].values()]
+        rec = f"; record-level epsilon per organisation <= {max(eps):.4g}" if eps else ""
+    print(f"{m['steps']} rounds, client-level epsilon {m['epsilon_spent']:.4g} (delta {m['delta']:g}, "
+          f"one organisation added or removed){rec}; val perplexity {m['val_perplexity']:.3f}, "
+          f"{m['seconds_per_round']:.2f} s/round, {m['bytes_up_per_round'] / 1e3:.1f} kB up per round; "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

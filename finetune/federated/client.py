@@ -1,0 +1,224 @@
+"""The Flower client of one organisation: its shard, k local MindSpore steps, the trained adapter.
+
+Each round the client receives the global adapter (LoRA A/B or BiTFiT biases, in the sorted order
+of ``finetune.models.peft.trainable_parameter_names``), writes it into its model, runs ``k`` local
+steps and returns the trained tensors -- and nothing else: ``num_examples`` is the constant 1 and
+the metrics are empty, because a shard size or a local loss sent to the server would be a release
+that no certificate covers.  The server computes the update (returned minus sent) and clips it.
+
+Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  With a record-level
+table (``record_table``) they are DP-SGD steps of the project's ``DPOptimizer`` (per-example
+clipping, noise from that table) charged to the organisation's own ``PrivacyGuard``: a guarantee for
+one record of this organisation, whatever the server does (docs/federated.md).  When that budget is
+spent the client returns the adapter it received unchanged (a zero update).
+
+Run as a process by ``python -m finetune.federated`` (``python -m finetune.federated.client``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["OrganisationClient", "load_shard", "build_model", "base_sha256"]
+
+
+def build_model(model_name: str, method: str, seed: int, lora_r: int = 8, lora_alpha: float = 16.0,
+                lora_targets=("c_attn",)):
+    """The base model with LoRA or BiTFiT applied (identical on the server and every client)."""
+    from finetune.models import checkpoint, peft
+
+    model = checkpoint.from_pretrained(model_name, seed=seed)
+    if method == "lora":
+        peft.apply_lora(model, r=lora_r, alpha=lora_alpha, targets=tuple(lora_targets), seed=seed)
+    elif method == "bitfit":
+        peft.apply_bitfit(model)
+    else:
+        raise ValueError(f"method must be lora or bitfit (only the adapter travels), got {method!r}")
+    return model
+
+
+def base_sha256(model) -> str:
+    """SHA-256 of the frozen base weights: server and clients must start from the same model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.parameters_and_names(), key=lambda t: t[0]):
+        if not p.requires_grad:
+            h.update(name.encode() + p.asnumpy().tobytes())
+    return h.hexdigest()
+
+
+def load_shard(data_path: str, tokenizer, *, index: int, clients: int, seq_len: int,
+               val_fraction, seed: int):
+    """(ids, mask) of organisation ``index``: the training split divided by person."""
+    from finetune.data import encode_texts, load_records, split_records
+
+    from .partition import split_by_person
+
+    train, _ = split_records(load_records(data_path), val_fraction, seed)
+    rows = split_by_person(train, clients, seed)[index]
+    ids, mask, _ = encode_texts(tokenizer, [train[i]["text"] for i in rows], seq_len)
+    return ids, mask
+
+
+class OrganisationClient:
+    """A ``flwr.client.NumPyClient`` (built by :meth:`numpy_client`) around one shard."""
+
+    def __init__(self, model, train_ids, train_mask, *, local_steps: int, lr: float = 1e-3,
+                 local_batch: int = 16, micro_batch: int = 16, record_table=None,
+                 record_clip: float = 1.0, record_ledger_path: str | None = None,
+                 seed: int | None = 0, secure: bool = False):
+        from mindspore import nn
+
+        from accountant.randomness import make_rng
+        from finetune.dp.guard import PrivacyGuard
+        from finetune.dp.optimizer import DPOptimizer
+        from finetune.dp.sampling import PoissonSampler
+
+        self.model = model
+        self.ids, self.mask = train_ids, train_mask
+        self.local_steps, self.micro_batch = int(local_steps), int(micro_batch)
+        self.names = sorted(n for n, p in model.parameters_and_names() if p.requires_grad)
+        self.params = dict((n, p) for n, p in model.parameters_and_names() if p.requires_grad)
+        self.base = base_sha256(model)
+        n = len(train_ids)
+        rng = make_rng(seed=None if secure else seed, secure=secure)
+        self.guard = None
+        if record_table is not None:
+            self.guard = PrivacyGuard(record_table, dataset_size=n)
+            q = self.guard.sampling_rate
+        else:
+            q = min(1.0, local_batch / max(n, 1))
+        self.sampler = PoissonSampler(max(n, 1), q, 0, rng=rng)
+        self.dp = DPOptimizer(nn.Adam([self.params[k] for k in self.names], learning_rate=lr), model,
+                              record_table, max_grad_norm=record_clip, expected_batch_size=q * max(n, 1),
+                              rng=rng, guard=self.guard, private=record_table is not None)
+        self.record_ledger_path = record_ledger_path
+        self.rounds = 0
+
+    def get_parameters(self) -> list:
+        return [self.params[n].asnumpy().copy() for n in self.names]
+
+    def set_parameters(self, arrays) -> None:
+        from finetune.models.gpt2 import assign_parameter
+
+        if len(arrays) != len(self.names):
+            raise ValueError(f"received {len(arrays)} tensors, the adapter has {len(self.names)}")
+        for name, a in zip(self.names, arrays):
+            assign_parameter(self.params[name], a)
+
+    def fit(self, arrays, config) -> tuple[list, int, dict]:
+        """Load the global adapter, take k local steps, return the trained adapter (only)."""
+        from finetune.dp.sampling import micro_batches
+
+        expected = config.get("base_sha256")
+        if expected and expected != self.base:
+            raise RuntimeError("this organisation's base model differs from the server's")
+        self.set_parameters(arrays)
+        if len(self.ids):
+            for _ in range(self.local_steps):
+                if self.guard is not None and self.guard.remaining() == 0:
+                    self.set_parameters(arrays)       # record budget spent: a zero update
+                    break
+                idx = self.sampler.sample()
+                self.dp.step([([self.ids[m.indices], self.mask[m.indices]], m.mask)
+                              for m in micro_batches(idx, self.micro_batch)])
+        self.rounds += 1
+        if self.guard is not None and self.record_ledger_path:
+            from .state import atomic_write
+            atomic_write(self.record_ledger_path, self.guard.ledger.to_json().encode())
+        return self.get_parameters(), 1, {}
+
+    def numpy_client(self):
+        import flwr as fl
+
+        outer = self
+
+        class _Client(fl.client.NumPyClient):
+            def get_parameters(self, config):
+                return outer.get_parameters()
+
+            def fit(self, parameters, config):
+                return outer.fit(parameters, config)
+
+        return _Client()
+
+
+def check_loopback(address: str) -> str:
+    """Accept only ``127.x.x.x:port`` / ``[::1]:port`` / ``localhost:port``."""
+    import ipaddress
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if host != "localhost":
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"server address {address!r} is not a loopback address; this command "
+                             "runs a federation on one machine only") from None
+    if not port.isdigit():
+        raise ValueError(f"server address {address!r} has no port")
+    return address
+
+
+def _exit_with_parent() -> None:
+    """End this process when the server process that started it is gone (killed or crashed), so
+    no organisation keeps retrying a server that will not come back."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune.federated.client",
+                                description="One organisation of a local federation (started by "
+                                            "python -m finetune.federated).")
+    p.add_argument("--server", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--config", required=True, help="JSON file written by python -m finetune.federated")
+    args = p.parse_args(argv)
+    with open(args.config) as f:
+        cfg = json.load(f)
+    check_loopback(args.server)
+    import flwr as fl
+    import mindspore as ms
+
+    from accountant.table import load_table
+    from finetune.models.tokenizer import load_tokenizer
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = build_model(cfg["model"], cfg["method"], cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
+                        cfg["lora_targets"])
+    tok = load_tokenizer(model.config.vocab_size)
+    ids, mask = load_shard(cfg["data"], tok, index=args.index, clients=cfg["clients"],
+                           seq_len=cfg["seq_len"], val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+    record_table = load_table(cfg["record_table"]) if cfg.get("record_table") else None
+    ledger_path = None
+    if record_table is not None:
+        ledger_path = os.path.join(cfg["workdir"], "clients", f"client-{args.index}.ledger.json")
+    client = OrganisationClient(model, ids, mask, local_steps=cfg["local_steps"], lr=cfg["lr"],
+                                local_batch=cfg["local_batch"], micro_batch=cfg["micro_batch"],
+                                record_table=record_table, record_clip=cfg["record_clip"],
+                                record_ledger_path=ledger_path,
+                                seed=None if cfg["secure"] else cfg["seed"] * 1000 + 1 + args.index,
+                                secure=cfg["secure"])
+    print(f"organisation {args.index}: {len(ids)} records", file=sys.stderr, flush=True)
+    _exit_with_parent()
+    fl.client.start_client(server_address=args.server, client=client.numpy_client().to_client(),
+                           insecure=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

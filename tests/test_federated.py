@@ -1,0 +1,432 @@
+"""Federated DP fine-tuning (finetune.federated): DP-FedAvg on Flower with certified noise.
+
+Quick tests drive the real strategy through Flower's gRPC transport with light numpy clients in
+separate processes (one of them killed mid-round), check the noise of one round's aggregate against
+the table, the Poisson client sampling, the ledger against the accountant, a resumed server, and
+what a real MindSpore client puts into its Flower reply. The end-to-end CLI run is marked slow.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+
+from accountant.certify import certify  # noqa: E402
+from accountant.ledger import PrivacyLedger  # noqa: E402
+from accountant.mechanism import Mechanism  # noqa: E402
+from accountant.noise import Gaussian  # noqa: E402
+from accountant.table import write_certified_table  # noqa: E402
+from finetune.data import generate_records, write_jsonl  # noqa: E402
+from finetune.federated.mechanism import clip_update, poisson_select  # noqa: E402
+from finetune.federated.partition import split_by_person  # noqa: E402
+from finetune.federated.state import FederationState, StateError, round_rng  # noqa: E402
+from finetune.federated.strategy import DPFedAvg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DELTA = 1e-5
+
+
+def _table(path, sigma, q, steps, geometry="l2"):
+    noise = Gaussian(sigma)
+    cert = certify(Mechanism(noise, 1.0, geometry, q, steps), DELTA)
+    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=DELTA, sampling_rate=q,
+                                 steps=steps, geometry=geometry, certificate=cert, gaussian_sigma=sigma)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fedtables")
+    return {"q1": _table(d / "q1.npz", 2.0, 1.0, 6), "q1_path": d / "q1.npz",
+            "q05": _table(d / "q05.npz", 1.5, 0.5, 4), "q05_path": d / "q05.npz"}
+
+
+# ------------------------------------------------------------------------- fakes for the strategy
+class _Proxy:
+    def __init__(self, cid):
+        self.cid = cid
+
+
+class _Manager:
+    """A Flower ClientManager stand-in holding ``n`` connected clients."""
+
+    def __init__(self, n):
+        self.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}") for i in range(n)}
+
+    def wait_for(self, n, timeout):
+        return True
+
+    def all(self):
+        return dict(self.clients)
+
+
+def _fit_res(arrays, num_examples=1, metrics=None):
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, metrics or {})
+
+
+def _strategy(tmp_path, table, shapes, *, n_clients, seed=0, clip=1.0, config=None, name="state"):
+    init = {f"p{i}": np.zeros(s) for i, s in enumerate(shapes)}
+    d = tmp_path / name
+    d.mkdir()
+    state = FederationState.create(d, table, init, config or {"k": 1}, table.sampling_rate)
+    return DPFedAvg(state, table, n_clients=n_clients, clip_norm=clip, max_releases=table.steps,
+                    seed=seed), state
+
+
+def _round(strategy, manager, updates=None):
+    """One round: configure, every sampled client returns sent + its update (default zero)."""
+    ins = strategy.configure_fit(1, None, manager)
+    results = []
+    for j, (proxy, fit_ins) in enumerate(ins):
+        sent = parameters_to_ndarrays(fit_ins.parameters)
+        upd = updates[j] if updates is not None else [np.zeros_like(a) for a in sent]
+        results.append((proxy, _fit_res([a + u for a, u in zip(sent, upd)])))
+    if ins:
+        strategy.aggregate_fit(1, results, [])
+    return ins
+
+
+# ------------------------------------------------------------------------------------ quick tests
+def test_split_by_person_puts_each_person_in_one_organisation():
+    for people in (150, 40):          # sparse and dense (one giant component) populations
+        records = generate_records(300, seed=3, people=people)
+        shards = split_by_person(records, 3, seed=0)
+        assert sorted(np.concatenate(shards).tolist()) == list(range(len(records)))
+        owner = {}
+        for org, rows in enumerate(shards):
+            for i in rows:
+                for kind, value in records[i]["pii"]:
+                    if kind == "name":
+                        assert owner.setdefault(value, org) == org, f"{value} in two organisations"
+        if people == 150:
+            assert min(len(s) for s in shards) > 0.25 * len(records)
+
+
+def test_noise_is_added_once_per_round_at_the_table_scale(tmp_path, tables):
+    """One round's aggregate with zero updates is C * Z / (q K): its variance is the table's
+    (C sigma / (q K))^2, not K times smaller (noise per client, then averaged)."""
+    table, k, clip, d = tables["q1"], 3, 0.7, 200_000
+    strategy, state = _strategy(tmp_path, table, [(d // 2,), (d // 4, 2)], n_clients=k, clip=clip)
+    ins = _round(strategy, _Manager(k))
+    assert len(ins) == k                       # q = 1: every organisation
+    released = np.concatenate([state.global_params[n].reshape(-1) for n in strategy.names])
+    expected_sd = clip * 2.0 / (1.0 * k)
+    ratio = released.var() / expected_sd ** 2
+    assert abs(ratio - 1) < 0.02, ratio         # sd of the estimate ~ sqrt(2 / d) = 0.3%
+    # the law: C * Z / (qK) with Z ~ the table's noise, drawn from the certified sampler
+    z = released * k / clip
+    assert stats.kstest(z, table.noise.cdf).pvalue > 1e-3
+    # and it is exactly the draw of the round's noise generator, in float64
+    again = table.noise.sample(d, round_rng(0, 0, 1))
+    order = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in
+                            [np.zeros(d // 2), np.zeros((d // 4, 2))]])
+    assert np.allclose(released, order + clip * again / k, rtol=0, atol=1e-12)
+    assert state.releases == 1
+
+
+def test_clipped_updates_are_summed_then_divided_by_the_expected_count(tmp_path, tables):
+    table, k = tables["q1"], 3
+    strategy, state = _strategy(tmp_path, table, [(4,)], n_clients=k, clip=1.0)
+    strategy.add_noise = False                 # isolate the deterministic part of the release
+    ups = [[np.array([3.0, 4.0, 0, 0])], [np.array([0.3, 0, 0, 0])], [np.array([0, 0, 0.1, 0])]]
+    _round(strategy, _Manager(k), ups)
+    expected = (np.array([0.6, 0.8, 0, 0]) + np.array([0.3, 0, 0, 0]) + np.array([0, 0, 0.1, 0])) / 3
+    assert np.allclose(state.global_params["p0"], expected, atol=1e-7)
+    assert state.history[-1]["clipped"] == 1
+    v, n = clip_update(np.array([1.0, -1.0, 2.0]), 1.0, "l1")
+    assert n == 4.0 and np.isclose(np.abs(v).sum(), 1.0)
+
+
+def test_client_sampling_is_poisson(tmp_path, tables):
+    """Inclusion frequency q per client, Binomial(K, q) sample sizes, independent pairs, and the
+    strategy samples exactly that way (not Flower's fixed-count sampling)."""
+    k, q, rounds = 8, 0.5, 4000
+    picks = np.zeros((rounds, k), bool)
+    for r in range(rounds):
+        picks[r, poisson_select(k, q, round_rng(7, r, 0))] = True
+    for i in range(k):
+        assert stats.binomtest(int(picks[:, i].sum()), rounds, q).pvalue > 1e-4
+    sizes = np.bincount(picks.sum(1), minlength=k + 1)
+    expected = stats.binom.pmf(np.arange(k + 1), k, q) * rounds
+    assert stats.chisquare(sizes, expected).pvalue > 1e-4
+    both = (picks[:, 0] & picks[:, 1]).sum()
+    assert stats.binomtest(int(both), rounds, q * q).pvalue > 1e-4
+    # the strategy's choice is this sampler's, round by round, including empty rounds
+    strategy, state = _strategy(tmp_path, tables["q05"], [(3,)], n_clients=k, seed=7)
+    manager = _Manager(k)
+    names = sorted(manager.clients)
+    for r in range(4):
+        ins = _round(strategy, manager)
+        want = [names[i] for i in poisson_select(k, 0.5, round_rng(7, r, 0))]
+        assert [p.cid for p, _ in ins] == want
+    assert state.releases == 4                 # empty samples are releases too
+
+
+def test_ledger_matches_the_accountant_and_stops_at_the_table(tmp_path, tables):
+    table = tables["q05"]
+    strategy, state = _strategy(tmp_path, table, [(5,)], n_clients=4)
+    manager = _Manager(4)
+    for r in range(table.steps):
+        _round(strategy, manager)
+    direct = certify(Mechanism(Gaussian(1.5), 1.0, "l2", 0.5, table.steps), DELTA).epsilon
+    assert state.releases == table.steps
+    assert math.isclose(state.epsilon(), direct, rel_tol=1e-9)
+    assert math.isclose(state.epsilon(), table.certified_epsilon, rel_tol=1e-6)
+    saved = PrivacyLedger.from_json((state.directory / "ledger.json").read_text())
+    assert saved.steps == table.steps and math.isclose(saved.epsilon(), direct, rel_tol=1e-9)
+    assert strategy.configure_fit(99, None, manager) == []   # no round beyond the certificate
+    assert strategy.stopped_by_budget and state.releases == table.steps
+    mid = [h["epsilon"] for h in state.history]
+    assert all(a < b for a, b in zip(mid, mid[1:]))
+    assert math.isclose(mid[2], certify(Mechanism(Gaussian(1.5), 1.0, "l2", 0.5, 3), DELTA).epsilon,
+                        rel_tol=1e-9)
+
+
+def test_restarted_server_resumes_the_same_ledger(tmp_path, tables):
+    table, cfg = tables["q05"], {"clients": 4, "clip_norm": 1.0}
+    strategy, state = _strategy(tmp_path, table, [(6,)], n_clients=4, config=cfg)
+    for _ in range(3):
+        _round(strategy, _Manager(4))
+    before = (state.directory / "ledger.json").read_text()
+    resumed = FederationState.load(state.directory, table, cfg, 0.5)
+    assert resumed.ledger.to_json() == before and resumed.releases == 3 and resumed.rounds_done == 3
+    assert np.array_equal(resumed.global_params["p0"], state.global_params["p0"])
+    s2 = DPFedAvg(resumed, table, n_clients=4, clip_norm=1.0, max_releases=table.steps, seed=0)
+    _round(s2, _Manager(4))
+    assert resumed.releases == 4
+    assert math.isclose(resumed.epsilon(),
+                        certify(Mechanism(Gaussian(1.5), 1.0, "l2", 0.5, 4), DELTA).epsilon, rel_tol=1e-9)
+    # a resume never reuses an earlier round's noise: release 3's generator, not release 0's
+    assert not np.array_equal(table.noise.sample(6, round_rng(0, 3, 1)),
+                              table.noise.sample(6, round_rng(0, 0, 1)))
+    with pytest.raises(StateError, match="different clients"):
+        FederationState.load(state.directory, table, dict(cfg, clients=5), 0.5)
+    # a shortened ledger is refused (the privacy record must never move backwards)
+    short = PrivacyLedger(DELTA, table.certified_epsilon)
+    short.record(resumed.mechanism, 1)
+    (state.directory / "ledger.json").write_text(short.to_json())
+    with pytest.raises(StateError, match="shortened"):
+        FederationState.load(state.directory, table, cfg, 0.5)
+    (state.directory / "ledger.json").write_text(resumed.ledger.to_json())
+    blob = bytearray((state.directory / "global.safetensors").read_bytes())
+    blob[-3] ^= 0x40
+    (state.directory / "global.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(StateError, match="checksum"):
+        FederationState.load(state.directory, table, cfg, 0.5)
+
+
+STUB_CLIENT = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    import flwr as fl
+    index, address, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    class C(fl.client.NumPyClient):
+        rounds = 0
+        def fit(self, parameters, config):
+            C.rounds += 1
+            if index == 2 and C.rounds == 1:      # the organisation that dies mid-round
+                open(marker, "w").close()
+                time.sleep(120)
+            return [p + 0.01 * (index + 1) for p in parameters], 1, {}
+    fl.client.start_client(server_address=address, client=C().to_client(), insecure=True)
+""")
+
+
+def test_flower_federation_survives_a_client_killed_mid_round(tmp_path, tables):
+    """Real Flower server (gRPC on 127.0.0.1) and three client processes; the third is killed
+    while it trains in round 1. The round is released with the two updates that arrived, the same
+    noise and the same divisor q K = 3; round 2 proceeds; every reply held only parameters."""
+    from finetune.federated.__main__ import _free_port, serve
+
+    table, k = tables["q1"], 3
+    strategy, state = _strategy(tmp_path, table, [(40,), (2, 5)], n_clients=k)
+    address = f"127.0.0.1:{_free_port()}"
+    script = tmp_path / "stub_client.py"
+    script.write_text(STUB_CLIENT)
+    marker = tmp_path / "in_fit"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), address, str(marker)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(k)]
+
+    def killer():
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        procs[2].kill()
+
+    threading.Thread(target=killer, daemon=True).start()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve(address, strategy, 2, round_timeout=60)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    h1, h2 = state.history
+    assert (h1["sampled"], h1["received"], h1["failed"]) == (3, 2, 1)
+    assert (h2["connected"], h2["received"]) == (2, 2)
+    assert state.releases == 2
+    # round 1 = (update of client 0 + client 1 + C Z) / (q K) with K = 3 (not 2)
+    n = 50
+    z = table.noise.sample(n, round_rng(0, 0, 1))
+    after1 = (0.01 + 0.02 + z) / 3.0
+    z2 = table.noise.sample(n, round_rng(0, 1, 1))
+    after2 = after1 + (0.01 + 0.02 + z2) / 3.0   # the same two clients (client 2 is gone)
+    got = np.concatenate([state.global_params[nm].reshape(-1) for nm in strategy.names])
+    assert np.allclose(got, after2, atol=1e-5)  # float32 transport of the adapter
+    # what travelled from the clients: the adapter tensors, a constant count, no metrics
+    assert len(strategy.messages) == 4
+    for m in strategy.messages:
+        assert m["shapes"] == strategy.shapes and m["num_examples"] == 1 and m["metrics"] == {}
+
+
+@pytest.mark.slow
+def test_mindspore_client_reply_holds_only_the_trained_parameters(tmp_path, tables):
+    """The Flower FitRes of a real organisation: exactly the trainable adapter tensors (by shape and
+    order), num_examples 1, empty metrics; the frozen base model never travels. With a record-level
+    table its own ledger charges every local step."""
+    import mindspore as ms
+
+    from finetune.federated.client import OrganisationClient, build_model
+    from finetune.models.peft import trainable_parameter_names
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.data import encode_texts
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = build_model("tiny", "lora", 0)
+    tok = load_tokenizer(model.config.vocab_size)
+    recs = generate_records(40, seed=1)
+    ids, mask, _ = encode_texts(tok, [r["text"] for r in recs], 32)
+    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 4)
+    client = OrganisationClient(model, ids, mask, local_steps=2, micro_batch=16, record_table=rec_table,
+                                record_ledger_path=str(tmp_path / "rec_ledger.json"), seed=0)
+    names = sorted(trainable_parameter_names(model))
+    params = dict(model.parameters_and_names())
+    sent = [params[n].asnumpy().copy() for n in names]
+    res = client.numpy_client().to_client().fit(FitIns(ndarrays_to_parameters(sent), {}))
+    got = parameters_to_ndarrays(res.parameters)
+    assert [a.shape for a in got] == [params[n].shape for n in names]
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in names)
+    assert res.num_examples == 1 and dict(res.metrics) == {}
+    assert sum(a.size for a in got) < 0.1 * sum(p.size for p in model.get_parameters())
+    assert any(not np.array_equal(a, b) for a, b in zip(got, sent))   # it did train
+    led = PrivacyLedger.from_json((tmp_path / "rec_ledger.json").read_text())
+    assert led.steps == 2
+    assert math.isclose(led.epsilon(), certify(Mechanism(Gaussian(1.0), 1.0, "l2", 0.25, 2), DELTA).epsilon,
+                        rel_tol=1e-9)
+    # the second round exhausts the 4 certified local steps; a third returns a zero update
+    client.numpy_client().to_client().fit(FitIns(ndarrays_to_parameters(got), {}))
+    again = parameters_to_ndarrays(client.numpy_client().to_client().fit(
+        FitIns(res.parameters, {})).parameters)
+    assert all(np.array_equal(a, b) for a, b in zip(again, got))
+    with pytest.raises(RuntimeError, match="base model differs"):
+        client.fit(sent, {"base_sha256": "0" * 64})
+
+
+def _cli(*argv, cwd=None):
+    return subprocess.run([sys.executable, "-m", "finetune.federated", *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          timeout=900)
+
+
+def _main(capsys, *argv):
+    from finetune.federated.__main__ import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:          # argparse errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_user_errors_are_one_line(tmp_path, tables, capsys):
+    write_jsonl(generate_records(60, seed=0), tmp_path / "d.jsonl")
+    base = ["--clients", 3, "--table", tables["q1_path"], "--method", "lora", "--model", "tiny",
+            "--data", tmp_path / "d.jsonl"]
+    (tmp_path / "exists").mkdir()
+    (tmp_path / ".partial_run.partial").mkdir()
+    cases = [(["--rounds", 2, "--out", tmp_path / "exists"], "exists; pass --overwrite"),
+             (["--rounds", 99, "--out", tmp_path / "new"], "exceeds the 6 rounds"),
+             (["--rounds", 2, "--client-rate", 0.5, "--out", tmp_path / "new"], "does not match"),
+             (["--rounds", 2, "--out", tmp_path / "partial_run"], "pass --resume"),
+             (["--rounds", 2, "--out", tmp_path / "new", "--resume"], "no interrupted federation")]
+    for extra, message in cases:
+        code, err = _main(capsys, *base, *extra)
+        assert code == 2, err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    code, err = _main(capsys, *base, "--rounds", 0, "--out", tmp_path / "new")
+    assert code == 2 and "--rounds must be >= 1" in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_cli_three_organisations_end_to_end_and_resume(tmp_path, tables):
+    """python -m finetune.federated with 3 MindSpore organisations on the tiny model: the output
+    has the shape of a python -m finetune run and its ledger is the accountant's; an interrupted
+    federation (server killed) resumes with its ledger and finishes."""
+    write_jsonl(generate_records(150, seed=0, people=40), tmp_path / "d.jsonl")
+    out = tmp_path / "fed"
+    args = ["--clients", 3, "--rounds", 2, "--table", tables["q1_path"], "--method", "lora",
+            "--model", "tiny", "--data", tmp_path / "d.jsonl", "--out", out, "--local-steps", 2,
+            "--seq-len", 32, "--quiet"]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"adapter.safetensors", "ledger.json", "metrics.json", "federation.json"} <= set(os.listdir(out))
+    m = json.loads((out / "metrics.json").read_text())
+    direct = certify(Mechanism(Gaussian(2.0), 1.0, "l2", 1.0, 2), DELTA).epsilon
+    assert m["steps"] == 2 and math.isclose(m["epsilon_spent"], direct, rel_tol=1e-9)
+    assert m["failed_updates"] == 0 and m["val_perplexity"] > 1
+    # finetune.evaluate reads the run unchanged: same adapter, same validation perplexity
+    from finetune.data import load_dataset
+    from finetune.evaluate import load_run
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.train import perplexity
+
+    metrics, model, _ = load_run(str(out))
+    data = load_dataset(tmp_path / "d.jsonl", load_tokenizer(model.config.vocab_size), seq_len=32)
+    assert math.isclose(perplexity(model, data.val.ids, data.val.mask), m["val_perplexity"], rel_tol=1e-3)
+
+    # kill the server after its first round, then resume: the ledger continues, never restarts
+    out2 = tmp_path / "fed2"
+    args2 = [a if a != out else out2 for a in args]
+    args2[args2.index("--rounds") + 1] = 3
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.federated", *map(str, args2)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / ".fed2.partial"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            if json.loads((partial / "federation.json").read_text())["rounds_done"] >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = PrivacyLedger.from_json((partial / "ledger.json").read_text())
+    assert 1 <= killed.steps < 3 and not out2.exists()
+    r = _cli(*args2, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = PrivacyLedger.from_json((out2 / "ledger.json").read_text())
+    assert final.steps >= 3 and final.steps >= killed.steps
+    assert math.isclose(final.epsilon(), certify(Mechanism(Gaussian(2.0), 1.0, "l2", 1.0, final.steps),
+                                                 DELTA).epsilon, rel_tol=1e-9)
+    assert json.loads((out2 / "federation.json").read_text())["rounds_done"] == 3
