@@ -506,7 +506,8 @@ def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
     lines = [f"make_private: {law}, {e.geometry} clipping"]
     if e.sampling == "poisson":
         lines.append(f"  sampling: poisson, rate q = {e.sampling_rate:.6g} (expected batch "
-                     f"{e.sampling_rate * e.dataset_size:.4g} of {e.dataset_size}), T = {e.steps} steps")
+                     f"{e.sampling_rate * e.dataset_size:.4g} of {e.dataset_size}), T = {e.steps} steps "
+                     f"({e.epochs:.3g} epochs)")
     else:
         lines.append(f"  sampling: shuffle, {e.steps_in_epoch} batches of {e.batch_size} per epoch, "
                      f"{e.epochs} epochs, {e.steps} steps; no amplification: one release per epoch")

@@ -248,11 +248,15 @@ def test_shuffle_batches_hold_every_example_once_per_epoch_and_the_ledger_charge
         seen.append(batch.size)
         engine.step(batch)
         charged.append(engine.guard.ledger.steps)
+        if batch.step == 3:   # one epoch done: one Gaussian release (mu = 1 / sigma), from the ledger
+            one_epoch = engine.epsilon()
+    assert one_epoch == pytest.approx(_gaussian_epsilon(1.0, DELTA), rel=2e-3)
     assert seen == [60, 60, 60, 20] * 2 and charged == [1, 1, 1, 1, 2, 2, 2, 2]
     ledger = PrivacyLedger.from_json(engine.guard.ledger.to_json())
     assert (ledger.sampling, ledger.relation) == ("shuffle", "zero-out")
     assert ledger.mechanisms()[0].sampling_rate == 1.0 and ledger.steps == 2
-    assert engine.epsilon() == pytest.approx(engine.certificate.epsilon, rel=1e-9)
+    assert ledger.epsilon() == pytest.approx(engine.certificate.epsilon, rel=1e-9)
+    assert engine.epsilon() == engine.certificate.epsilon
     _, fresh = _engine(sampling="shuffle", epochs=2, batch_size=60)
     for epoch in range(2):
         idx = np.concatenate([fresh.sampler.batch(epoch * 4 + k) for k in range(4)])
@@ -366,6 +370,22 @@ def test_state_dict_resumes_the_same_run(sampling):
         resumed.step(b)
     assert resumed.guard.steps_taken == 4
     np.testing.assert_allclose(_weights(resumed_net), _weights(full_net), rtol=0, atol=1e-6)
-    assert resumed.epsilon() == pytest.approx(full.epsilon(), rel=1e-9)
+    assert resumed.epsilon() == full.epsilon() == full.certificate.epsilon
+    assert resumed.guard.ledger.epsilon() == pytest.approx(full.certificate.epsilon, rel=1e-9)
     with pytest.raises(EngineConfigError, match="another run"):
         _engine(**{**kw, "noise_multiplier": 2.0})[1].load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_model_train_block_of_the_docs_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The docs' Model.train block (shuffled batches, noise_multiplier=) runs as written."""
+    code = _doc_block("engine.train_network()")
+    monkeypatch.chdir(tmp_path)
+    env = {}
+    exec(compile(code, "docs/finetune.md", "exec"), env)  # noqa: S102 - our own documentation
+    engine = env["engine"]
+    eps, relation = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert relation == "zero-out" and engine.sampling == "shuffle"
+    assert engine.guard.steps_taken == engine.steps == 2 * 16
+    assert float(eps) == pytest.approx(engine.certificate.epsilon, rel=1e-9)
+    assert float(eps) == pytest.approx(_gaussian_epsilon(math.sqrt(2) / 1.0, 1e-5), rel=2e-3)

@@ -26,6 +26,7 @@ class ReleaseGuard:
     def __init__(self, release: Mechanism, *, sampling: str, relation: str, steps: int,
                  steps_in_epoch: int | None, delta: float, budget: float,
                  expected_batch_size: float):
+        """``budget`` is the certified epsilon of all ``steps`` (the run's certificate)."""
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.release = release.with_steps(1)
@@ -70,6 +71,8 @@ class ReleaseGuard:
         """Certified epsilon of the releases charged so far (cached per step count)."""
         if self.steps_taken == 0:
             return 0.0
+        if self._releases(self.steps_taken) == self._releases(self.limit):
+            return self.budget          # the whole run: its certificate is the budget (same mechanism)
         if self._eps_cache[0] != self.steps_taken:
             self._eps_cache = (self.steps_taken, float(self.ledger.epsilon()))
         return self._eps_cache[1]
