@@ -6,21 +6,37 @@
     python -m accountant delta --noise laplace --scale 1 --epsilon 1 --sampling-rate 0.01 --steps 1000
     python -m accountant calibrate --noise gaussian --eps 0.3 --delta 1e-10 --sampling-rate 0.01 --steps 1000
 
-User mistakes end in one line on stderr and exit code 2.
+User mistakes end in one line on stderr and exit code 2; a table whose law costs more than its
+metadata claims exits with code 3; an interrupt exits with code 130 (nothing half-written).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
+
+INTERRUPTED = "python -m accountant: interrupted; nothing written"
+
+
+def _exit_quietly(signum, frame):
+    print(INTERRUPTED, file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":   # Ctrl-C while the libraries load: nothing has started, nothing to clean up
+    signal.signal(signal.SIGINT, _exit_quietly)
+    signal.signal(signal.SIGTERM, _exit_quietly)
 
 from accountant.audit_cli import add_audit_command
 from accountant.certify import CertificationError, calibrate, certify, delta_for_epsilon
 from accountant.mechanism import GEOMETRIES, Mechanism
 from accountant.noise import LMO, GeneralizedGaussian, Gaussian, Laplace, NoiseParameterError
-from accountant.table import TableError, load_table, write_certified_table
+from accountant.output_path import check_output_file
+from accountant.table import TableError, compare_claim, load_table, table_mechanism, write_certified_table
 
 FAMILIES = ("gaussian", "laplace", "gengauss", "lmo", "table")
 
@@ -124,7 +140,7 @@ def _noise_and_defaults(args):
         raise UsageError("--noise table needs --table FILE.npz")
     table = load_table(args.table)
     return table.noise, {"sampling_rate": table.sampling_rate, "steps": table.steps,
-                         "geometry": table.geometry, "delta": table.delta}
+                         "geometry": table.geometry, "delta": table.delta, "table": table}
 
 
 def _mechanism(args):
@@ -154,6 +170,12 @@ def cmd_epsilon(args) -> dict:
            "route_details": cert.routes, "seconds": time.perf_counter() - start}
     if isinstance(mech.noise, LMO):
         out["lmo_pure_eps_per_step_1d"] = _lmo_eps0(mech.noise, mech.sensitivity)
+    check = _claim_check(defaults.get("table"), mech, delta, cert)
+    if "table" in defaults:
+        out["claimed"] = _claimed(defaults["table"])
+        out["matches_claim"] = None if check is None else check.matches
+        if check is not None and not check.matches:
+            out["claim_message"] = check.message
     if not args.json:
         print(f"mechanism : {_describe(mech)}")
         print(f"delta     : {delta:g}  (max over add and remove relations)")
@@ -161,8 +183,28 @@ def cmd_epsilon(args) -> dict:
             print(f"  {name:5s} : epsilon in [{r['lower']:.6f}, {r['upper']:.6f}]")
         if "lmo_pure_eps_per_step_1d" in out:
             print(f"  (one step alone is pure {out['lmo_pure_eps_per_step_1d']:.6g}-DP for a scalar query)")
+        if "table" in defaults:
+            c = out["claimed"]
+            print(f"table claims     : epsilon {c['epsilon']:.6f} at delta {c['delta']:g} (target {c['eps_target']:g}, "
+                  f"q = {c['sampling_rate']:g}, T = {c['steps']}, {c['geometry']}, sensitivity 1)")
         print(f"certified epsilon: {cert.epsilon:.6f}   [{out['seconds']:.1f} s]")
+        if "table" in defaults and check is None:
+            print("(not compared with the claim: the mechanism or delta differs from the table's)")
     return out
+
+
+def _claimed(table) -> dict:
+    meta = table.metadata
+    return {"epsilon": table.certified_epsilon, "eps_target": meta["eps_target"], "delta": table.delta,
+            "routes": meta["certified_epsilon"], "sampling_rate": table.sampling_rate, "steps": table.steps,
+            "geometry": table.geometry}
+
+
+def _claim_check(table, mech: Mechanism, delta: float, cert):
+    """The table's claim against this certificate, when it is of the table's own mechanism."""
+    if table is None or delta != table.delta or mech.describe() != table_mechanism(table).describe():
+        return None
+    return compare_claim(table, cert)
 
 
 def _lmo_eps0(noise: LMO, sensitivity: float) -> float:
@@ -181,6 +223,8 @@ def cmd_delta(args) -> dict:
 
 
 def cmd_calibrate(args) -> dict:
+    if args.out:   # before any work: a path that cannot be written fails in the first second
+        check_output_file(args.out, overwrite=args.overwrite, what="--out")
     base = {"gaussian": Gaussian, "laplace": Laplace}
     if args.noise == "gengauss":
         if args.beta is None:
@@ -194,20 +238,24 @@ def cmd_calibrate(args) -> dict:
     q = args.sampling_rate if args.sampling_rate is not None else 1.0
     steps = args.steps if args.steps is not None else 1
     geometry = args.geometry or "scalar"
-    scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, args.sensitivity)
+    # The mechanism is scale invariant (noise s*C at sensitivity C is noise s at sensitivity 1), so
+    # calibrate in units of C: that certificate is also the one of the table, which is in units of C.
+    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, 1.0)
+    scale = unit_scale * args.sensitivity
     noise = make(scale)
-    out = {"scale": scale, "noise": noise.family, "params": noise.params, "expected_abs": noise.expected_abs(),
+    out = {"scale": scale, "scale_per_unit_sensitivity": unit_scale, "noise": noise.family,
+           "params": noise.params, "expected_abs": noise.expected_abs(),
            "epsilon": cert.epsilon, "routes": {n: r["upper"] for n, r in cert.routes.items()}}
     if args.out:
-        write_certified_table(args.out, noise, eps_target=args.eps, delta=args.delta, sampling_rate=q,
-                              steps=steps, geometry=geometry, certificate=cert)
+        write_certified_table(args.out, make(unit_scale), eps_target=args.eps, delta=args.delta,
+                              sampling_rate=q, steps=steps, geometry=geometry, certificate=cert)
         out["table"] = args.out
     if not args.json:
         mech = Mechanism(noise, args.sensitivity, geometry, q, steps)
         print(f"calibrated: {_describe(mech)}")
         print(f"certified epsilon {cert.epsilon:.6f} <= target {args.eps:g} at delta {args.delta:g}")
         if args.out:
-            print(f"table written: {args.out}")
+            print(f"table written: {args.out} (in units of the sensitivity: {make(unit_scale)!r})")
     return out
 
 
@@ -234,22 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mechanism_args(p)
     p.add_argument("--eps", type=_positive(float), required=True, help="target epsilon > 0")
     p.add_argument("--delta", type=_probability, required=True, help="target delta in (0, 1)")
-    p.add_argument("--out", metavar="TABLE.npz", help="also write the calibrated law as a certified table")
+    p.add_argument("--out", metavar="TABLE.npz",
+                   help="also write the calibrated law as a certified table (in units of the sensitivity)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     p.set_defaults(run=cmd_calibrate)
     add_audit_command(sub, _add_noise_args, _noise_and_defaults)
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM ends like Ctrl-C: one line, exit 130, nothing half-written
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, clean up on the way out
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         out = args.run(args)
     except (UsageError, TableError, NoiseParameterError, CertificationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # tables are written to a temporary sibling and renamed: none is half-written
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(out, indent=1, default=float))
+    if out.get("matches_claim") is False:
+        print(out["claim_message"], file=sys.stderr)
+        return 3
     return 0
 
 

@@ -1,8 +1,10 @@
 """Noise tables, format v1 (docs/table-format.md): checksummed .npz files, never pickles.
 
 ``write_certified_table`` certifies first and writes only a table whose certificate meets its target;
-``load_table`` verifies format, checksum and shape constraints and returns the law that is both
-sampled and certified (docs/soundness.md rule 1: certify what you sample).
+``load_table`` verifies format, checksum, metadata types and the exact symmetric unimodal shape, and
+returns the law that is both sampled and certified (docs/soundness.md rule 1: certify what you
+sample); ``verify_claim`` re-certifies a loaded table and compares with what its metadata claims (a
+checksum is an integrity check anyone can recompute, not a signature).
 """
 from __future__ import annotations
 
@@ -167,15 +169,46 @@ def load_table(path) -> NoiseTable:
                          f"(this library reads version {FORMAT_VERSION})")
     if _checksum(contents, meta) != meta["sha256"]:
         raise TableError(f"{path}: checksum mismatch: the file was modified or corrupted")
+    _check_metadata(path, meta)
     try:
         tab = Tabulated(contents["edges"], contents["mass"], float(contents["tail_mass"]),
                         float(contents["tail_rate"]), check_lattice=True)
         noise = tab if meta["law"] == "tabulated" else from_name(meta["law"], **meta["params"])
     except NoiseParameterError as exc:
         raise TableError(f"{path}: {exc}") from None
-    if meta["geometry"] not in ("scalar", "l1", "l2"):
-        raise TableError(f"{path}: unknown geometry {meta['geometry']!r}")
     return NoiseTable(noise, meta, tab)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_metadata(path, meta: dict) -> None:
+    """Refuse a metadata field of the wrong type or range, naming the file and the field."""
+    def bad(field, what):
+        raise TableError(f"{path}: metadata field {field!r} must be {what}, got {meta[field]!r}")
+
+    if not isinstance(meta["law"], str):
+        bad("law", "a family name")
+    if not isinstance(meta["params"], dict):
+        bad("params", "a JSON object")
+    if not (_number(meta["eps_target"]) and meta["eps_target"] > 0):
+        bad("eps_target", "a positive number")
+    if not (_number(meta["delta"]) and 0 < meta["delta"] < 1):
+        bad("delta", "a number in (0, 1)")
+    if not (_number(meta["sampling_rate"]) and 0 < meta["sampling_rate"] <= 1):
+        bad("sampling_rate", "a number in (0, 1]")
+    if not (_number(meta["steps"]) and meta["steps"] >= 1 and float(meta["steps"]).is_integer()):
+        bad("steps", "a positive integer")
+    if meta["geometry"] not in ("scalar", "l1", "l2"):
+        bad("geometry", "one of scalar, l1, l2")
+    claim = meta["certified_epsilon"]
+    if not (isinstance(claim, dict) and "final" in claim
+            and all(_number(v) and v >= 0 for v in claim.values())):
+        bad("certified_epsilon", 'an object of non-negative numbers with a "final" entry')
+    for field in ("expected_abs", "gaussian_sigma", "gaussian_expected_abs"):
+        if not _number(meta[field]):
+            bad(field, "a number")
 
 
 def calibrated_gaussian(eps: float, delta: float, sampling_rate: float, steps: int,
@@ -189,8 +222,18 @@ def write_certified_table(path, noise: Noise, *, eps_target: float, delta: float
                           steps: int, geometry: str, family: str | None = None, params: dict | None = None,
                           extra: dict | None = None, gaussian_sigma: float | None = None,
                           certificate: Certificate | None = None) -> NoiseTable:
-    """Certify ``noise`` for the target and write it; refuse if the certificate exceeds the target."""
+    """Certify ``noise`` for the target and write it; refuse if the certificate exceeds the target.
+
+    A table is in units of the sensitivity C: ``noise`` is the noise added per unit of clipping norm
+    (the training step adds ``C * Z``), and the stored certificate is that of
+    ``Mechanism(noise, 1.0, geometry, sampling_rate, steps)``.  A noise calibrated for sensitivity C
+    is written as ``noise.scaled(1 / C)``.  ``certificate`` (to skip a second certification) must be
+    a certificate of exactly that mechanism at ``delta``; anything else is refused.
+    """
     mechanism = Mechanism(noise, 1.0, geometry, sampling_rate, steps)
+    if certificate is not None and (certificate.mechanisms != [mechanism.describe()] or certificate.delta != delta):
+        raise TableError("the certificate given describes another mechanism than the table (tables are in "
+                         "units of the sensitivity: certify the law at sensitivity 1); table not written")
     cert = certificate or certify(mechanism, delta)
     if cert.epsilon > eps_target:
         raise TableError(f"certified epsilon {cert.epsilon:.6g} exceeds the target {eps_target:g}; "
@@ -205,3 +248,60 @@ def write_certified_table(path, noise: Noise, *, eps_target: float, delta: float
                 gaussian_sigma=gaussian_sigma, gaussian_expected_abs=gaussian_sigma * math.sqrt(2 / math.pi))
     save_table(path, noise, meta)
     return load_table(path)
+
+
+#: Relative tolerance of the claim check.  Re-certifying the same table with the same library gives
+#: the same bits; other numpy/scipy builds change the floating-point summation order, which moves a
+#: route's bound by about 1e-12 relative.  A re-certified epsilon above the stored one by more than
+#: this is a real difference (docs/privacy.md, "Tables").
+CLAIM_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    """What a table claims against what its law re-certifies to (same mechanism, same delta)."""
+
+    claimed: float            # the stored certified_epsilon["final"]
+    eps_target: float         # the stored target
+    delta: float
+    certified: float          # the re-computed certificate
+    certificate: Certificate
+    tolerance: float = CLAIM_RTOL
+
+    @property
+    def matches(self) -> bool:
+        """True when the re-certified epsilon does not exceed the claim beyond ``tolerance``."""
+        return self.certified <= self.claimed * (1 + self.tolerance) + 1e-12
+
+    @property
+    def message(self) -> str:
+        if self.matches:
+            return f"table claims epsilon {self.claimed:.6g}, certified {self.certified:.6g}: claim holds"
+        return (f"this table does not deliver its claimed epsilon: claims {self.claimed:.6g}, "
+                f"certified {self.certified:.6g}")
+
+    def as_dict(self) -> dict:
+        return {"claimed": self.claimed, "eps_target": self.eps_target, "delta": self.delta,
+                "certified": self.certified, "tolerance": self.tolerance, "matches_claim": self.matches}
+
+
+def table_mechanism(table: NoiseTable) -> Mechanism:
+    """The mechanism a table's certificate is about: its law at sensitivity 1 (tables are in units
+    of C), its geometry, Poisson rate and number of steps."""
+    return table.mechanism(sensitivity=1.0, steps=table.steps)
+
+
+def compare_claim(table: NoiseTable, certificate: Certificate) -> ClaimCheck:
+    """A :class:`ClaimCheck` from a certificate of ``table_mechanism(table)`` at ``table.delta``."""
+    if certificate.mechanisms != [table_mechanism(table).describe()] or certificate.delta != table.delta:
+        raise ValueError("the certificate is not one of this table's mechanism at its delta")
+    return ClaimCheck(claimed=table.certified_epsilon, eps_target=float(table.metadata["eps_target"]),
+                      delta=table.delta, certified=certificate.epsilon, certificate=certificate)
+
+
+def verify_claim(table: NoiseTable) -> ClaimCheck:
+    """Re-certify a loaded table (both routes, its own q, T, geometry and delta, sensitivity 1) and
+    compare with its stored ``certified_epsilon["final"]``.  ``check.matches`` is False when the
+    law costs more than the table claims; refuse such a table (``check.message`` is one line).
+    Takes as long as one certificate (seconds for typical tables)."""
+    return compare_claim(table, certify(table_mechanism(table), table.delta))

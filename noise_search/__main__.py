@@ -1,8 +1,9 @@
 """Command line: ``python -m noise_search --eps 0.3 --delta 1e-10``.
 
 Searches the noise with the least E|Z| (or variance) whose certified epsilon meets the target and
-writes its table (format v1).  Exit codes: 0 success, 2 a user mistake or an infeasible target (one
-line on stderr, no traceback), 130 interrupted (no partial table is left behind).
+writes its table (format v1).  Exit codes: 0 success, 2 a user mistake, an infeasible target or an
+output path that cannot be written or already exists (one line on stderr, no traceback, checked
+before any work), 130 interrupted (no partial table is left behind).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import signal
 import sys
 
+from accountant.output_path import OutputPathError, check_output_file
 from noise_search.families import FAMILIES
 from noise_search.search import DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, TargetError
 
@@ -54,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"one of: {', '.join(FAMILIES)}")
     p.add_argument("--objective", choices=("abs", "var"), default="abs",
                    help="minimise E|Z| (abs, default) or the variance (var)")
-    p.add_argument("--out", metavar="PATH", help="table to write (default: noise_eps<E>_delta<D>_q<Q>_T<T>_<geometry>.npz)")
+    p.add_argument("--out", metavar="PATH", help="table to write (default: noise_eps<E>_delta<D>_q<Q>_T<T>_<geometry>.npz; "
+                                                 ".npz is appended if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     p.add_argument("--seed", type=int, default=0, help="seed of the optimiser's random initial simplices (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the found density against the Gaussian")
@@ -64,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def default_out(eps: float, delta: float, q: float, steps: int, geometry: str) -> str:
     return f"noise_eps{eps:g}_delta{delta:g}_q{q:g}_T{steps}_{geometry}.npz"
+
+
+def table_path(path: str) -> str:
+    """The file a table is written to: ``path`` with ``.npz`` appended if missing."""
+    return path if path.endswith(".npz") else path + ".npz"
 
 
 def _fmt_params(params: dict) -> str:
@@ -142,15 +151,18 @@ def main(argv=None) -> int:
     families = None
     if args.family:
         families = [f.strip() for item in args.family for f in item.split(",") if f.strip()]
-    out = args.out or default_out(args.eps, args.delta, args.sampling_rate, args.steps, args.geometry)
+    out = table_path(args.out or default_out(args.eps, args.delta, args.sampling_rate, args.steps, args.geometry))
     try:
+        check_output_file(out, overwrite=args.overwrite, what="--out")   # before any work
+        if args.plot:
+            check_output_file(args.plot, overwrite=args.overwrite, what="--plot")
         from noise_search.search import search
         result = search(args.eps, args.delta, sampling_rate=args.sampling_rate, steps=args.steps,
                         geometry=args.geometry, families=families, objective=args.objective, out=out,
-                        seed=args.seed, progress=not args.quiet and not args.json)
+                        seed=args.seed, progress=not args.quiet and not args.json, overwrite=args.overwrite)
         if args.plot:
             plot(result, args.plot)
-    except TargetError as exc:
+    except (TargetError, OutputPathError) as exc:
         print(f"noise_search: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

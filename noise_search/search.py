@@ -431,13 +431,18 @@ def certify_candidate(cand: Candidate, eps, delta, q, T, n, tail_target, progres
 def search(eps: float, delta: float, sampling_rate: float = DEFAULT_SAMPLING_RATE,
            steps: int = DEFAULT_STEPS, geometry: str = "scalar", families=None, objective: str = "abs",
            out: str | None = None, seed: int = 0, progress: bool = False,
-           parallel: bool = True) -> SearchResult:
+           parallel: bool = True, overwrite: bool = False) -> SearchResult:
     """Find the noise with the least ``objective`` (``abs``: E|Z|, ``var``: variance) certified at
     ``(eps, delta)`` for Poisson rate ``sampling_rate`` and ``steps`` compositions, and write its table to
-    ``out`` (format v1, atomically) if given.  Raises :class:`TargetError` for infeasible targets.
+    ``out`` (format v1, atomically) if given.  Raises :class:`TargetError` for infeasible targets and
+    ``accountant.output_path.OutputPathError`` (before any work) for an ``out`` that cannot be written
+    or exists (unless ``overwrite``).
     ``parallel``: certify the reference Gaussian in a second process while the families are ranked."""
     t0 = time.time()
     check_target(eps, delta, sampling_rate, steps, geometry)
+    if out is not None:
+        from accountant.output_path import check_output_file
+        check_output_file(_npz(out), overwrite=overwrite, what="table")
     if objective not in ("abs", "var"):
         raise TargetError(f"--objective must be abs or var, got {objective!r}")
     q, T = float(sampling_rate), int(steps)
@@ -616,17 +621,19 @@ def _lmo_l1_shape(objective: str):
 
 
 # --------------------------------------------------------------------------------------------------
+def _npz(path) -> str:
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
 def write_result(result: SearchResult, path: str, seed: int = 0) -> None:
     """Write the certified table atomically: a temporary file in the target directory, renamed at the
     end, so an interrupted run leaves no partial table.  ``write_certified_table`` certifies again and
     refuses a table above the target."""
     from accountant.table import write_certified_table
 
-    path = os.fspath(path)
-    if not path.endswith(".npz"):
-        path += ".npz"
+    path = _npz(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".noise_search-", suffix=".npz", dir=directory)
     os.close(fd)
     extra = {
