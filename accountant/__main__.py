@@ -93,7 +93,9 @@ def _add_noise_args(p: argparse.ArgumentParser, with_scale: bool = True):
                    help="lmo: read E_lambda as numpy's exponential SCALE (how the published sampler "
                         "drew it) instead of a rate")
     if with_scale:
-        g.add_argument("--table", metavar="FILE.npz", help="table: a noise table (format v1)")
+        g.add_argument("--table", metavar="FILE.npz",
+                       help="table: a noise table (format v1); epsilon compares the re-certified value with "
+                            "the table's stored claim and exits with code 3 if the table claims less")
 
 
 def _add_mechanism_args(p: argparse.ArgumentParser):
