@@ -261,6 +261,13 @@ def stop_clients(procs, grace: float = 30.0) -> None:
         log.close()
 
 
+class _HideDeprecation:
+    """Drop Flower's notice that ``start_server`` is deprecated (documented in docs/federated.md)."""
+
+    def filter(self, record) -> bool:
+        return "deprecated" not in str(record.getMessage())
+
+
 def serve(address: str, strategy, rounds: int, round_timeout: float):
     """Flower's gRPC server on a loopback address for ``rounds`` rounds."""
     import logging
@@ -272,6 +279,8 @@ def serve(address: str, strategy, rounds: int, round_timeout: float):
 
     check_loopback(address)
     FLOWER_LOGGER.setLevel(logging.WARNING)
+    if not any(isinstance(f, _HideDeprecation) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(_HideDeprecation())    # docs/federated.md says which API and why
     return fl.server.start_server(server_address=address, strategy=strategy,
                                   config=fl.server.ServerConfig(num_rounds=rounds,
                                                                 round_timeout=round_timeout))

@@ -213,7 +213,8 @@ def main(argv=None) -> int:
                                 record_ledger_path=ledger_path,
                                 seed=None if cfg["secure"] else cfg["seed"] * 1000 + 1 + args.index,
                                 secure=cfg["secure"])
-    print(f"organisation {args.index}: {len(ids)} records", file=sys.stderr, flush=True)
+    # (no shard size in the log: the log lands in the run folder, and a shard size is not released)
+    print(f"organisation {args.index}: connecting to {args.server}", file=sys.stderr, flush=True)
     _exit_with_parent()
     fl.client.start_client(server_address=args.server, client=client.numpy_client().to_client(),
                            insecure=True)
