@@ -72,6 +72,21 @@ def mode(request):
 # ---------------------------------------------------------------------------------------------
 # 1. one call
 # ---------------------------------------------------------------------------------------------
+def _run_block(code, name, monkeypatch):
+    """Run a docs block as a script file in the current (empty) folder, imported as its own module:
+    graph mode reads a Cell's source and resolves its globals by module name."""
+    import importlib.util
+    import sys
+
+    path = pathlib.Path(f"{name}.py").resolve()
+    path.write_text(code)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module.__dict__
+
+
 def _doc_block(marker):
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
@@ -87,8 +102,7 @@ def test_issue_snippet_runs_as_written_in_graph_mode(tmp_path, monkeypatch, caps
             "                      target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0)") in code
     ms.set_context(mode=ms.GRAPH_MODE)
     monkeypatch.chdir(tmp_path)
-    env = {}
-    exec(compile(code, "docs/finetune.md", "exec"), env)  # noqa: S102 - our own documentation
+    env = _run_block(code, "docs_make_private", monkeypatch)
     out = capsys.readouterr().out
     engine = env["engine"]
     n = len(env["x"])
@@ -101,7 +115,7 @@ def test_issue_snippet_runs_as_written_in_graph_mode(tmp_path, monkeypatch, caps
     assert printed == pytest.approx(certify(mech, 1e-5).epsilon, rel=1e-9) and printed <= 1.0
     assert certify(Mechanism(Gaussian(sigma * 0.995), 1.0, "l2", engine.sampling_rate,
                              engine.steps), 1e-5).epsilon > 1.0
-    assert not list(tmp_path.iterdir())            # no table file unless save_table=
+    assert [p.name for p in tmp_path.iterdir()] == ["docs_make_private.py"]   # no table file
 
 
 def test_noise_multiplier_reports_the_epsilon_it_buys(mode, capsys):
@@ -377,12 +391,11 @@ def test_state_dict_resumes_the_same_run(sampling):
 
 
 @pytest.mark.slow
-def test_model_train_block_of_the_docs_runs_as_written(tmp_path, monkeypatch, capsys):
-    """The docs' Model.train block (shuffled batches, noise_multiplier=) runs as written."""
+def test_model_train_block_of_the_docs_runs_as_written(mode, tmp_path, monkeypatch, capsys):
+    """The docs' Model.train block (shuffled batches, noise_multiplier=) runs as written, in both modes."""
     code = _doc_block("engine.train_network()")
     monkeypatch.chdir(tmp_path)
-    env = {}
-    exec(compile(code, "docs/finetune.md", "exec"), env)  # noqa: S102 - our own documentation
+    env = _run_block(code, "docs_model_train", monkeypatch)
     engine = env["engine"]
     eps, relation = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert relation == "zero-out" and engine.sampling == "shuffle"
