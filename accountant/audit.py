@@ -378,14 +378,15 @@ def epsilon_for_delta(losses: np.ndarray, upper: np.ndarray, delta: float) -> fl
 
 
 def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
-                  accuracy: AuditAccuracy = AuditAccuracy()) -> dict:
+                  accuracy: AuditAccuracy = AuditAccuracy(), directions=("remove", "add")) -> dict:
     """Lower bound on epsilon at ``delta`` of ``steps`` compositions of the Poisson-subsampled
-    pair whose k-coordinate loss L has the law ``law``; max over the remove and add relations."""
+    pair whose k-coordinate loss L has the law ``law``, per relation in ``directions`` (the law
+    must have been built for that relation: see :func:`k_coordinate_law`)."""
     L = law.losses()
     p = law.p
     y = np.log1p(q * np.expm1(L)) if q < 1 else L.copy()     # remove loss log(1 - q + q e^L)
     out = {}
-    for direction in ("remove", "add"):
+    for direction in directions:
         if direction == "remove":
             x, w = y, p                                          # upper A, lower P
         else:
@@ -411,7 +412,7 @@ def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
         eps = epsilon_for_delta(losses, composed, (delta + guard) * math.exp(shift)) - shift
         out[direction] = {"epsilon": max(eps, 0.0), "step": dstep, "dropped": dropped, "guard": guard,
                           "snap_shift": shift, "points": len(upper), "composed_points": len(composed)}
-    out["epsilon"] = max(out["remove"]["epsilon"], out["add"]["epsilon"])
+    out["epsilon"] = max(out[d]["epsilon"] for d in directions)
     return out
 
 
@@ -467,8 +468,12 @@ def k_grid(dimension: int, max_k: int | None = None) -> list[int]:
 def lower_bound_at_k(mechanism: Mechanism, k: int, delta: float,
                      accuracy: AuditAccuracy = AuditAccuracy()) -> dict:
     """Certified lower bound on epsilon from the pair with v spread over k coordinates."""
-    law = k_coordinate_law(mechanism.noise, mechanism.sensitivity, k, accuracy)
-    out = compose_lower(law, mechanism.sampling_rate, int(mechanism.steps), delta, accuracy)
+    out = {}
+    for direction in ("remove", "add"):      # each relation rounds unbalanced mass its own safe way
+        law = k_coordinate_law(mechanism.noise, mechanism.sensitivity, k, accuracy, direction)
+        out[direction] = compose_lower(law, mechanism.sampling_rate, int(mechanism.steps), delta,
+                                       accuracy, (direction,))[direction]
+    out["epsilon"] = max(out["remove"]["epsilon"], out["add"]["epsilon"])
     out["k"] = k
     out["loss_step"] = law.step
     return out
