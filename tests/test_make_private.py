@@ -253,7 +253,7 @@ def test_shuffle_certificate_is_one_gaussian_with_sigma_over_sqrt_epochs(relatio
     assert f"{engine.poisson_epsilon:.4f}" in out
 
 
-def test_shuffle_batches_hold_every_example_once_per_epoch_and_the_ledger_charges_epochs(mode):
+def test_shuffle_batches_hold_every_example_once_per_epoch_and_the_ledger_charges_epochs():
     x, y = _data()
     _, engine = _engine(sampling="shuffle", epochs=2, batch_size=60)   # 4 batches: 60, 60, 60, 20
     seen, charged = [], []
@@ -323,9 +323,13 @@ def test_a_batch_of_another_sampler_is_refused():
 # ---------------------------------------------------------------------------------------------
 # mindspore.train.Model with mindspore.dataset
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
-def test_model_train_path_equals_the_loop_and_stops_at_the_budget(mode, sampling):
+@pytest.mark.parametrize("mode_name, sampling", [("graph", "poisson"), ("pynative", "poisson"),
+                                                 ("pynative", "shuffle")])
+def test_model_train_path_equals_the_loop_and_stops_at_the_budget(mode_name, sampling):
+    """(graph mode with shuffling: the docs' Model.train block, slow.)"""
     from mindspore.train import Model
+
+    ms.set_context(mode=MODES[mode_name])
 
     x, y = _data()
     kw = dict(steps=3) if sampling == "poisson" else dict(sampling="shuffle", epochs=1)
