@@ -39,7 +39,7 @@ import numpy as np
 from accountant.certify import Certificate, calibrate, certify
 from accountant.mechanism import Mechanism
 from accountant.noise import Gaussian
-from accountant.randomness import SecureRandom, make_rng
+from accountant.randomness import SecureRandom
 from accountant.shuffle import RELATION_TEXT, check_sampling, run_mechanism, release_mechanism, \
     sensitivity, steps_per_epoch
 
@@ -255,7 +255,8 @@ class PrivateEngine:
             if not hasattr(self.optimizer, "load_state_dict"):
                 raise EngineConfigError("the saved state holds optimizer state this version cannot load")
             self.optimizer.load_state_dict(state["optimizer"])
-        for rng, saved in ((self._sample_rng, state.get("sample_rng")), (self._noise_rng, state.get("noise_rng"))):
+        for rng, key in ((self._sample_rng, "sample_rng"), (self._noise_rng, "noise_rng")):
+            saved = state.get(key)
             if saved is not None and isinstance(rng, np.random.Generator):
                 rng.bit_generator.state = saved
         if self.sampling == "shuffle":
@@ -297,7 +298,23 @@ def _load(noise):
             return load_table(noise)
         except TableError as exc:
             raise EngineConfigError(str(exc)) from None
-    raise EngineConfigError(f"noise= takes a table path or an accountant.table.NoiseTable, got {type(noise).__name__}")
+    raise EngineConfigError("noise= takes a table path or an accountant.table.NoiseTable, got "
+                            f"{type(noise).__name__}")
+
+
+def _check_save_path(path, table) -> None:
+    """Refuse, before any work, a table path that exists or cannot be written."""
+    from accountant.output_path import OutputPathError, check_output_file
+
+    if table is not None:
+        raise EngineConfigError("save_table writes a calibrated table; noise= already is one")
+    if Path(path).exists():
+        raise EngineConfigError(f"save_table {str(path)!r} exists; choose another path "
+                                "(a table is never overwritten)")
+    try:
+        check_output_file(path, what="save_table")
+    except OutputPathError as exc:
+        raise EngineConfigError(str(exc)) from None
 
 
 def _positive_int(name, value):
@@ -310,6 +327,94 @@ def _positive_int(name, value):
 
 def _fmt_routes(cert: Certificate) -> str:
     return ", ".join(f"{name.upper()} {r['upper']:.4f}" for name, r in cert.routes.items())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The run's length and what is accounted: ``releases`` of the mechanism at ``accounted_rate``."""
+
+    q: float                  # B / N (Poisson: the sampling rate)
+    steps: int
+    epochs: float
+    steps_in_epoch: int | None
+    expected_batch: float     # the divisor of the noisy sum
+    accounted_rate: float     # q (Poisson) or 1 (one unsampled release per shuffled epoch)
+    releases: int
+
+
+def _plan(sampling, n, batch_size, epochs, steps, table) -> _Plan:
+    """q and T from batch size and epochs (or steps, or the table); refuse a table that does not fit."""
+    from .dp.guard import TableMismatchError, check_table
+
+    if batch_size is not None and batch_size > n:
+        raise EngineConfigError(f"batch_size {batch_size} exceeds dataset_size {n}")
+    if sampling == "poisson":
+        if batch_size is None and table is None:
+            raise EngineConfigError("batch_size is required (the expected number of examples per step)")
+        q = table.sampling_rate if batch_size is None else batch_size / n
+        per_epoch = steps_per_epoch(n, max(1, round(q * n)))   # as many steps as a shuffled epoch
+        if steps is None and epochs is not None:
+            steps = epochs * per_epoch
+        if table is not None:
+            try:
+                q, steps = check_table(table, dataset_size=n, sampling_rate=q, steps=steps)
+            except TableMismatchError as exc:
+                raise EngineConfigError(str(exc)) from None
+        if steps is None:
+            raise EngineConfigError("give epochs= or steps=")
+        return _Plan(q, steps, steps / per_epoch, None, q * n, q, steps)
+    if batch_size is None:
+        raise EngineConfigError("sampling='shuffle' needs batch_size")
+    per_epoch = steps_per_epoch(n, batch_size)
+    if steps is None:
+        if epochs is None:
+            raise EngineConfigError("give epochs= or steps=")
+        steps = epochs * per_epoch
+    epochs_run = -(-steps // per_epoch)
+    if table is not None:
+        if table.sampling_rate != 1.0:
+            raise EngineConfigError(
+                f"the table certifies Poisson sampling at rate {table.sampling_rate:g}; a shuffled run "
+                "is one unsampled release per epoch and needs a table with sampling rate 1 "
+                "(make_private(..., sampling='shuffle', save_table=PATH) writes one)")
+        if table.steps < epochs_run:
+            raise EngineConfigError(f"the table certifies {table.steps} releases but the shuffled run "
+                                    f"has {epochs_run} epochs")
+    return _Plan(batch_size / n, steps, epochs_run, per_epoch, float(batch_size), 1.0, epochs_run)
+
+
+def _noise_and_certificate(plan: _Plan, sampling, relation, delta, table, target_epsilon,
+                           noise_multiplier, n_coordinates, verbose):
+    """(noise law, clipping geometry, Gaussian sigma or None, certificate of the whole run).
+
+    The certificate is always computed here for this run's mechanism, also for a table (whose
+    stored claim is never copied)."""
+    from .dp.optimizer import GeometryError, clip_geometry
+
+    s = sensitivity(relation)
+    if table is not None:
+        noise_law, geometry = table.noise, table.geometry
+        try:
+            clip_geometry(geometry, n_coordinates)
+        except GeometryError as exc:
+            raise EngineConfigError(str(exc)) from None
+        release = release_mechanism(noise_law, geometry, sampling, relation, plan.accounted_rate)
+        cert = certify(release.with_steps(plan.releases), delta)
+        if target_epsilon is not None and cert.epsilon > target_epsilon:
+            raise EngineConfigError(f"the table's law certifies epsilon {cert.epsilon:.4g} for this run, "
+                                    f"above target_epsilon {target_epsilon:g}")
+        sigma = noise_law.params.get("sigma") if isinstance(noise_law, Gaussian) else None
+        return noise_law, geometry, sigma, cert
+    if noise_multiplier is not None:
+        sigma = float(noise_multiplier)
+        cert = certify(Mechanism(Gaussian(sigma), s, "l2", plan.accounted_rate, plan.releases), delta)
+    else:
+        if verbose:
+            print(f"make_private: calibrating Gaussian noise to epsilon {target_epsilon:g} at delta "
+                  f"{delta:g} ({plan.releases} releases) ...", flush=True)
+        sigma, cert = calibrate(Gaussian, float(target_epsilon), delta, plan.accounted_rate, plan.releases,
+                                "l2", sensitivity=s)
+    return Gaussian(sigma), "l2", sigma, cert
 
 
 def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = None,
@@ -339,8 +444,7 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     ``save_table=PATH`` writes the calibrated table (refuses an existing file).  Prints a summary
     unless ``verbose=False``; the numbers are attributes of the returned :class:`PrivateEngine`.
     """
-    from .dp.guard import TableMismatchError, check_table
-    from .dp.optimizer import DPOptimizer, GeometryError, clip_geometry
+    from .dp.optimizer import DPOptimizer
     from .dp.release_guard import ReleaseGuard
     from .dp.sampling import PoissonSampler
     from .dp.shuffle import ShuffleSampler
@@ -373,19 +477,11 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
         raise EngineConfigError(f"noise_multiplier must be positive, got {noise_multiplier!r}")
     table = _load(noise) if noise is not None else None
     if save_table is not None:
-        if table is not None:
-            raise EngineConfigError("save_table writes a calibrated table; noise= already is one")
-        if Path(save_table).exists():
-            raise EngineConfigError(f"save_table {str(save_table)!r} exists; choose another path "
-                                    "(a table is never overwritten)")
-        from accountant.output_path import OutputPathError, check_output_file
-        try:
-            check_output_file(save_table, what="save_table")
-        except OutputPathError as exc:
-            raise EngineConfigError(str(exc)) from None
+        _check_save_path(save_table, table)
     if table is not None:
         if target_delta is not None and float(target_delta) != table.delta:
-            raise EngineConfigError(f"target_delta {target_delta:g} differs from the table's delta {table.delta:g}")
+            raise EngineConfigError(f"target_delta {target_delta:g} differs from the table's delta "
+                                    f"{table.delta:g}")
         delta = table.delta
     else:
         if target_delta is None:
@@ -394,98 +490,30 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
         if not 0 < delta < 1:
             raise EngineConfigError(f"target_delta must lie in (0, 1), got {target_delta!r}")
 
-    # ---- q, T and what one release is -----------------------------------------------------------
-    if sampling == "poisson":
-        if batch_size is None:
-            if table is None:
-                raise EngineConfigError("batch_size is required (the expected number of examples per step)")
-            q = table.sampling_rate
-        else:
-            if batch_size > n:
-                raise EngineConfigError(f"batch_size {batch_size} exceeds dataset_size {n}")
-            q = batch_size / n
-        per_epoch = steps_per_epoch(n, max(1, round(q * n)))   # as many steps as a shuffled epoch
-        if steps is None and epochs is not None:
-            steps = epochs * per_epoch
-        if table is not None:
-            try:
-                q, steps = check_table(table, dataset_size=n, sampling_rate=q, steps=steps)
-            except TableMismatchError as exc:
-                raise EngineConfigError(str(exc)) from None
-        if steps is None:
-            raise EngineConfigError("give epochs= or steps=")
-        expected_batch, steps_in_epoch = q * n, None
-        epochs_run = steps / per_epoch
-        accounted_rate, releases = q, steps
-    else:
-        if batch_size is None:
-            raise EngineConfigError("sampling='shuffle' needs batch_size")
-        if batch_size > n:
-            raise EngineConfigError(f"batch_size {batch_size} exceeds dataset_size {n}")
-        steps_in_epoch = steps_per_epoch(n, batch_size)
-        if steps is None:
-            if epochs is None:
-                raise EngineConfigError("give epochs= or steps=")
-            steps = epochs * steps_in_epoch
-        epochs_run = -(-steps // steps_in_epoch)
-        q, expected_batch = batch_size / n, float(batch_size)
-        accounted_rate, releases = 1.0, epochs_run
-        if table is not None:
-            if table.sampling_rate != 1.0:
-                raise EngineConfigError(
-                    f"the table certifies Poisson sampling at rate {table.sampling_rate:g}; a shuffled run "
-                    "is one unsampled release per epoch and needs a table with sampling rate 1 "
-                    "(make_private(..., sampling='shuffle', save_table=PATH) writes one)")
-            if table.steps < epochs_run:
-                raise EngineConfigError(f"the table certifies {table.steps} releases but the shuffled run "
-                                        f"has {epochs_run} epochs")
-    params = list(optimizer.parameters)
-    n_coords = int(sum(int(np.prod(p.shape)) for p in params))
-
-    # ---- noise and certificate --------------------------------------------------------------------
-    s = sensitivity(relation)
-    if table is not None:
-        noise_law, geometry = table.noise, table.geometry
-        try:
-            clip_geometry(geometry, n_coords)
-        except GeometryError as exc:
-            raise EngineConfigError(str(exc)) from None
-        mech = release_mechanism(noise_law, geometry, sampling, relation, accounted_rate).with_steps(releases)
-        cert = certify(mech, delta)
-        if target_epsilon is not None and cert.epsilon > target_epsilon:
-            raise EngineConfigError(f"the table's law certifies epsilon {cert.epsilon:.4g} for this run, "
-                                    f"above target_epsilon {target_epsilon:g}")
-        sigma = noise_law.params.get("sigma") if isinstance(noise_law, Gaussian) else None
-    else:
-        geometry = "l2"
-        if noise_multiplier is not None:
-            sigma = float(noise_multiplier)
-            cert = certify(Mechanism(Gaussian(sigma), s, geometry, accounted_rate, releases), delta)
-        else:
-            if verbose:
-                print(f"make_private: calibrating Gaussian noise to epsilon {target_epsilon:g} at delta "
-                      f"{delta:g} ({releases} releases) ...", flush=True)
-            sigma, cert = calibrate(Gaussian, float(target_epsilon), delta, accounted_rate, releases,
-                                    geometry, sensitivity=s)
-        noise_law = Gaussian(sigma)
-
+    micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
     sample_rng, noise_rng = _rng_pair(seed, bool(secure))
+    plan = _plan(sampling, n, batch_size, epochs, steps, table)
+    n_coords = int(sum(int(np.prod(p.shape)) for p in optimizer.parameters))
+    noise_law, geometry, sigma, cert = _noise_and_certificate(
+        plan, sampling, relation, delta, table, target_epsilon, noise_multiplier, n_coords, verbose)
+    q, steps, steps_in_epoch, expected_batch = plan.q, plan.steps, plan.steps_in_epoch, plan.expected_batch
+
     if sampling == "poisson":
         sampler = PoissonSampler(n, q, steps, rng=sample_rng)
     else:
-        sampler = ShuffleSampler(n, batch_size, epochs_run, rng=sample_rng)
-    release = release_mechanism(noise_law, geometry, sampling, relation, accounted_rate)
+        sampler = ShuffleSampler(n, batch_size, plan.epochs, rng=sample_rng)
+    release = release_mechanism(noise_law, geometry, sampling, relation, plan.accounted_rate)
     guard = ReleaseGuard(release, sampling=sampling, relation=relation, steps=steps,
                          steps_in_epoch=steps_in_epoch, delta=delta, budget=cert.epsilon,
                          expected_batch_size=expected_batch)
-    dp = DPOptimizer(optimizer, net, _NoiseSpec(noise_law, geometry), max_grad_norm=float(max_grad_norm),
+    dp = DPOptimizer(optimizer, net, _NoiseSpec(noise_law, geometry), max_grad_norm=max_grad_norm,
                      expected_batch_size=expected_batch, per_example=per_example, rng=noise_rng,
                      guard=guard)
     engine = PrivateEngine(
         dp_optimizer=dp, guard=guard, sampler=sampler, sampling=sampling, relation=relation,
         dataset_size=n, batch_size=batch_size if batch_size is not None else q * n,
-        micro_batch_size=_positive_int("micro_batch_size", micro_batch_size) or int(min(32, max(1, round(expected_batch)))),
-        steps=steps, epochs=epochs_run, sampling_rate=q, delta=delta, noise=noise_law, geometry=geometry,
+        micro_batch_size=micro_batch_size or int(min(32, max(1, round(expected_batch)))),
+        steps=steps, epochs=plan.epochs, sampling_rate=q, delta=delta, noise=noise_law, geometry=geometry,
         certificate=cert, noise_multiplier=sigma, epsilon_target=target_epsilon, secure=bool(secure),
         sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=steps_in_epoch, table=table)
     if sampling == "shuffle" and compare_poisson:
@@ -515,19 +543,22 @@ def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
     lines.append(f"  certificate: epsilon {e.certificate.epsilon:.4f}{target} at delta {e.delta:g}, "
                  f"relation {RELATION_TEXT[e.relation]}; accountants {_fmt_routes(e.certificate)}")
     if e.poisson_epsilon is not None:
-        lines.append(f"  Poisson sampling at q = {e.sampling_rate:.6g} for {e.steps} steps with the same noise "
+        lines.append(f"  Poisson sampling at q = {e.sampling_rate:.6g} for {e.steps} steps with the same "
+                     "noise "
                      f"would certify epsilon {e.poisson_epsilon:.4f} (add/remove) instead "
-                     f"of {e.certificate.epsilon:.4f}: {e.certificate.epsilon / e.poisson_epsilon:.2f}x smaller")
+                     f"of {e.certificate.epsilon:.4f}: "
+                     f"{e.certificate.epsilon / e.poisson_epsilon:.2f}x smaller")
     return "\n".join(lines)
 
 
 def _save(engine: PrivateEngine, path) -> None:
+    """Write the engine's table (law, releases' q and count, geometry; certificate at sensitivity 1)."""
     from accountant.table import write_certified_table
 
     mech = _table_mechanism(engine)
     cert = engine.certificate if sensitivity(engine.relation) == 1.0 else None
-    engine._table = write_certified_table(Path(path), engine.noise, eps_target=engine.epsilon_target or engine.certificate.epsilon,
-                          delta=engine.delta, sampling_rate=mech.sampling_rate, steps=mech.steps,
-                          geometry=engine.geometry, certificate=cert,
-                          gaussian_sigma=engine.noise_multiplier,
-                          extra={"sampling": engine.sampling, "relation": engine.relation})
+    target = engine.epsilon_target or engine.certificate.epsilon
+    engine._table = write_certified_table(
+        Path(path), engine.noise, eps_target=target, delta=engine.delta, sampling_rate=mech.sampling_rate,
+        steps=mech.steps, geometry=engine.geometry, certificate=cert, gaussian_sigma=engine.noise_multiplier,
+        extra={"sampling": engine.sampling, "relation": engine.relation})

@@ -253,6 +253,22 @@ def test_shuffle_certificate_is_one_gaussian_with_sigma_over_sqrt_epochs(relatio
     assert f"{engine.poisson_epsilon:.4f}" in out
 
 
+def test_shuffle_table_round_trip_under_substitution(tmp_path):
+    """A shuffled run's table is q = 1, T = epochs at sensitivity 1 (what every table means); used
+    again under substitution, the engine re-certifies at sensitivity 2 and gets the same epsilon."""
+    kw = dict(sampling="shuffle", relation="substitution", epochs=2)
+    _, made = _engine(noise_multiplier=2.0, save_table=tmp_path / "shuffle.npz", **kw)
+    table = load_table(tmp_path / "shuffle.npz")
+    assert (table.sampling_rate, table.steps, table.metadata["relation"]) == (1.0, 2, "substitution")
+    assert table.certified_epsilon == pytest.approx(_gaussian_epsilon(math.sqrt(2) / 2.0, DELTA), rel=2e-3)
+    _, again = _engine(noise=table, noise_multiplier=None, target_delta=None, **kw)
+    assert again.certificate.epsilon == pytest.approx(made.certificate.epsilon, rel=1e-9)
+    assert made.certificate.epsilon == pytest.approx(_gaussian_epsilon(2 * math.sqrt(2) / 2.0, DELTA),
+                                                     rel=2e-3)
+    with pytest.raises(EngineConfigError, match="certifies 2 releases"):
+        _engine(noise=table, noise_multiplier=None, target_delta=None, **{**kw, "epochs": 3})
+
+
 def test_shuffle_batches_hold_every_example_once_per_epoch_and_the_ledger_charges_epochs():
     x, y = _data()
     _, engine = _engine(sampling="shuffle", epochs=2, batch_size=60)   # 4 batches: 60, 60, 60, 20

@@ -91,7 +91,8 @@ class ReleaseGuard:
         if ledger.delta != self.delta:
             raise ValueError(f"the saved ledger is at delta {ledger.delta:g}, this engine at {self.delta:g}")
         if not 0 <= steps <= self.limit:
-            raise ValueError(f"the saved state has {steps} steps; this engine's certificate covers {self.limit}")
+            raise ValueError(f"the saved state has {steps} steps; this engine's certificate covers "
+                             f"{self.limit}")
         expected = [self.release.with_steps(self._releases(steps))] if steps else []
         got = ledger.mechanisms()
         same = len(got) == len(expected) and all(
