@@ -15,6 +15,11 @@
 3. Peak resident memory of each training configuration, each measured in its own subprocess.
 4. ``--gpt2-small``: GPT-2 small (124M, random init, sequence 64, batch 8), DP-LoRA (book-keeping)
    vs non-private LoRA: step time after compilation and peak memory, one subprocess each.
+5. ``--checkpoint`` (only this section): the cost of one training checkpoint
+   (``finetune.checkpointing``: trained weights, optimizer state, ledger and generator state in one
+   checksummed safetensors file, written atomically with fsync) and of loading it back, for the
+   tiny model and GPT-2 small, per method (``--checkpoint-methods``), next to the default interval
+   (5 minutes).
 """
 from __future__ import annotations
 
@@ -215,6 +220,62 @@ def bench_noise(n: int = 10 ** 7, repeats: int = 3) -> dict:
     return res
 
 
+def bench_checkpoint(specs=("tiny", "small"), methods=("bitfit", "lora", "full"),
+                     repeats: int = 3) -> dict:
+    """Seconds to write and to load one checkpoint of a DP run (median of ``repeats``), its size,
+    and the share of the default 5-minute checkpoint interval it costs."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from finetune import checkpointing
+    from finetune.dp.guard import PrivacyGuard
+    from finetune.dp.optimizer import DPOptimizer
+    from finetune.dp.sampling import PoissonSampler
+    from finetune.models import peft
+    from finetune.models.checkpoint import from_pretrained
+    from finetune.train import DEFAULT_CHECKPOINT_SECONDS, _restore, loop_state
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    print("\n== one training checkpoint: write (atomic, fsync) and load, median of "
+          f"{repeats} ==")
+    out = {}
+    table, _ = _table(16, 1000)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "checkpoint.safetensors")
+        for spec in specs:
+            for method in methods:
+                model = from_pretrained(spec, seed=0)  # a preset: tiny or small
+                if method == "lora":
+                    peft.apply_lora(model, r=8, alpha=16.0, targets=("c_attn",), seed=0)
+                elif method == "bitfit":
+                    peft.apply_bitfit(model)
+                params = list(model.trainable_params())
+                guard = PrivacyGuard(table, dataset_size=1000)
+                dp = DPOptimizer(nn.Adam(params, learning_rate=1e-3), model, table,
+                                 expected_batch_size=16.0, guard=guard, seed=0)
+                sampler = PoissonSampler(1000, table.sampling_rate, table.steps, rng=dp.rng)
+                history = {"times": [0.1] * 100, "losses": [1.0] * 100, "batch_sizes": [16] * 100}
+                writes, loads = [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    arrays, state = loop_state(dp, sampler, history, table.steps)
+                    checkpointing.save_checkpoint(path, arrays, state)
+                    writes.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    _restore(dp, sampler, checkpointing.load_checkpoint(path))
+                    loads.append(time.perf_counter() - t0)
+                size = os.path.getsize(path) / 2 ** 20
+                w, r = float(np.median(writes)), float(np.median(loads))
+                n = sum(int(np.prod(p.shape)) for p in params)
+                out[f"{spec}/{method}"] = {"write_s": w, "load_s": r, "size_mb": size,
+                                           "trained_parameters": n}
+                print(f"  {spec:5s} {method:6s} {n / 1e6:8.2f} M trained  file {size:8.1f} MB"
+                      f"  write {w:7.3f} s  load {r:7.3f} s  = {100 * w / DEFAULT_CHECKPOINT_SECONDS:.2f}%"
+                      f" of the {DEFAULT_CHECKPOINT_SECONDS / 60:.0f}-minute interval")
+                del model, dp, arrays, state
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (default 20)")
@@ -225,12 +286,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
     p.add_argument("--no-timing", action="store_true",
                    help="skip the interleaved tiny timing and the noise draws")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="only the checkpoint cost section (tiny and GPT-2 small)")
+    p.add_argument("--checkpoint-methods", default="bitfit,lora,full",
+                   help="methods for --checkpoint (default bitfit,lora,full)")
+    p.add_argument("--checkpoint-specs", default="tiny,small",
+                   help="models for --checkpoint (default tiny,small)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.worker, args.spec, args.steps, args.table)
+        return 0
+    if args.checkpoint:
+        bench_checkpoint([s for s in args.checkpoint_specs.split(",") if s],
+                         [m for m in args.checkpoint_methods.split(",") if m])
         return 0
 
     tables = {"tiny": _table(TINY["batch"], 1000), "small": _table(SMALL["batch"], 1000)}

@@ -3,8 +3,17 @@
     python -m finetune --table noise.npz --method lora --model tiny --data data.jsonl --out runs/x
 
 Writes to ``--out``: ``adapter.safetensors`` (LoRA / BiTFiT: only the trained tensors) or
-``model.safetensors`` + ``config.json`` (full), ``ledger.json`` (the privacy ledger) and
-``metrics.json``.  User mistakes end with a one-line error and exit code 2.
+``model.safetensors`` + ``config.json`` (full), ``ledger.json`` (the privacy ledger),
+``metrics.json`` and ``checkpoint.safetensors`` (the last training checkpoint).  User mistakes end
+with a one-line error and exit code 2.
+
+The run is a transaction (``finetune.run_dir``): it is staged in the hidden sibling
+``.OUT.partial`` and renamed to ``--out`` when complete.  An existing ``--out`` is refused unless
+``--overwrite`` (cleared first) or ``--resume``.  Checkpoints (``finetune.checkpointing``) are written
+every ``--checkpoint-every`` steps (default: every ``--checkpoint-minutes`` 5 of wall time), at the
+end and on SIGINT/SIGTERM, which print how to continue and exit 130 / 143::
+
+    python -m finetune --resume runs/x      # the saved arguments; the same table, data and method
 
 Data parallel: the same command under MindSpore's launcher trains one model on N workers::
 
@@ -19,12 +28,19 @@ the global rate q, and only rank 0 writes ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 
 PROG = "python -m finetune"
+
+#: flags that may be given again with --resume (everything else comes from the checkpoint)
+RESUME_FLAGS = {"resume", "quiet", "checkpoint_every", "checkpoint_minutes", "table", "data", "method"}
 
 
 class UserError(Exception):
@@ -49,14 +65,26 @@ def _parser() -> argparse.ArgumentParser:
                "config.json (full), ledger.json, metrics.json.")
     p.add_argument("--table", help="certified noise table (.npz, table format v1); required unless "
                                    "--no-dp is given with --sampling-rate and --steps")
-    p.add_argument("--method", required=True, choices=("lora", "bitfit", "full"),
-                   help="what to train: LoRA adapters, biases only (BiTFiT), or all weights")
-    p.add_argument("--model", required=True,
+    p.add_argument("--method", choices=("lora", "bitfit", "full"),
+                   help="what to train: LoRA adapters, biases only (BiTFiT), or all weights "
+                        "(required)")
+    p.add_argument("--model",
                    help="'tiny' or 'small' (random init) or a directory with config.json and "
-                        "model.safetensors / model.ckpt (Hugging Face GPT-2 layout)")
-    p.add_argument("--data", required=True, help="jsonl corpus, one {'text': ...} per line "
-                                                 "(python -m finetune.data writes one)")
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
+                        "model.safetensors / model.ckpt (Hugging Face GPT-2 layout) (required)")
+    p.add_argument("--data", help="jsonl corpus, one {'text': ...} per line "
+                                  "(python -m finetune.data writes one) (required)")
+    p.add_argument("--out", help="output directory; must not exist unless --overwrite (required)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and an unfinished run into it)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run DIR with its saved arguments (no other flag "
+                        "needed; --table/--data/--method, if given, must be the run's)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="write a checkpoint every STEPS steps (default: by wall time, see "
+                        "--checkpoint-minutes; always at the end and on SIGINT/SIGTERM)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="wall time between checkpoints when --checkpoint-every is not given "
+                        "(default 5)")
     p.add_argument("--no-dp", action="store_true",
                    help="same pipeline without clipping and noise (non-private baseline)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -87,7 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given_flags(argv) -> set:
+    """The destinations of the flags actually given on the command line."""
+    p = _parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def _check_args(args) -> None:
+    missing = [f"--{k}" for k in ("method", "model", "data", "out") if getattr(args, k) is None]
+    if missing:
+        raise UserError(f"the following arguments are required: {', '.join(missing)} "
+                        "(or --resume DIR)")
     if args.lr <= 0 or not math.isfinite(args.lr):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     if args.max_grad_norm <= 0 or not math.isfinite(args.max_grad_norm):
@@ -107,13 +147,188 @@ def _check_args(args) -> None:
         raise UserError(f"--data: no such file: {args.data}")
     if args.table is not None and not os.path.isfile(args.table):
         raise UserError(f"--table: no such file: {args.table}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out exists and is not a directory: {args.out}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if not (args.checkpoint_minutes > 0 and math.isfinite(args.checkpoint_minutes)):
+        raise UserError(f"--checkpoint-minutes must be a positive number, got {args.checkpoint_minutes}")
+    for target in args.lora_targets.split(","):
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise UserError(f"--lora-targets: {target!r} is not a regular expression ({e})") from None
 
 
-def run(args) -> dict:
+def _sha256(path) -> str:
+    from .checkpointing import file_sha256
+
+    return file_sha256(path)
+
+
+def _prepare_resume(args, given):
+    """The saved run's arguments (with the few flags that may change) and its checkpoint."""
+    from .checkpointing import CheckpointFileError, load_checkpoint
+    from .run_dir import RunDirError, RunDirectory
+
+    try:
+        run_dir = RunDirectory.for_resume(args.resume)
+        arrays, state = load_checkpoint(run_dir.checkpoint_to_resume)
+    except (RunDirError, CheckpointFileError) as e:
+        raise UserError(str(e)) from None
+    run = state.get("run") or {}
+    saved = dict(run.get("args") or {})
+    if not saved:
+        raise UserError(f"{run_dir.checkpoint_to_resume} does not record the run's arguments")
+    fixed = sorted(k for k in given - RESUME_FLAGS)
+    if fixed:
+        raise UserError(f"--{fixed[0].replace('_', '-')} cannot change on --resume: the run "
+                        "continues with its saved arguments")
+    if "method" in given and args.method != saved["method"]:
+        raise UserError(f"--method {args.method} differs from the run's method {saved['method']}; "
+                        "a resumed run keeps its method")
+    for what in ("table", "data"):
+        want = run.get(f"{what}_sha256")
+        if what in given and getattr(args, what) is not None:
+            if not os.path.isfile(getattr(args, what)):
+                raise UserError(f"--{what}: no such file: {getattr(args, what)}")
+            if _sha256(getattr(args, what)) != want:
+                raise UserError(f"--{what} {getattr(args, what)} is not the file the run was "
+                                f"trained with (sha256 differs); a resumed run keeps its {what}")
+            saved[what] = os.path.abspath(getattr(args, what))
+        elif saved.get(what) is not None:
+            if not os.path.isfile(saved[what]):
+                raise UserError(f"the run's {what} file {saved[what]} is gone; pass --{what} with "
+                                "the same file")
+            if _sha256(saved[what]) != want:
+                raise UserError(f"the run's {what} file {saved[what]} changed since the run "
+                                f"started (sha256 differs); a resumed run needs the same {what}")
+    saved.update(resume=args.resume, quiet=args.quiet, out=args.resume, overwrite=False)
+    for k in ("checkpoint_every", "checkpoint_minutes"):
+        if k in given:
+            saved[k] = getattr(args, k)
+    merged = argparse.Namespace(**{**vars(args), **saved})
+    return merged, run_dir, (arrays, state)
+
+
+def _preflight_table(table) -> None:
+    """Refuse a table before any work if its certificate does not hold: its re-certified epsilon
+    must not exceed its claim (``accountant.table.verify_claim``), so it affords its steps."""
+    from accountant import table as table_module
+
+    verify = getattr(table_module, "verify_claim", None)
+    if verify is not None:
+        check = verify(table)
+        if not check.matches:
+            raise UserError(f"{check.message}; refusing to train with it")
+        return
+    _single_step_check(table)  # pragma: no cover - older accountant without verify_claim
+
+
+def _single_step_check(table) -> None:
+    """Hook for tables whose claim cannot be re-certified: one step must fit the budget."""
+    from accountant.certify import certify
+
+    from .dp.guard import certified_epsilon
+
+    one = certify(table.mechanism(sensitivity=1.0, steps=1), table.delta).epsilon
+    if one > certified_epsilon(table):
+        raise UserError(f"the table cannot afford a single step: one step costs epsilon {one:.4g}, "
+                        f"more than its budget {certified_epsilon(table):.4g}")
+
+
+def _c_handler(signum):
+    """Address of the C-level handler installed for ``signum`` (Linux/glibc), or None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(512)          # struct sigaction; handler comes first
+        if libc.sigaction(int(signum), None, buf) != 0:
+            return None
+        return ctypes.c_void_p.from_buffer(buf).value
+    except Exception:  # pragma: no cover - other platforms
+        return None
+
+
+class _StopEvent(threading.Event):
+    """The event the training loop checks; ``rearm()`` (called by the loop after every step)
+    installs the signal handlers again: MindSpore's runtime replaces the SIGINT handler with one
+    that raises SIGTERM when it executes a graph."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self._owner = owner
+
+    def rearm(self):
+        self._owner.install()
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set an event the training loop checks after each step (the step in flight
+    finishes, a checkpoint is written); a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.event = _StopEvent(self)
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGTERM and self._ours is not None and \
+                _c_handler(signal.SIGINT) not in (None, self._ours):
+            # MindSpore's handler was active (a graph was running): it turns SIGINT into SIGTERM
+            signum = signal.SIGINT
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.event.set()
+
+    _ours = None
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.signal(sig, self._handle)
+                self._old.setdefault(sig, old)
+            self._ours = _c_handler(signal.SIGINT)
+
+    def __enter__(self):
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or signal.SIGINT)
+
+
+class Interrupted(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def run(args, given=None, stopper=None) -> dict:
     """Everything after argument parsing; raises UserError for user mistakes."""
-    _check_args(args)
+    from accountant.output_path import OutputPathError  # noqa: F401 - light import, fails early
+
+    from .run_dir import RunDirError, RunDirectory
+
+    given = set(given or ())
+    resume = None
+    if args.resume is not None:
+        args, run_dir, resume = _prepare_resume(args, given)
+    else:
+        _check_args(args)
+        try:
+            run_dir = RunDirectory.for_new_run(args.out, overwrite=args.overwrite)
+        except RunDirError as e:
+            raise UserError(str(e)) from None
+    if resume is not None:
+        _check_args(args)
+    stop = stopper.event if stopper is not None else None
     from .dp.distributed import Distributed, DistributedError
 
     # First MindSpore work: under msrun this joins the cluster (the scheduler process ends here).
@@ -121,6 +336,9 @@ def run(args) -> dict:
         dist = Distributed.from_env()
     except (DistributedError, RuntimeError) as e:
         raise UserError(f"cannot join the msrun cluster: {e}") from None
+    if resume is not None and dist.world_size > 1:
+        raise UserError("--resume under msrun is not supported; resume with one process "
+                        "(python -m finetune --resume DIR): it continues the same global batches")
     import mindspore as ms
 
     from accountant.table import TableError, load_table
@@ -128,9 +346,9 @@ def run(args) -> dict:
     from .models import checkpoint, peft
     from .data import DataError, load_dataset
     from .dp.optimizer import GeometryError
-    from .dp.guard import TableMismatchError
+    from .dp.guard import PrivacyBudgetExceeded, TableMismatchError
     from .models.tokenizer import load_tokenizer
-    from .train import train
+    from .train import TrainingInterrupted, train
 
     table = None
     if args.table is not None:
@@ -138,10 +356,15 @@ def run(args) -> dict:
             table = load_table(args.table)
         except (TableError, OSError, ValueError) as e:
             raise UserError(f"cannot use noise table {args.table}: {e}") from None
+        if not args.no_dp:
+            _preflight_table(table)
     try:
         model = checkpoint.from_pretrained(args.model, seed=args.seed)
     except (checkpoint.CheckpointError, OSError) as e:
         raise UserError(f"cannot load model {args.model}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a malformed config.json
+        raise UserError(f"cannot load model {args.model}: invalid config.json "
+                        f"({type(e).__name__}: {e})") from None
     try:
         tokenizer = load_tokenizer(model.config.vocab_size)
     except ValueError as e:
@@ -163,6 +386,15 @@ def run(args) -> dict:
             peft.apply_bitfit(model)
     except peft.AdapterError as e:
         raise UserError(str(e)) from None
+    if stop is not None and stop.is_set():  # interrupted before anything was written
+        raise Interrupted("interrupted before training started; nothing was written",
+                          stopper.exit_code)
+
+    run_info = _run_info(args, resume)
+    write = dist.is_main
+    if write:
+        run_dir.begin()
+    ckpt = _checkpoint_writer(run_dir, run_info) if write else None
 
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
@@ -171,75 +403,133 @@ def run(args) -> dict:
                        max_grad_norm=args.max_grad_norm, sampling_rate=args.sampling_rate,
                        steps=args.max_steps if table is not None else args.steps,
                        micro_batch_size=args.micro_batch, per_example=args.per_example,
-                       seed=args.seed, secure=args.secure, progress=not args.quiet, dist=dist)
-    except (TableMismatchError, GeometryError, DistributedError) as e:
-        raise UserError(str(e)) from None
-    except ValueError as e:
-        if "book-keeping" in str(e):
-            raise UserError(str(e)) from None
-        raise
+                       seed=args.seed, secure=args.secure, progress=not args.quiet, dist=dist,
+                       resume=resume, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
+                       checkpoint_seconds=60.0 * args.checkpoint_minutes, stop_event=stop)
+    except TrainingInterrupted as e:
+        where = run_dir.staging
+        if write:
+            try:
+                where = run_dir.publish()
+            except RunDirError as err:
+                sys.stderr.write(f"{PROG}: {err}\n")
+        eps = "not private" if e.epsilon is None else f"epsilon spent {e.epsilon:.4g}"
+        raise Interrupted(f"interrupted after {e.steps} steps, {eps}; resume with: "
+                          f"{PROG} --resume {args.out}" + ("" if where == run_dir.out else
+                                                           f" (the run is in {where})"),
+                          stopper.exit_code if stopper is not None else 130) from None
+    except (TableMismatchError, GeometryError, DistributedError, PrivacyBudgetExceeded,
+            ValueError) as e:
+        user_error = (isinstance(e, (TableMismatchError, GeometryError, DistributedError,
+                                     PrivacyBudgetExceeded))
+                      or "book-keeping" in str(e) or resume is not None)
+        if not user_error:
+            raise
+        if write and resume is None:  # nothing was trained: leave nothing behind
+            import shutil
+            shutil.rmtree(run_dir.staging, ignore_errors=True)
+        raise UserError(str(e) if resume is None else f"cannot resume {args.resume}: {e}") from None
 
-    metrics = _write_outputs(args, model, data, result, write=dist.is_main)
+    metrics = _write_outputs(args, model, data, result, run_dir, run_info, write=write)
+    if write:
+        try:
+            run_dir.publish()
+        except RunDirError as e:
+            raise UserError(str(e)) from None
     return metrics
 
 
-def _sha256(path) -> str:
-    import hashlib
+def _run_info(args, resume) -> dict:
+    """What a checkpoint records about the run: its arguments (paths made absolute) and the
+    sha256 of its table and data files."""
+    if resume is not None:
+        info = dict(resume[1]["run"])
+        info["args"] = dict(info["args"], table=args.table, data=args.data)
+        return info
+    saved = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "quiet")}
+    for k in ("table", "data"):
+        if saved.get(k) is not None:
+            saved[k] = os.path.abspath(saved[k])
+    if saved.get("model") not in ("tiny", "small"):
+        saved["model"] = os.path.abspath(saved["model"])
+    saved["out"] = os.path.abspath(args.out)
+    return {"args": saved, "table_sha256": _sha256(args.table) if args.table else None,
+            "data_sha256": _sha256(args.data)}
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+
+def _checkpoint_writer(run_dir, run_info):
+    from .checkpointing import save_checkpoint
+    from .run_dir import CHECKPOINT_NAME, atomic_write
+
+    def write(arrays, state, reason):
+        state = dict(state, run=run_info, reason=reason)
+        save_checkpoint(run_dir.path(CHECKPOINT_NAME), arrays, state)
+        if state["dp"]["ledger"] is not None:   # the privacy record, readable beside it
+            atomic_write(run_dir.path("ledger.json"), state["dp"]["ledger"].encode())
+    return write
 
 
-def _write_outputs(args, model, data, result, write: bool = True) -> dict:
+def _write_outputs(args, model, data, result, run_dir, run_info, write: bool = True) -> dict:
     """The run's metrics; with ``write`` (rank 0 only under msrun) also write the weights,
-    ``ledger.json`` and ``metrics.json`` to ``--out``."""
+    ``ledger.json`` and ``metrics.json`` to the staging folder of ``--out``."""
     from .models import checkpoint, peft
+    from .run_dir import METRICS_NAME, atomic_write
 
     if not write:
         weights = "model.safetensors" if args.method == "full" else "adapter.safetensors"
     elif args.method == "full":
-        os.makedirs(args.out, exist_ok=True)
-        weights = checkpoint.save_pretrained(model, args.out)
+        weights = checkpoint.save_pretrained(model, run_dir.staging)
     else:
-        os.makedirs(args.out, exist_ok=True)
-        weights = os.path.join(args.out, "adapter.safetensors")
+        weights = os.path.join(run_dir.staging, "adapter.safetensors")
         peft.save_adapter(model, weights)
     metrics = dict(result.metrics)
     metrics.update(method=args.method, per_example=result.optimizer.method, model=args.model,
                    table=os.path.basename(args.table) if args.table else None,
+                   table_sha256=run_info["table_sha256"],
+                   data=run_info["args"]["data"], data_sha256=run_info["data_sha256"],
                    n_train=len(data.train), n_val=len(data.val), seed=None if args.secure else args.seed,
-                   weights=os.path.basename(weights),
-                   # the corpus, so python -m finetune.evaluate --run finds it and notices a change
-                   data=os.path.abspath(args.data), data_sha256=_sha256(args.data))
+                   weights=os.path.basename(weights), run_args=run_info["args"])
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in metrics.items()}
     if write:
         if result.guard is not None:
-            with open(os.path.join(args.out, "ledger.json"), "w") as f:
-                f.write(result.guard.ledger.to_json())
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1, default=str)
+            atomic_write(run_dir.path("ledger.json"), result.guard.ledger.to_json().encode())
+        atomic_write(run_dir.path(METRICS_NAME),
+                     json.dumps(metrics, indent=1, default=str).encode())
     metrics["_wrote"] = bool(write)
     return metrics
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    given = _given_flags(argv)
     try:
-        metrics = run(args)
+        with _StopOnSignal() as stopper:
+            metrics = run(args, given, stopper)
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
+    except Interrupted as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return e.code
+    except KeyboardInterrupt:
+        out = args.resume or args.out
+        sys.stderr.write(f"{PROG}: interrupted; the last checkpoint (if any) is kept: resume with: "
+                         f"{PROG} --resume {out}\n")
+        return 130
+    out = args.resume or args.out
     eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
-               if metrics["private"] else "no DP")
-    where = f"wrote {args.out}" if metrics.pop("_wrote", True) else "rank 0 writes the outputs"
+               if metrics["private"] else "non-private")
+    where = f"wrote {out}" if metrics.pop("_wrote", True) else "rank 0 writes the outputs"
+    stopped = metrics.get("stopped_early")
+    if stopped:
+        print(f"stopped after {stopped['steps']} of {stopped['planned_steps']} steps: "
+              f"{stopped['reason']}")
     val = metrics["val_perplexity"]
-    print(f"{metrics['steps']} steps, {eps_txt}, train perplexity {metrics['train_perplexity']:.2f}, "
-          f"val perplexity {'n/a' if val is None else f'{val:.2f}'}, "
-          f"{metrics['seconds_per_step']:.3f} s/step; {where}")
+    print(f"{metrics['steps']} steps, {eps_txt}, train perplexity {metrics['train_perplexity']:.3f}, "
+          f"val perplexity {'n/a' if val is None else f'{val:.3f}'}, "
+          f"{metrics['seconds_per_step'] or 0:.3f} s/step; {where}")
     return 0
 
 

@@ -131,9 +131,11 @@ def generate_records(n: int, seed: int = 0, val_fraction: float = 0.1, people: i
 
 
 def write_jsonl(records, path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """Write one JSON record per line, atomically (a crash leaves the old file or the new one)."""
+    from .run_dir import atomic_write
+
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                               for r in records).encode("utf-8"))
 
 
 def load_records(path) -> list:
@@ -252,7 +254,9 @@ def _parser():
                             "'text', the 'pii' it contains ([kind, value] pairs; kinds name, email, "
                             "phone, address) and a deterministic 'split' (train/val).")
     p.add_argument("--n", type=int, required=True, help="number of records (> 0)")
-    p.add_argument("--out", required=True, help="output .jsonl path (overwritten if it exists)")
+    p.add_argument("--out", required=True,
+                   help="output .jsonl path; an existing file needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of records marked split=val, in [0, 1) (default 0.1)")
@@ -266,9 +270,12 @@ def _parser():
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise DataError(f"output directory does not exist: {os.path.dirname(args.out) or '.'}")
+        from accountant.output_path import OutputPathError, check_output_file
+
+        try:
+            check_output_file(args.out, overwrite=args.overwrite, what="--out")
+        except OutputPathError as e:
+            raise DataError(str(e)) from None
         try:
             from faker.config import AVAILABLE_LOCALES
         except ImportError:  # pragma: no cover

@@ -65,7 +65,10 @@ def _parser():
                                    "looked up next to the run directory and in the working directory)")
     p.add_argument("--model", help="base model the run started from (default: metrics.json 'model')")
     p.add_argument("--canaries", help="canary ground truth (default: <data>.canaries.json if present)")
-    p.add_argument("--out", default="report", help="output directory (default report/)")
+    p.add_argument("--out", default="report",
+                   help="output directory (default report/); an existing one needs --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out, replacing its report files")
     p.add_argument("--n-generate", type=int, default=200,
                    help="continuations sampled for PII extraction (default 200)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per continuation (default 48)")
@@ -238,7 +241,7 @@ def evaluate_runs(args):
     data = load_eval_data(data_path, args.canaries)
     opts = report.EvalOptions(n_generate=args.n_generate, max_new_tokens=args.max_new_tokens,
                               top_k=args.top_k, mia_limit=args.mia_limit, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)  # checked before any work (main: check_output_dir)
 
     import mindspore as ms
 
@@ -335,6 +338,17 @@ def _jsonable(x):
     return x
 
 
+def _check_out(args) -> None:
+    """--out: a folder that can be created (or, with --overwrite, an existing folder), checked
+    before any work."""
+    from accountant.output_path import OutputPathError, check_output_dir
+
+    try:
+        check_output_dir(args.out, overwrite=args.overwrite, what="--out")
+    except OutputPathError as e:
+        raise UserError(str(e)) from None
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -347,6 +361,10 @@ def main(argv=None) -> int:
             raise UserError(f"--data: no such file: {args.data}")
         if args.table is not None and not os.path.isfile(args.table):
             raise UserError(f"--table: no such file: {args.table}")
+        for flag, run_dir in [("--run", args.run)] + [("--baseline", b) for b in args.baseline]:
+            if not os.path.isdir(run_dir):
+                raise UserError(f"{flag}: not a run directory: {run_dir}")
+        _check_out(args)
         s = evaluate_runs(args)
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")

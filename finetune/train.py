@@ -22,9 +22,21 @@ from accountant.randomness import make_rng
 from .dp.distributed import Distributed, shard
 from .dp.optimizer import DPOptimizer
 from .dp.sampling import PoissonSampler, micro_batches
-from .dp.guard import PrivacyGuard, TableMismatchError, check_table
+from .dp.guard import PrivacyBudgetExceeded, PrivacyGuard, TableMismatchError, check_table
 
-__all__ = ["TrainResult", "train", "perplexity", "peak_rss_mb", "DPModelStep"]
+__all__ = ["TrainResult", "TrainingInterrupted", "train", "perplexity", "peak_rss_mb", "DPModelStep",
+           "loop_state", "DEFAULT_CHECKPOINT_SECONDS"]
+
+#: default wall time between two periodic checkpoints
+DEFAULT_CHECKPOINT_SECONDS = 300.0
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (SIGINT/SIGTERM) after a checkpoint of ``steps`` steps."""
+
+    def __init__(self, steps: int, epsilon: float | None):
+        super().__init__(f"interrupted after {steps} steps")
+        self.steps, self.epsilon = int(steps), epsilon
 
 
 def peak_rss_mb() -> float:
@@ -84,14 +96,46 @@ class TrainResult:
     optimizer: DPOptimizer
 
 
+def loop_state(dp: DPOptimizer, sampler: PoissonSampler, history: dict, planned_steps: int):
+    """``(arrays, state)`` of a training loop for ``finetune.checkpointing.save_checkpoint``:
+    the optimizer's arrays under ``params/`` and ``optimizer/``, everything else as JSON."""
+    dp_state = dp.state_dict()
+    arrays = {f"params/{k}": v for k, v in dp_state.pop("params").items()}
+    arrays.update({f"optimizer/{k}": v for k, v in dp_state.pop("optimizer").items()})
+    guard = dp.guard
+    state = {"dp": dp_state, "sampler": sampler.state_dict(), "history": history,
+             "steps_done": dp.steps_taken, "planned_steps": int(planned_steps),
+             "epsilon_spent": guard.epsilon_spent() if guard is not None else None}
+    return arrays, state
+
+
+def _restore(dp: DPOptimizer, sampler: PoissonSampler, resume) -> dict:
+    arrays, state = resume
+    dp_state = dict(state["dp"])
+    dp_state["params"] = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
+    dp_state["optimizer"] = {k[len("optimizer/"):]: v for k, v in arrays.items()
+                             if k.startswith("optimizer/")}
+    dp.load_state_dict(dp_state)
+    sampler.load_state_dict(state["sampler"])
+    if not sampler.position == dp.steps_taken == int(state["steps_done"]):
+        raise ValueError("inconsistent checkpoint: sampler, optimizer and step count disagree")
+    if dp.guard is not None and dp.guard.steps_taken != dp.steps_taken:
+        raise ValueError("inconsistent checkpoint: the ledger and the step count disagree")
+    history = {k: list(v) for k, v in state["history"].items()}
+    history["losses"] = [math.nan if v is None else v for v in history["losses"]]
+    return history
+
+
 def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndarray | None = None,
           val_mask: np.ndarray | None = None, *, table=None, private: bool = True,
           optimizer: nn.Optimizer | None = None, lr: float = 1e-3, max_grad_norm: float = 1.0,
           sampling_rate: float | None = None, steps: int | None = None,
           micro_batch_size: int = 16, per_example: str = "auto", seed: int | None = 0,
-          secure: bool = False, progress: bool = True, epsilon_updates: int = 10,
-          eval_batch_size: int = 16, evaluate: bool = True, dist=None,
-          check_sync_every: int = 0) -> TrainResult:
+          secure: bool = False, progress: bool = True, eval_batch_size: int = 16,
+          evaluate: bool = True, dist=None, check_sync_every: int = 0, resume=None,
+          checkpoint=None, checkpoint_every: int | None = None,
+          checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
+          stop_event=None) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     The sampling rate and number of steps come from ``table`` (a run that does not match it is
@@ -110,6 +154,19 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     should write files. ``check_sync_every > 0`` verifies bit-identical replicas every that many
     steps (they are always verified at the start and the end). With ``dist=None`` or one worker
     this is the plain single-process loop.
+
+    Checkpoints: ``checkpoint(arrays, state, reason)`` is called with :func:`loop_state` every
+    ``checkpoint_every`` steps (or, if that is ``None``, every ``checkpoint_seconds`` of wall time),
+    after the last step (``reason="final"``) and when ``stop_event`` (e.g. a ``threading.Event``
+    set by a signal handler) is set (``reason="interrupted"``, then :class:`TrainingInterrupted` is
+    raised); if it has a ``rearm()`` method, it is called after every step (MindSpore's
+    runtime installs its own SIGINT handler when it runs a graph).  ``resume=(arrays, state)`` from ``finetune.checkpointing.load_checkpoint`` continues
+    such a run: with the same arguments a seeded run then ends with the same ledger and weights as
+    an uninterrupted one; a secure run continues with a fresh OS key (``metrics["secure_rekeys"]``).
+    A table that cannot afford a single step raises ``PrivacyBudgetExceeded`` before any step; a run
+    that stops before its planned steps says why in ``metrics["stopped_early"]``.  The progress bar
+    shows ``non-private`` or an upper bound on the epsilon spent after every step
+    (``finetune.dp.epsilon_trace``).
     """
     if dist is not None and dist.world_size == 1:
         dist = None
@@ -127,6 +184,10 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
             raise ValueError("without a table, give sampling_rate and steps")
         q, t = float(sampling_rate), int(steps)
     guard = PrivacyGuard(table, dataset_size=n, sampling_rate=q, steps=t) if private else None
+    if guard is not None and guard.limit == 0:
+        raise PrivacyBudgetExceeded(
+            f"the table cannot afford a single step: one step costs more than its budget epsilon "
+            f"{guard.budget:.4g} (delta {guard.delta:g}); nothing was trained")
     params = list(model.trainable_params())
     if optimizer is None:
         optimizer = nn.Adam(params, learning_rate=lr)
@@ -140,19 +201,34 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
                      expected_batch_size=q * n, per_example=per_example, rng=rng, guard=guard,
                      private=private, reduce_sum=reduce_sum)
     sampler = PoissonSampler(n, q, t, rng=rng)
-    every = max(1, t // max(1, epsilon_updates))
-    bar = None
+    history = {"times": [], "losses": [], "batch_sizes": []}
+    if resume is not None:
+        history = _restore(dp, sampler, resume)
+    times, losses, batch_sizes = history["times"], history["losses"], history["batch_sizes"]
+    start_step = dp.steps_taken
+    writes = checkpoint is not None and (dist is None or dist.is_main)
+
+    def save(reason):
+        if writes:
+            arrays, state = loop_state(dp, sampler, history, t)
+            checkpoint(arrays, state, reason)
+
+    bar, trace = None, None
     if progress and (dist is None or dist.is_main):
         from tqdm import tqdm
         desc = "DP fine-tuning" if private else "fine-tuning (no DP)"
         if dist is not None:
             desc += f" x{dist.world_size} workers"
-        bar = tqdm(total=t, desc=desc, unit="step")
-    times, losses, batch_sizes = [], [], []
-    eps = 0.0
+        bar = tqdm(total=t, initial=start_step, desc=desc, unit="step")
+        if guard is not None:
+            from .dp.epsilon_trace import EpsilonTrace
+            trace = EpsilonTrace(guard.mechanism, guard.delta, guard.limit, guard.epsilon_at_limit)
+    last_save = time.monotonic()
     try:
-        for step in range(t):
+        for step in range(start_step, t):
             if guard is not None and guard.remaining() == 0:
+                break
+            if stop_event is not None and stop_event.is_set():
                 break
             start = time.perf_counter()
             idx = sampler.sample()
@@ -166,22 +242,37 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
             batch_sizes.append(stats.batch_size)
             if dist is not None and check_sync_every and (step + 1) % check_sync_every == 0:
                 dist.assert_in_sync(params)
-            if guard is not None and ((step + 1) % every == 0 or step + 1 == t):
-                eps = guard.epsilon_spent()
             if bar is not None:
-                bar.set_postfix(loss=f"{stats.loss:.3f}", eps=f"{eps:.3g}", batch=stats.batch_size)
+                privacy = (f"eps<={trace.upper_bound(step + 1):.3g}" if trace is not None
+                           else "non-private")
+                bar.set_postfix_str(f"loss={stats.loss:.3f}, {privacy}, batch={stats.batch_size}")
                 bar.update(1)
+            done = step + 1
+            if hasattr(stop_event, "rearm"):
+                stop_event.rearm()  # the runtime re-installs its own SIGINT handler when it runs
+            if done < t and (checkpoint_every and done % checkpoint_every == 0 or (
+                    not checkpoint_every and checkpoint_seconds is not None
+                    and time.monotonic() - last_save >= checkpoint_seconds)):
+                save("periodic")
+                last_save = time.monotonic()
     finally:
         if bar is not None:
             bar.close()
+        if trace is not None:
+            trace.close()
+    if stop_event is not None and stop_event.is_set() and dp.steps_taken < t and (
+            guard is None or guard.remaining() > 0):
+        save("interrupted")
+        raise TrainingInterrupted(dp.steps_taken, guard.epsilon_spent() if guard is not None else None)
+    save("final")
     if dist is not None:
         dist.assert_in_sync(params)
-    if guard is not None:
-        eps = guard.epsilon_spent()
+    eps = guard.epsilon_spent() if guard is not None else 0.0
+    stop_reason = guard.stop_reason() if guard is not None else None
     metrics = {
         "private": bool(private),
         "per_example": dp.method,
-        "steps": len(times),
+        "steps": dp.steps_taken,
         "sampling_rate": q,
         "expected_batch_size": q * n,
         "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
@@ -200,7 +291,11 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
         "peak_rss_mb": peak_rss_mb(),
         "secure_rng": bool(secure),
+        "secure_rekeys": int(getattr(dp, "secure_rekeys", 0)),
         "workers": 1 if dist is None else dist.world_size,
+        "planned_steps": t,
+        "stopped_early": (None if stop_reason is None else
+                          {"reason": stop_reason, "steps": dp.steps_taken, "planned_steps": t}),
     }
     return TrainResult(metrics, guard, dp)
 

@@ -158,12 +158,18 @@ def test_cli_writes_corpus_and_gives_one_line_errors(tmp_path):
     assert len(lines) == 40
     recs = [json.loads(x) for x in lines]
     assert recs == data.generate_records(40, seed=5, val_fraction=0.25)
-    for args in (["--n", "0", "--out", str(out)], ["--n", "x", "--out", str(out)],
+    new = str(tmp_path / "new.jsonl")
+    for args in (["--n", "0", "--out", new], ["--n", "x", "--out", new],
                  ["--n", "5", "--out", str(tmp_path / "no" / "c.jsonl")],
-                 ["--n", "5", "--out", str(out), "--val-fraction", "-0.1"]):
+                 ["--n", "5", "--out", new, "--val-fraction", "-0.1"],
+                 ["--n", "5", "--out", str(out)]):  # exists: refused without --overwrite
         r = _cli(*args, cwd=root)
         assert r.returncode == 2, args
         assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
         assert "Traceback" not in r.stderr
+    assert out.read_text().splitlines() == lines  # the refused run left the file alone
+    r = _cli("--n", "5", "--out", str(out), "--overwrite", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 5
     r = _cli("--help", cwd=root)
     assert r.returncode == 0 and "--val-fraction" in r.stdout

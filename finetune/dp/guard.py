@@ -92,7 +92,7 @@ class PrivacyGuard:
         if self.ledger.epsilon_budget is None:
             raise ValueError("the guard's ledger needs an epsilon budget")
         self.steps_taken = 0
-        self._eps_cache = (0, 0.0)
+        self._eps_cache = (-1, 0.0)
         # One certification up front: does the whole run fit the ledger's budget?  If not (a ledger
         # with earlier entries or a smaller budget), find how many steps do (bisection, slower).
         self.limit = self.steps
@@ -110,6 +110,13 @@ class PrivacyGuard:
         """Steps that may still be taken within the certificate and the ledger's budget."""
         return max(0, self.limit - self.steps_taken)
 
+    def stop_reason(self) -> str | None:
+        """Why no further step is allowed although the run planned more (``None`` otherwise)."""
+        if self.steps_taken < self.limit or self.limit >= self.steps:
+            return None
+        return (f"the budget epsilon {float(self.ledger.epsilon_budget):.4g} would be exceeded by "
+                "the next step")
+
     def check_next(self) -> None:
         """Raise :class:`PrivacyBudgetExceeded` if one more step is not covered."""
         if self.steps_taken >= self.limit:
@@ -125,12 +132,31 @@ class PrivacyGuard:
         self.steps_taken += 1
 
     def epsilon_spent(self) -> float:
-        """Epsilon of the steps taken so far, from the ledger (cached per step count)."""
-        if self.steps_taken == 0:
-            return 0.0
-        if self._eps_cache[0] != self.steps_taken:
-            self._eps_cache = (self.steps_taken, float(self.ledger.epsilon()))
+        """Certified epsilon of everything the ledger holds (earlier releases, steps restored from a
+        checkpoint and the steps taken here), cached per ledger length."""
+        steps = self.ledger.steps
+        if self._eps_cache[0] != steps:
+            self._eps_cache = (steps, float(self.ledger.epsilon()))
         return self._eps_cache[1]
+
+    def restore(self, ledger) -> None:
+        """Continue this run from its own saved ledger (a checkpoint): every entry must be this
+        guard's per-step mechanism at its delta and budget; the steps it holds count as taken, so
+        ``remaining()`` and ``epsilon_spent()`` continue where the run stopped."""
+        from accountant.ledger import PrivacyLedger
+
+        if (ledger.delta != self.delta or ledger.epsilon_budget is None
+                or float(ledger.epsilon_budget) != float(self.ledger.epsilon_budget)):
+            raise ValueError("the saved ledger has another delta or budget than this run")
+        if self.ledger.steps:
+            raise ValueError("this guard's ledger already holds steps; restore into a new guard")
+        if any(not PrivacyLedger._same(m.with_steps(1), self.mechanism) for m in ledger.mechanisms()):
+            raise ValueError("the saved ledger holds another mechanism than this run's table")
+        if ledger.steps > self.limit:
+            raise PrivacyBudgetExceeded(f"the saved ledger holds {ledger.steps} steps, more than the "
+                                        f"{self.limit} this run's budget covers")
+        self.ledger = ledger
+        self.steps_taken = ledger.steps
 
 
 try:  # the callback is only defined when mindspore is importable

@@ -315,3 +315,70 @@ class DPOptimizer:
             self._sum, self._stats, self._t_clip = None, [0.0, 0, 0], 0.0
             raise
         return self.apply()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    STATE_VERSION = 1
+
+    def _optimizer_state(self) -> dict:
+        """The wrapped optimizer's own Parameters (moments, step counters, learning rate), by name."""
+        trained = {id(p) for p in self.params}
+        return {name: p for name, p in self.optimizer.parameters_and_names() if id(p) not in trained}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue this one exactly.
+
+        ``params`` and ``optimizer`` map names to numpy arrays (the trained weights; the wrapped
+        optimizer's state); the rest is JSON-serialisable: ``steps_taken``, ``rng`` (a seeded numpy
+        generator's bit-generator state, or ``{"secure": true}``: a secure key is never saved, a
+        restored secure optimizer keeps its fresh OS-keyed generator), ``secure_rekeys`` (how many
+        times a secure run was continued with a fresh key) and ``ledger`` (the guard's
+        ``PrivacyLedger`` as JSON, ``None`` without a guard)."""
+        rng = (self.rng.bit_generator.state if isinstance(self.rng, np.random.Generator)
+               else {"secure": True})
+        return {"version": self.STATE_VERSION, "private": self.private, "method": self.method,
+                "steps_taken": self.steps_taken, "rng": rng,
+                "secure_rekeys": int(getattr(self, "secure_rekeys", 0)),
+                "ledger": self.guard.ledger.to_json() if self.guard is not None else None,
+                "params": {p.name: p.asnumpy().copy() for p in self.params},
+                "optimizer": {n: p.asnumpy().copy() for n, p in self._optimizer_state().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: weights, optimizer state, step count, generator state and the
+        guard's ledger (which then reports what was spent).  Refuses a state of another shape, kind
+        (private or not, seeded or secure) or a saved ledger with no guard to carry it."""
+        from accountant.ledger import PrivacyLedger
+
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"unsupported optimizer state version {state.get('version')!r}")
+        if bool(state["private"]) != self.private:
+            raise ValueError("the saved state is of a " + ("private" if state["private"] else
+                             "non-private") + " run")
+        seeded = isinstance(self.rng, np.random.Generator)
+        if seeded != ("secure" not in state["rng"]):
+            raise ValueError("the saved state used another kind of generator (seeded vs secure)")
+        if state["ledger"] is not None and self.guard is None:
+            raise ValueError("the saved state holds a privacy ledger; give the optimizer a guard")
+        targets = {p.name: p for p in self.params}
+        inner = self._optimizer_state()
+        for what, saved, have in (("parameters", state["params"], targets),
+                                  ("optimizer state", state["optimizer"], inner)):
+            if set(saved) != set(have):
+                raise ValueError(f"the saved {what} do not match: missing "
+                                 f"{sorted(set(have) - set(saved))[:3]}, unexpected "
+                                 f"{sorted(set(saved) - set(have))[:3]}")
+            for name, p in have.items():  # a scalar Parameter may read back as shape (1,)
+                if np.size(saved[name]) != int(np.prod(p.shape)):
+                    raise ValueError(f"saved {name} has shape {np.shape(saved[name])}, "
+                                     f"expected {tuple(p.shape)}")
+        for name, p in list(targets.items()) + list(inner.items()):
+            value = state["params"][name] if name in targets else state["optimizer"][name]
+            value = np.asarray(value).astype(ms.dtype_to_nptype(p.dtype), copy=False)
+            p.set_data(Tensor(value.reshape(tuple(p.shape))))
+        if state["ledger"] is not None:
+            self.guard.restore(PrivacyLedger.from_json(state["ledger"]))
+        if seeded:
+            self.rng.bit_generator.state = state["rng"]
+            self.secure_rekeys = int(state.get("secure_rekeys", 0))
+        else:  # the key is never saved: this generator was keyed afresh from the OS
+            self.secure_rekeys = int(state.get("secure_rekeys", 0)) + 1
+        self.steps_taken = int(state["steps_taken"])

@@ -58,6 +58,29 @@ class PoissonSampler:
         self.steps = int(steps)
         self.rng = rng if rng is not None else make_rng(seed=seed, secure=secure)
         self._threshold = np.uint64(round(self.sampling_rate * 2.0 ** 53))
+        self.position = 0  # batches drawn so far
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state: the configuration, the number of batches drawn and, for a
+        seeded numpy generator, its bit-generator state.  A secure generator's key is never
+        saved (whoever holds it could recompute every batch and noise draw); a restored secure
+        sampler continues with a fresh OS key."""
+        rng = (self.rng.bit_generator.state if isinstance(self.rng, np.random.Generator)
+               else {"secure": True})
+        return {"dataset_size": self.dataset_size, "sampling_rate": self.sampling_rate,
+                "steps": self.steps, "position": self.position, "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; refuses another dataset size or rate."""
+        if (int(state["dataset_size"]) != self.dataset_size
+                or float(state["sampling_rate"]) != self.sampling_rate):
+            raise ValueError("the saved sampler state is for another dataset size or sampling rate")
+        seeded = isinstance(self.rng, np.random.Generator)
+        if seeded != ("secure" not in state["rng"]):
+            raise ValueError("the saved sampler used another kind of generator (seeded vs secure)")
+        if seeded:
+            self.rng.bit_generator.state = state["rng"]
+        self.position = int(state["position"])
 
     @property
     def expected_batch_size(self) -> float:
@@ -66,6 +89,7 @@ class PoissonSampler:
     def sample(self) -> np.ndarray:
         """One Poisson batch: indices of the examples whose coin came up heads."""
         words = raw_words(self.rng, self.dataset_size) >> np.uint64(11)
+        self.position += 1
         return np.flatnonzero(words < self._threshold)
 
     def __iter__(self) -> Iterator[np.ndarray]:

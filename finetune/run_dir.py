@@ -1,0 +1,179 @@
+"""A training run directory as a transaction: staged in a hidden sibling, published by one rename.
+
+``python -m finetune --out DIR`` never writes into ``DIR`` while it trains.  Everything (checkpoints,
+the ledger, the final weights and metrics) goes to the staging sibling ``.DIR.partial`` next to it;
+the finished run becomes ``DIR`` by one ``os.rename``, so ``DIR`` is either absent or complete.  On
+SIGINT/SIGTERM the staging folder (holding a consistent checkpoint and ``ledger.json``) is renamed
+to ``DIR`` so that the privacy record is where the user looks for it; after a SIGKILL it stays in
+the staging sibling.  ``--resume DIR`` finds it in either place.
+
+An existing ``DIR`` (or staging sibling) is refused unless ``--overwrite`` (cleared before training)
+or ``--resume``.  Single files are written by :func:`atomic_write`: a temporary file in the same
+folder, flushed and fsynced, then ``os.replace`` -- a reader (or a resumed run after a crash) sees
+the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from accountant.output_path import OutputPathError, check_output_dir
+
+__all__ = ["RunDirError", "RunDirectory", "atomic_write", "staging_path", "CHECKPOINT_NAME",
+           "METRICS_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_NAME = "metrics.json"
+
+
+class RunDirError(ValueError):
+    """A run directory that must not be written or cannot be resumed; the message is one line."""
+
+
+def staging_path(out) -> Path:
+    """The hidden sibling a run into ``out`` is staged in."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary sibling, fsync, ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+#: files by which ``--overwrite`` recognises a run directory it may clear
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "ledger.json", "adapter.safetensors", "model.safetensors")
+
+
+def _check_clearable(out: Path) -> None:
+    """``--overwrite`` deletes ``out``: only an empty folder or a previous run, never the working
+    directory or one of its parents."""
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise RunDirError(f"--overwrite would delete {str(out)!r}, the working directory or a parent "
+                          "of it; choose another --out")
+    if any(target.iterdir()) and not any((target / name).exists() for name in RUN_FILES):
+        raise RunDirError(f"--overwrite: {str(out)!r} does not look like a run directory (none of "
+                          f"{', '.join(RUN_FILES)}); remove it yourself if it should go")
+
+
+class RunDirectory:
+    """The output folder of one run and its staging sibling.
+
+    ``RunDirectory.for_new_run(out, overwrite=)`` and ``RunDirectory.for_resume(out)`` only check
+    (nothing is touched, so they can run before any work); :meth:`begin` clears what
+    ``--overwrite`` replaces and creates the staging folder; :meth:`publish` renames it to ``out``.
+    """
+
+    def __init__(self, out, *, overwrite: bool = False, resume_from: Path | None = None):
+        self.out = Path(out)
+        self.staging = staging_path(self.out)
+        self.overwrite = bool(overwrite)
+        self.resume_from = resume_from
+
+    # ---- checks (no side effects) -------------------------------------------------------------
+    @classmethod
+    def for_new_run(cls, out, *, overwrite: bool = False) -> "RunDirectory":
+        try:
+            check_output_dir(out, overwrite=overwrite, what="--out")
+        except OutputPathError as e:
+            msg = str(e)
+            if not overwrite and Path(out).is_dir():
+                msg += " or --resume to continue it"
+            raise RunDirError(msg) from None
+        run = cls(out, overwrite=overwrite)
+        if overwrite and run.out.is_dir():
+            _check_clearable(run.out)
+        if run.staging.exists() and not overwrite:
+            raise RunDirError(f"an unfinished run into {str(out)!r} exists in {str(run.staging)!r}; "
+                              f"continue it with --resume {out} or pass --overwrite to discard it")
+        return run
+
+    @classmethod
+    def for_resume(cls, out) -> "RunDirectory":
+        """The run to continue: ``out`` (interrupted) or its staging sibling (killed)."""
+        out = Path(out)
+        staging = staging_path(out)
+        if out.exists() and not out.is_dir():
+            raise RunDirError(f"--resume {str(out)!r} is a file, not a run directory")
+        candidates = [d for d in (staging, out) if (d / CHECKPOINT_NAME).is_file()]
+        if out.is_dir() and staging.exists():
+            raise RunDirError(f"both {str(out)!r} and its unfinished sibling {str(staging)!r} exist; "
+                              "remove the one you do not want to continue")
+        if not candidates:
+            if (out / METRICS_NAME).is_file():
+                raise RunDirError(f"{str(out)!r} is a finished run without a checkpoint; nothing to resume")
+            raise RunDirError(f"no checkpoint to resume in {str(out)!r}"
+                              + ("" if out.exists() else f" or {str(staging)!r}"))
+        src = candidates[0]
+        if src == out and (out / METRICS_NAME).is_file():
+            raise RunDirError(f"{str(out)!r} is a finished run; nothing to resume")
+        try:  # the staging folder must be writable (parent of out)
+            check_output_dir(staging, allow_existing=True, what="--resume")
+        except OutputPathError as e:
+            raise RunDirError(str(e)) from None
+        return cls(out, resume_from=src)
+
+    @property
+    def checkpoint_to_resume(self) -> Path | None:
+        return None if self.resume_from is None else self.resume_from / CHECKPOINT_NAME
+
+    # ---- actions ------------------------------------------------------------------------------
+    def begin(self) -> Path:
+        """Prepare the staging folder (called once every refusal has happened) and return it."""
+        if self.resume_from is not None:
+            if self.resume_from != self.staging:
+                os.rename(self.resume_from, self.staging)   # atomic: out disappears, staging appears
+                _fsync_dir(self.staging.parent)
+            return self.staging
+        if self.overwrite:
+            for path in (self.staging, self.out):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.staging.mkdir(parents=False)
+        return self.staging
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def publish(self) -> Path:
+        """Rename the staging folder to ``out`` (complete or interrupted run)."""
+        if self.out.exists():
+            raise RunDirError(f"{str(self.out)!r} appeared while the run was training; the run is "
+                              f"left in {str(self.staging)!r}")
+        os.rename(self.staging, self.out)
+        _fsync_dir(self.out.parent)
+        return self.out
