@@ -1,20 +1,28 @@
 """Cost of differential privacy in finetune, measured side by side in one run.
 
-    python benchmarks/finetune_bench.py [--steps 20] [--gpt2-small] [--no-memory]
+    python benchmarks/finetune_bench.py [--steps 20] [--gpt2-small [--json]] [--no-memory]
 
 1. Tiny GPT-2 (2 layers, width 128, vocabulary 5000, sequence 64, batch 16), one optimizer step:
-   DP-BiTFiT vs non-private BiTFiT and DP-LoRA vs non-private LoRA.  Step times are medians over
-   ``--steps`` steps after compilation, with the configurations interleaved round by round in one
-   process so machine load affects all alike.  Two non-private baselines: the same pipeline with DP
-   switched off (``--no-dp``: plain summed gradient, no clipping, no noise) and a fused MindSpore
-   train step (gradient and optimizer update in one compiled graph), the usual non-private loop.
-   The DP steps use book-keeping (the automatic choice) and, for reference, vmap.
+   DP-BiTFiT, DP-LoRA and DP full fine-tuning vs their non-private counterparts.  Step times are
+   medians over ``--steps`` steps after compilation, with the configurations interleaved round by
+   round in one process so machine load affects all alike.  Two non-private baselines: the same
+   pipeline with DP switched off (``--no-dp``: plain summed gradient, no clipping, no noise) and a
+   fused MindSpore train step (gradient and optimizer update in one compiled graph), the usual
+   non-private loop.  The DP steps use book-keeping (the automatic choice) and, for reference, vmap.
 2. Noise for 1e7 coordinates: exact float64 draws from a table (Gaussian law; a tabulated law
    through the compiled inverse-CDF lookup; the secure ChaCha20 source) vs MindSpore's
    ``ops.standard_normal`` (float32).
-3. Peak resident memory of each training configuration, each measured in its own subprocess.
-4. ``--gpt2-small``: GPT-2 small (124M, random init, sequence 64, batch 8), DP-LoRA (book-keeping)
-   vs non-private LoRA: step time after compilation and peak memory, one subprocess each.
+3. Peak resident memory of each training configuration, each measured in its own subprocess, and
+   the cost of PyNative mode (tiny model, DP and fused, one subprocess each).
+4. ``--gpt2-small``: GPT-2 small (124M, random init, sequence 128, logical batch 16 in one
+   micro-batch), BiTFiT, LoRA (rank 8, attention projections) and full fine-tuning: DP with
+   book-keeping vs the fused non-private step, step time and peak memory, one subprocess each, and
+   a profile of one DP step by phase (forward; backward to the taps; per-example norms; clipped
+   sum; device-to-host copy; float64 noise draw (in a background thread, overlapped with the
+   device work) and what the step still waited for it; noise addition; host-to-device copy;
+   optimizer update).  The device phases are differences of separately compiled prefixes of the
+   step (forward; + backward; + norms; the whole clipped sum).  ``--json`` prints, as the last
+   line, ``{"bitfit": {"time_ratio": .., "memory_ratio": .., ...}, "lora": {...}, "full": {...}}``.
 5. ``--checkpoint`` (only this section): the cost of one training checkpoint
    (``finetune.checkpointing``: trained weights, optimizer state, ledger and generator state in one
    checksummed safetensors file, written atomically with fsync) and of loading it back, for the
@@ -38,7 +46,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 TINY = dict(preset="tiny", seq=64, batch=16)
-SMALL = dict(preset="small", seq=64, batch=8)
+SMALL = dict(preset="small", seq=128, batch=16)
+SPECS = {"tiny": TINY, "small": SMALL,
+         "tiny128": dict(preset="tiny", seq=SMALL["seq"], batch=SMALL["batch"])}  # the small shape
+METHODS = ("bitfit", "lora", "full")
 CONFIGS = {  # name -> (method, mode); mode: dp (book-keeping), dp-vmap, nodp (pipeline), fused
     "DP-BiTFiT": ("bitfit", "dp"),
     "DP-BiTFiT (vmap)": ("bitfit", "dp-vmap"),
@@ -48,7 +59,11 @@ CONFIGS = {  # name -> (method, mode); mode: dp (book-keeping), dp-vmap, nodp (p
     "DP-LoRA (vmap)": ("lora", "dp-vmap"),
     "LoRA no-DP pipeline": ("lora", "nodp"),
     "LoRA fused": ("lora", "fused"),
+    "DP-full": ("full", "dp"),
+    "full no-DP pipeline": ("full", "nodp"),
+    "full fused": ("full", "fused"),
 }
+LABEL = {"bitfit": "BiTFiT", "lora": "LoRA", "full": "full"}
 
 
 def _table(expected_batch: float, n: int):
@@ -81,7 +96,7 @@ class _Runner:
         self.model = GPT2LMHeadModel(GPT2Config.preset(spec["preset"]), seed=seed)
         if method == "lora":
             apply_lora(self.model, r=8, alpha=16.0, targets=("c_attn",))
-        else:
+        elif method == "bitfit":
             apply_bitfit(self.model)
         params = self.model.trainable_params()
         self.n_params = int(sum(int(np.prod(p.shape)) for p in params))
@@ -134,32 +149,115 @@ def _rss_mb() -> float:
     return peak_rss_mb()
 
 
-def _worker(name: str, spec_name: str, steps: int, table_path: str) -> None:
+def _median_timings(samples):
+    keys = sorted({k for t in samples for k in t})
+    return {k: float(np.median([t.get(k, 0.0) for t in samples])) for k in keys}
+
+
+def _device_profile(runner, reps: int = 2) -> dict:
+    """Device phases of one DP step, as differences of compiled prefixes of the step."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from finetune.dp.per_example import _TapLoss
+
+    clip_cell = runner.dp.grads._cell  # the engine's compiled clipped sum (book-keeping, tapped)
+    probes = runner.dp.grads._probes
+    model = runner.model
+    positions = tuple(range(2, 2 + len(probes)))
+
+    class Forward(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.model = model
+
+        def construct(self, inputs, mask):
+            return (self.model.loss(*inputs) * mask).sum()
+
+    class ToTaps(nn.Cell):
+        def __init__(self, with_norms):
+            super().__init__(auto_prefix=False)
+            self.tap_loss = _TapLoss(model)
+            self.grad = ms.value_and_grad(self.tap_loss, grad_position=positions, has_aux=True)
+            self.core = clip_cell.core
+            self.with_norms = with_norms
+
+        def construct(self, inputs, probes, mask):
+            (_, losses, saved), probe_grads = self.grad(inputs, mask, *probes)
+            if self.with_norms:
+                gs, acts = self.core.prepare(probe_grads, saved)
+                return self.core.norms(gs, acts, mask)
+            return probe_grads, saved
+
+    inputs = ms.mutable((Tensor(runner.ids), Tensor(runner.mask)))
+    rows, clip = Tensor(runner.rows), Tensor(np.float32(1.0))
+    cells = {"forward": lambda f=Forward(): f(inputs, rows),
+             "to_taps": lambda f=ToTaps(False): f(inputs, probes, rows),
+             "norms": lambda f=ToTaps(True): f(inputs, probes, rows),
+             "clipped_sum": lambda: clip_cell(inputs, probes, rows, clip)}
+    out = {}
+    for name, fn in cells.items():
+        _sync(fn())  # compile
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            _sync(fn())
+            times.append(time.perf_counter() - start)
+        out[name] = float(np.median(times))
+    return {"forward": out["forward"],
+            "backward_to_taps": out["to_taps"] - out["forward"],
+            "per_example_norms": out["norms"] - out["to_taps"],
+            "clipped_sum": out["clipped_sum"] - out["norms"]}
+
+
+def _sync(out):
+    """Wait for a (possibly nested) result to be computed."""
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            _sync(o)
+    elif hasattr(out, "asnumpy"):
+        out.asnumpy()
+
+
+def _worker(name: str, spec_name: str, steps: int, table_path: str, pynative: bool = False,
+            profile: bool = False) -> None:
     """Subprocess: build one configuration, compile, run ``steps`` steps, print JSON.
 
     The table is loaded, not certified, here: certification's own peak memory would otherwise
-    dominate the process's peak RSS."""
+    dominate the process's peak RSS.  Peak memory is read before the (optional) profile, whose
+    extra compiled graphs would otherwise count."""
     import mindspore as ms
 
     from accountant.table import load_table
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    spec = TINY if spec_name == "tiny" else SMALL
+    ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
+    spec = SPECS[spec_name]
     method, mode = CONFIGS[name]
     table = load_table(table_path) if mode.startswith("dp") else None
     base = _rss_mb()
     runner = _Runner(method, mode, spec, table)
     first = runner.step()
-    times = [runner.step() for _ in range(steps)]
-    print(json.dumps({"name": name, "first_step_s": first, "median_step_s": float(np.median(times)),
-                      "peak_rss_mb": _rss_mb(), "rss_before_model_mb": base,
-                      "trainable": runner.n_params}))
+    times, phases = [], []
+    for _ in range(steps):
+        times.append(runner.step())
+        if mode.startswith("dp"):
+            phases.append(dict(runner.dp.last_timings))
+    out = {"name": name, "first_step_s": first, "median_step_s": float(np.median(times)),
+           "peak_rss_mb": _rss_mb(), "rss_before_model_mb": base, "trainable": runner.n_params}
+    if phases:
+        out["host_phases"] = _median_timings(phases)
+    if profile and mode == "dp":
+        out["device_phases"] = _device_profile(runner)
+    print(json.dumps(out))
 
 
-def _spawn(name: str, spec_name: str, steps: int, table) -> dict:
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", spec_name,
-                        "--steps", str(steps), "--table", table[1]],
-                       capture_output=True, text=True, timeout=3600)
+def _spawn(name: str, spec_name: str, steps: int, table, pynative: bool = False,
+           profile: bool = False) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", spec_name,
+           "--steps", str(steps), "--table", table[1]]
+    cmd += ["--pynative"] if pynative else []
+    cmd += ["--profile"] if profile else []
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"worker {name} failed:\n{r.stderr[-2000:]}")
@@ -281,9 +379,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (default 20)")
     p.add_argument("--gpt2-small", action="store_true", help="also one GPT-2 small comparison (slow)")
     p.add_argument("--small-steps", type=int, default=3, help="timed GPT-2 small steps (default 3)")
-    p.add_argument("--small-vmap", action="store_true",
-                   help="with --gpt2-small, also DP-LoRA with vmap (needs ~12 GB)")
+    p.add_argument("--small-methods", default=",".join(METHODS),
+                   help=f"GPT-2 small methods to measure (default {','.join(METHODS)})")
+    p.add_argument("--small-spec", default="small", choices=("small", "tiny128"),
+                   help="model of the --gpt2-small section: GPT-2 small (default) or, as a quick "
+                        "check of the same shapes, the tiny model at sequence 128 and batch 16")
+    p.add_argument("--json", action="store_true",
+                   help="with --gpt2-small, print the ratios as one JSON object on the last line")
+    p.add_argument("--no-profile", action="store_true", help="skip the device-phase profile")
+    p.add_argument("--profile-spec", default="tiny", choices=("tiny", "small"),
+                   help="model whose device phases are profiled (default tiny: the four extra "
+                        "compiled GPT-2 small graphs need more memory than a 2-core CI box has)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
+    p.add_argument("--no-pynative", action="store_true", help="skip the PyNative-mode cost")
     p.add_argument("--no-timing", action="store_true",
                    help="skip the interleaved tiny timing and the noise draws")
     p.add_argument("--checkpoint", action="store_true",
@@ -295,16 +403,25 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
+    p.add_argument("--pynative", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.spec, args.steps, args.table)
+        _worker(args.worker, args.spec, args.steps, args.table, args.pynative, args.profile)
         return 0
     if args.checkpoint:
-        bench_checkpoint([s for s in args.checkpoint_specs.split(",") if s],
-                         [m for m in args.checkpoint_methods.split(",") if m])
+        result = bench_checkpoint([s for s in args.checkpoint_specs.split(",") if s],
+                                  [m for m in args.checkpoint_methods.split(",") if m])
+        if args.json:
+            print(json.dumps(result))
         return 0
+    methods = [m.strip() for m in args.small_methods.split(",") if m.strip()]
+    bad = sorted(set(methods) - set(METHODS))
+    if bad:
+        p.error(f"--small-methods: unknown {bad}; choose from {list(METHODS)}")
 
     tables = {"tiny": _table(TINY["batch"], 1000), "small": _table(SMALL["batch"], 1000)}
+    tables["tiny128"] = tables["small"]
     if not args.no_timing:
         bench_timing(args, tables)
     if not args.no_memory:
@@ -313,9 +430,28 @@ def main(argv=None) -> int:
             r = _spawn(name, "tiny", 3, tables["tiny"])
             print(f"  {name:28s} peak RSS {r['peak_rss_mb']:8.0f} MB   (before building the model: "
                   f"{r['rss_before_model_mb']:.0f} MB)")
+    if not args.no_pynative:
+        bench_pynative(tables)
     if args.gpt2_small:
-        bench_small(args, tables)
+        summary = bench_small(args, tables, methods)
+        if args.json:
+            print(json.dumps(summary))
     return 0
+
+
+def bench_pynative(tables) -> None:
+    print("\n== PyNative mode (tiny, 5 steps after the first, one subprocess each) vs graph mode ==")
+    for method in METHODS:
+        label = LABEL[method]
+        row = {}
+        for name in (f"DP-{label}", f"{label} fused"):
+            for pyn in (False, True):
+                row[(name, pyn)] = _spawn(name, "tiny", 5, tables["tiny"], pynative=pyn)["median_step_s"]
+        dp_g, dp_p = row[(f"DP-{label}", False)], row[(f"DP-{label}", True)]
+        np_g, np_p = row[(f"{label} fused", False)], row[(f"{label} fused", True)]
+        print(f"  {label:7s} DP {1e3 * dp_g:7.1f} ms graph, {1e3 * dp_p:7.1f} ms PyNative "
+              f"(x{dp_p / dp_g:4.1f});  fused {1e3 * np_g:7.1f} / {1e3 * np_p:7.1f} ms;  "
+              f"DP/non-private in PyNative {dp_p / np_p:5.2f}")
 
 
 def bench_timing(args, tables) -> None:
@@ -323,12 +459,13 @@ def bench_timing(args, tables) -> None:
     med, sizes = bench_tiny(args.steps, tables["tiny"][0])
     for name, t in med.items():
         print(f"  {name:28s} {1e3 * t:8.1f} ms   ({sizes[name]} trainable)")
-    for m, target in (("BiTFiT", 1.2), ("LoRA", 1.3)):
-        dp, dpv = med[f"DP-{m}"], med[f"DP-{m} (vmap)"]
+    for m, target in (("BiTFiT", 1.10), ("LoRA", 1.20), ("full", 1.50)):
+        dp, dpv = med[f"DP-{m}"], med.get(f"DP-{m} (vmap)")
         for base in ("no-DP pipeline", "fused"):
             b = med[f"{m} {base}"]
-            print(f"  ratio DP-{m} / {m} {base:15s}: book-keeping {dp / b:5.2f}   vmap {dpv / b:5.2f}"
-                  f"   (target <= {target})")
+            vm = f"   vmap {dpv / b:5.2f}" if dpv is not None else ""
+            print(f"  ratio DP-{m} / {m} {base:15s}: book-keeping {dp / b:5.2f}{vm}"
+                  f"   (GPT-2 small target <= {target})")
 
     print("\n== noise for 1e7 coordinates (best of 3) ==")
     noise = bench_noise()
@@ -340,24 +477,62 @@ def bench_timing(args, tables) -> None:
           f"observed {tail['observed_fraction_beyond_last_edge']:.3g}")
 
 
-def bench_small(args, tables) -> None:
-    print("\n== GPT-2 small (124M, random init, seq 64, batch 8), one subprocess each ==")
-    out = {}
-    names = ["DP-LoRA", "LoRA no-DP pipeline", "LoRA fused"]
-    if args.small_vmap:
-        names.insert(1, "DP-LoRA (vmap)")
-    for name in names:
-        out[name] = _spawn(name, "small", args.small_steps, tables["small"])
-        r = out[name]
-        print(f"  {name:28s} step {r['median_step_s']:7.2f} s (first incl. compile "
-              f"{r['first_step_s']:6.1f} s)   peak RSS {r['peak_rss_mb']:8.0f} MB")
-    for base in ("LoRA no-DP pipeline", "LoRA fused"):
-        print(f"  ratio DP-LoRA / {base}: time {out['DP-LoRA']['median_step_s'] / out[base]['median_step_s']:.2f}"
-              f"   peak memory {out['DP-LoRA']['peak_rss_mb'] / out[base]['peak_rss_mb']:.2f}")
-    if args.small_vmap:
-        v, b = out["DP-LoRA (vmap)"], out["DP-LoRA"]
-        print(f"  book-keeping / vmap: time {b['median_step_s'] / v['median_step_s']:.2f}   "
-              f"peak memory {b['peak_rss_mb'] / v['peak_rss_mb']:.2f}")
+TARGETS = {"bitfit": (1.10, 1.10), "lora": (1.20, 1.15), "full": (1.50, 1.30)}
+PHASES = ("forward", "backward_to_taps", "per_example_norms", "clipped_sum", "d2h", "noise_draw",
+          "noise_wait", "noise_add", "h2d", "update")
+
+
+def bench_small(args, tables, methods) -> dict:
+    which = args.small_spec
+    model = "GPT-2 small (124M, random init" if which == "small" else "tiny GPT-2 (2 x 128"
+    print(f"\n== {model}, seq {SMALL['seq']}, logical batch {SMALL['batch']}, "
+          "one micro-batch), DP (book-keeping) vs fused non-private step, one subprocess each ==")
+    summary = {}
+    for method in methods:
+        label = LABEL[method]
+        try:
+            dp = _spawn(f"DP-{label}", which, args.small_steps, tables[which])
+            base = _spawn(f"{label} fused", which, args.small_steps, tables[which])
+        except RuntimeError as e:  # e.g. killed for memory: say so, measure the other methods
+            print(f"  {label}: failed ({str(e).strip()[-300:]})")
+            summary[method] = {"time_ratio": None, "memory_ratio": None, "error": str(e)[-300:]}
+            continue
+        if not args.no_profile:  # its own process: extra graphs never count in the peak above
+            spec = args.profile_spec
+            try:
+                prof = _spawn(f"DP-{label}", spec, 2, tables[spec], profile=True)
+                dp["device_phases"] = prof["device_phases"]
+                dp["profile_spec"] = spec
+            except RuntimeError as e:
+                print(f"  ({label}: device-phase profile on {spec} failed: {str(e)[:200]})")
+        t_ratio = dp["median_step_s"] / base["median_step_s"]
+        m_ratio = dp["peak_rss_mb"] / base["peak_rss_mb"]
+        t_target, m_target = TARGETS[method]
+        print(f"  {label:7s} ({dp['trainable']} trainable)  DP {dp['median_step_s']:7.2f} s, "
+              f"{dp['peak_rss_mb']:7.0f} MB   non-private {base['median_step_s']:7.2f} s, "
+              f"{base['peak_rss_mb']:7.0f} MB   ratio time {t_ratio:5.2f} (target <= {t_target})  "
+              f"memory {m_ratio:5.2f} (target <= {m_target})   [first steps incl. compile: "
+              f"{dp['first_step_s']:.0f} s / {base['first_step_s']:.0f} s]")
+        host = dp.get("host_phases", {})
+        phases = {"device (forward, backward, norms, clipped sum)": host.get("clipped_sum", 0.0)}
+        for k in ("d2h", "noise_draw", "noise_wait", "noise_add", "h2d", "update"):
+            if k in host:
+                phases[k] = host[k]
+        print("          DP step phases (s): " + "  ".join(f"{k} {v:.3f}" for k, v in phases.items()))
+        print("          (noise_draw runs in a background thread during the device phases; "
+              "noise_wait is what the step still waited for it)")
+        split = dp.get("device_phases", {})
+        if split:
+            total = sum(max(v, 0.0) for v in split.values()) or 1.0
+            print(f"          device phases on {dp['profile_spec']} (s, share): " + "  ".join(
+                f"{k} {v:.3f} ({100 * max(v, 0.0) / total:.0f}%)" for k, v in split.items()))
+        summary[method] = {"time_ratio": round(t_ratio, 4), "memory_ratio": round(m_ratio, 4),
+                           "dp_step_s": dp["median_step_s"], "nonprivate_step_s": base["median_step_s"],
+                           "dp_peak_rss_mb": dp["peak_rss_mb"],
+                           "nonprivate_peak_rss_mb": base["peak_rss_mb"],
+                           "trainable": dp["trainable"], "profile_s": phases,
+                           "device_split_s": split, "device_split_model": dp.get("profile_spec")}
+    return summary
 
 
 if __name__ == "__main__":

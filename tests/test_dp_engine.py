@@ -220,3 +220,183 @@ def test_gpt2_peft_training_leaves_no_row_in_the_model(method, mode, table, tmp_
     _scan_user_objects(model, np.concatenate([_candidate_rows(emb[None])]), tmp_path, names)
     for name, p in model.parameters_and_names():
         assert not _contains_row(p.asnumpy(), ids[:B].astype(np.float64)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# book-keeping for every GPT-2 parameter (full fine-tuning)
+# ---------------------------------------------------------------------------------------------
+def _tiny_gpt2(seed=0):
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=41, n_positions=12)
+    return GPT2LMHeadModel(cfg, seed=seed)
+
+
+def _gpt2_batch(cfg, b=4, t=9, seed=5):
+    """Token ids with repeats inside an example (the lookup norm's [id_t = id_t'] term) and one
+    padded example (its padding must contribute nothing)."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(0, 6, (b, t)).astype(np.int32)       # a small id range: many repeats
+    ids[1] = rs.randint(0, cfg.vocab_size, t)
+    mask = np.ones((b, t), np.float32)
+    mask[2, 6:] = 0.0
+    return ids, mask
+
+
+def _single_gpt2_grads(model, params, ids, mask):
+    g = ms.grad(_SumLoss(model), grad_position=None, weights=ms.ParameterTuple(params))
+    return [[o.asnumpy().astype(np.float64) for o in g(Tensor(ids[i:i + 1]), Tensor(mask[i:i + 1]))]
+            for i in range(len(ids))]
+
+
+class _SumLoss(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, ids, mask):
+        return self.model.loss(ids, mask).sum()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", ["l2", "l1"])
+def test_full_gpt2_bookkeeping_equals_single_example_gradients(geometry, mode):
+    """Every GPT-2 parameter, the tied embedding counted once (lookup + head part, cross term)."""
+    from finetune.dp.per_example import PerExampleGradients
+
+    ms.set_context(mode=MODES[mode])
+    model = _tiny_gpt2()
+    params = list(model.trainable_params())
+    assert any(p is model.transformer.wte.weight for p in params)
+    ids, mask = _gpt2_batch(model.config)
+    single = _single_gpt2_grads(model, params, ids, mask)
+    flat = [np.concatenate([g.reshape(-1) for g in gi]) for gi in single]
+    want_norms = np.array([np.abs(f).sum() if geometry == "l1" else np.sqrt((f ** 2).sum())
+                           for f in flat])
+    pe = PerExampleGradients(model, params, geometry=geometry, method="bookkeeping")
+    rows = np.ones(len(ids), np.float32)
+    # no clipping: the sum of the per-example gradients
+    grads, _, norms = pe.clipped_sum([ids, mask], rows, float("inf"))
+    np.testing.assert_allclose(norms.asnumpy(), want_norms, rtol=2e-5)
+    for k, g in enumerate(grads):
+        want = sum(single[i][k] for i in range(len(ids)))
+        np.testing.assert_allclose(g.asnumpy(), want, rtol=2e-4, atol=2e-6, err_msg=params[k].name)
+    # clipping at a norm below every example's: sum_i c_i g_i with c_i = C (1 - margin) / ||g_i||
+    clip = 0.5 * float(want_norms.min())
+    rows[3] = 0.0  # a padding row contributes nothing
+    grads, _, norms = pe.clipped_sum([ids, mask], rows, clip)
+    c = clip * (1 - 1e-4) / want_norms * rows
+    for k, g in enumerate(grads):
+        want = sum(c[i] * single[i][k] for i in range(len(ids)))
+        np.testing.assert_allclose(g.asnumpy(), want, rtol=2e-4, atol=2e-7, err_msg=params[k].name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the faster step: sum kept on the device, noise drawn in a background thread
+# ---------------------------------------------------------------------------------------------
+def _param_values(net):
+    return [p.asnumpy().copy() for p in net.trainable_params()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_device_sum_equals_host_float64_sum_of_micro_batches(mode, table):
+    """The clipped sum accumulated on the device (float32) equals the previous host float64
+    accumulation of the micro-batches' clipped sums to float32 round-off."""
+    from finetune.dp.per_example import PerExampleGradients
+
+    ms.set_context(mode=MODES[mode])
+    net = DenseFirst()
+    x, y = _distinctive(3 * B, seed=11)
+    x = (x - 1000.0) / 37.0
+    masks = [np.ones(B, np.float32), np.ones(B, np.float32), np.array([1, 1, 0, 0], np.float32)]
+    reference = PerExampleGradients(DenseFirst(), geometry="l2")
+    want = None
+    for k, m in enumerate(masks):
+        part = [g.asnumpy().astype(np.float64) for g in
+                reference.clipped_sum([x[k * B:(k + 1) * B], y[k * B:(k + 1) * B]], m, 1.0)[0]]
+        want = part if want is None else [a + b for a, b in zip(want, part)]
+    before = _param_values(net)
+    dp = DPOptimizer(nn.SGD(net.trainable_params(), learning_rate=1.0), net, table,
+                     max_grad_norm=1.0, expected_batch_size=1.0, add_noise=False)
+    dp.step([([x[k * B:(k + 1) * B], y[k * B:(k + 1) * B]], m) for k, m in enumerate(masks)])
+    got = [b.astype(np.float64) - a for a, b in zip(_param_values(net), before)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_background_noise_draws_the_same_noise_in_the_same_order(table):
+    """Seeded runs with and without the background draw: identical weights, generator states."""
+    from accountant.randomness import make_rng
+    from finetune.dp.sampling import PoissonSampler, micro_batches
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x, y = _distinctive(24, seed=13)
+    x = (x - 1000.0) / 37.0
+    out = {}
+    for prefetch in (False, True):
+        net = DenseFirst()
+        rng = make_rng(seed=4)  # shared by the sampler and the noise, as in finetune.train
+        dp = DPOptimizer(nn.SGD(net.trainable_params(), learning_rate=0.1), net, table,
+                         max_grad_norm=1.0, expected_batch_size=6.0, rng=rng, prefetch_noise=prefetch)
+        sampler = PoissonSampler(24, 0.25, 3, rng=rng)
+        for idx in sampler:
+            dp.step([([x[m.indices], y[m.indices]], m.mask) for m in micro_batches(idx, B)])
+        out[prefetch] = (_param_values(net), rng.bit_generator.state)
+        if prefetch:
+            assert dp.last_timings["noise_draw"] > 0
+    for a, b in zip(out[False][0], out[True][0]):
+        np.testing.assert_array_equal(a, b)
+    assert out[False][1] == out[True][1]
+
+
+def test_interrupted_step_rewinds_the_noise_generator(table):
+    """A step interrupted during the device work releases nothing and leaves a seeded generator
+    where it was (a resumed run then draws the noise an uninterrupted run draws)."""
+    from accountant.randomness import make_rng
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = DenseFirst()
+    x, y = _distinctive(B, seed=3)
+    rng = make_rng(seed=8)
+    dp = DPOptimizer(nn.SGD(net.trainable_params(), learning_rate=0.1), net, table,
+                     max_grad_norm=1.0, expected_batch_size=B, rng=rng)
+    before, weights = rng.bit_generator.state, _param_values(net)
+
+    def batches():
+        yield [x, y], np.ones(B, np.float32)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dp.step(batches())
+    assert rng.bit_generator.state == before and dp.steps_taken == 0
+    for a, b in zip(weights, _param_values(net)):
+        np.testing.assert_array_equal(a, b)
+    dp.step([([x, y], np.ones(B, np.float32))])  # the next step starts from a clean sum
+    assert dp.steps_taken == 1
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+def test_ghost_and_materialised_norms_agree_with_single_example_gradients(ghost, monkeypatch):
+    """MixOpt picks, per layer, the ghost norm or the materialised per-example gradient by cost;
+    both give the single-example norms and the same clipped sum (forced here for every layer)."""
+    from finetune.dp import per_example
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    monkeypatch.setattr(per_example, "_use_ghost", lambda slot, *a: ghost and slot.role in (
+        "weight", "lora_A", "lora_B", "wte"))
+    model = _tiny_gpt2(seed=1)
+    params = list(model.trainable_params())
+    ids, mask = _gpt2_batch(model.config, seed=2)
+    single = _single_gpt2_grads(model, params, ids, mask)
+    want = np.array([np.sqrt(sum((g ** 2).sum() for g in gi)) for gi in single])
+    pe = per_example.PerExampleGradients(model, params, geometry="l2", method="bookkeeping")
+    rows = np.ones(len(ids), np.float32)
+    clip = 0.7 * float(want.min())
+    grads, _, norms = pe.clipped_sum([ids, mask], rows, clip)
+    assert all(pe._cell.core.ghost[k] == (ghost and pe._cell.core.roles[k] in ("weight", "wte"))
+               for k in range(len(params)))
+    np.testing.assert_allclose(norms.asnumpy(), want, rtol=2e-5)
+    c = clip * (1 - 1e-4) / want
+    for k, g in enumerate(grads):
+        np.testing.assert_allclose(g.asnumpy(), sum(c[i] * single[i][k] for i in range(len(ids))),
+                                   rtol=2e-4, atol=2e-7, err_msg=params[k].name)

@@ -161,12 +161,23 @@ def test_bookkeeping_equals_vmap_on_gpt2_lora_and_biases():
     np.testing.assert_allclose(out["bookkeeping"][1], out["vmap"][1], rtol=2e-5)
     for a, b in zip(out["bookkeeping"][0], out["vmap"][0]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-    # auto picks book-keeping here, vmap once an embedding is trained
+    # auto picks book-keeping here, also with the (tied) embeddings trained; vmap for a parameter
+    # no rule covers
     assert PerExampleGradients(model, params).method == "bookkeeping"
-    emb = [p for n, p in model.parameters_and_names() if n.endswith("wte.weight")]
-    assert PerExampleGradients(model, params + emb).method == "vmap"
-    with pytest.raises(ValueError, match="not covered"):
-        PerExampleGradients(model, params + emb, method="bookkeeping")
+    emb = [p for n, p in model.parameters_and_names() if n.endswith(("wte.weight", "wpe.weight"))]
+    assert PerExampleGradients(model, params + emb).method == "bookkeeping"
+
+    class Scaled(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.scale = ms.Parameter(Tensor(np.ones(D, np.float32)), name="scale")
+
+        def construct(self, x, y):
+            return (x * self.scale).sum((1, 2))
+
+    assert PerExampleGradients(Scaled()).method == "vmap"
+    with pytest.raises(ValueError, match="not covered: scale"):
+        PerExampleGradients(Scaled(), method="bookkeeping")
 
 
 @pytest.mark.parametrize("geometry", ["l2", "l1"])

@@ -246,31 +246,42 @@ class DPOptimizer:
                 raise
         timings = {"clipped_sum": self._t_clip}
         t0 = time.perf_counter()
-        flat = np.zeros(self.n_coordinates, np.float64)
-        if self._sum is not None:  # one device-to-host copy of the float32 sum
-            k = 0
-            for g in self._sum:
-                part = g.asnumpy().reshape(-1)
-                flat[k:k + part.size] = part
-                k += part.size
-        t1 = time.perf_counter()
-        timings["d2h"] = t1 - t0
-        if self.reduce_sum is not None:
-            flat = self._reduce(flat)
-        if self.add_noise:
-            z, timings["noise_draw"] = self._take_noise()
+        if self.add_noise and self.reduce_sum is None:
+            # The noise buffer doubles as the float64 sum: C Z + S (= S + C Z exactly) with one
+            # device-to-host copy of the float32 sum added in place, no second n-vector.
+            flat, timings["noise_draw"] = self._take_noise()
+            t1 = time.perf_counter()
+            timings["noise_wait"] = t1 - t0
+            flat *= self.max_grad_norm
             t2 = time.perf_counter()
-            timings["noise_wait"] = t2 - t1
-            z *= self.max_grad_norm   # float64 throughout: S + C Z, then / (q N), then the cast
-            flat += z
-            del z
+            self._add_sum_into(flat)
+            t3 = time.perf_counter()
+            timings["d2h"] = t3 - t2
+            timings["noise_add"] = t2 - t1
         else:
-            t2 = t1
+            flat = np.zeros(self.n_coordinates, np.float64)
+            self._add_sum_into(flat)
+            t1 = time.perf_counter()
+            timings["d2h"] = t1 - t0
+            if self.reduce_sum is not None:
+                flat = self._reduce(flat)
+            if self.add_noise:
+                z, timings["noise_draw"] = self._take_noise()
+                t2 = time.perf_counter()
+                timings["noise_wait"] = t2 - t1
+                z *= self.max_grad_norm   # float64 throughout: S + C Z, then / (q N), then the cast
+                flat += z
+                del z
+            else:
+                t2 = t1
+            t3 = time.perf_counter()
+            timings["noise_add"] = t3 - t2
+        t2 = time.perf_counter()
         flat /= self.expected_batch_size
         update = flat.astype(np.float32)
         del flat
         t3 = time.perf_counter()
-        timings["noise_add"] = t3 - t2
+        timings["noise_add"] += t3 - t2
         grads, k = [], 0
         for p in self.params:
             size = int(np.prod(p.shape))
@@ -291,6 +302,16 @@ class DPOptimizer:
         self.last_timings = timings
         self.steps_taken += 1
         return stats
+
+    def _add_sum_into(self, flat: np.ndarray) -> None:
+        """``flat += S``: the device's float32 clipped sum, copied to the host once, in float64."""
+        if self._sum is None:
+            return
+        k = 0
+        for g in self._sum:
+            part = g.asnumpy().reshape(-1)
+            flat[k:k + part.size] += part
+            k += part.size
 
     def _reduce(self, flat: np.ndarray) -> np.ndarray:
         """Global clipped sum and statistics via ``reduce_sum`` (see the class docstring)."""

@@ -12,12 +12,21 @@ most ``C`` (``g_i * min(1, C / ||g_i||)``) and summed.  Two ways, same result:
     large model at small cost", ICML 2023; ghost norm: Goodfellow 2015, Li et al. ICLR 2022).  For a
     Dense layer ``y = x W^T + b`` applied to the tokens of example ``i``, the weight gradient is
     ``G_i = sum_t g_it a_it^T`` with ``a`` the layer input and ``g = dL/dy``.  Its norm needs no ``G_i``:
-    ``||G_i||_F^2 = sum_{t,t'} (a_it . a_it')(g_it . g_it')`` (ghost norm, cheaper when ``2 T^2 < in*out``),
-    and the clipped sum is ``sum_i c_i G_i = (c * g)^T a``, a single matmul.  ``g`` is obtained in graph
-    mode (hooks are ignored there) by adding a zero "probe" tensor to each layer output and
-    differentiating the summed loss with respect to the probes; the layer input is stored during the
-    forward pass.  Covered layers: ``nn.Dense`` (no activation), ``nn.LayerNorm`` over the last axis, and
-    any layer registered with :func:`register_dense`.
+    ``||G_i||_F^2 = sum_{t,t'} (a_it . a_it')(g_it . g_it')`` (ghost norm), and the clipped sum is
+    ``sum_i c_i G_i = (c * g)^T a``, a single matmul.  Per layer the cheaper of the ghost norm
+    (``~T^2 (in + out)`` per example) and the materialised per-layer gradient (``~T in out``) is used
+    (MixOpt, Bu et al. 2023).  ``g`` is obtained in graph mode (hooks are ignored there) by adding a
+    zero "probe" tensor to each layer output and differentiating the summed loss with respect to
+    the probes; the layer input is kept during the forward pass.  Covered layers: ``nn.Dense`` (no
+    activation), ``nn.LayerNorm`` over the last axis, any layer registered with
+    :func:`register_dense`, and in a tapped model (``finetune.models.gpt2``) also the token and
+    position embeddings, the token embedding tied to the output head counted once (its per-example
+    gradient is the sum of the lookup and the head parts, so its norm has a cross term; see
+    :class:`_Slot`).  No per-example gradient of a whole model is ever materialised.
+
+    Nothing is stored in the user's network: for a plain Cell the probed layers and their buffers
+    belong to an engine-owned structural copy that shares the user's Parameters
+    (:func:`_shadow_network`); a tapped model gets its probes as inputs and returns what it keeps.
 
 ``auto`` picks book-keeping when every trainable parameter sits in a covered layer, ``vmap`` otherwise.
 
@@ -289,12 +298,46 @@ class _Slot:
     (``sum_t g_t * xhat_t``), ``lora_A`` / ``lora_B`` (LoRA factors, Hu et al. 2021: with
     ``y = ... + s (x A^T) B^T``, ``dL/dB = s sum_t g_t (A x_t)^T`` and ``dL/dA = s sum_t (B^T g_t) x_t^T``).
     ``other``: the other LoRA factor; ``scale``: the LoRA scaling ``s``.
+
+    Embeddings (full fine-tuning of a tapped model), with ``g_e`` the gradient at the summed input
+    embedding ``x0 = wte[ids] + wpe[pos]`` (tap ``tap``) and ``g_o`` the gradient at the logits
+    ``h wte^T`` (tap ``tap2``, saved input ``h``):
+    ``wpe``: row ``t`` of example i's gradient is ``g_e,t`` (positions are distinct), so
+    ``||G_i||^2 = sum_t ||g_e,t||^2``;
+    ``wte`` (tied, counted once): ``G_i = E_i + O_i`` with the lookup part
+    ``E_i = sum_t onehot(id_t) g_e,t^T`` and the head part ``O_i = sum_t g_o,t h_t^T``, so
+    ``||G_i||^2 = ||E_i||^2 + ||O_i||^2 + 2 <E_i, O_i>`` with
+    ``||E_i||^2 = sum_{t,t'} [id_t = id_t'] (g_e,t . g_e,t')``,
+    ``||O_i||^2 = sum_{t,t'} (h_t . h_t')(g_o,t . g_o,t')`` (ghost norm) and the cross term
+    ``<E_i, O_i> = sum_{t,t'} g_o,t'[id_t] (h_t' . g_e,t)``.
     """
 
     tap: int
     role: str
     other: Parameter | None = None
     scale: float = 1.0
+    tap2: int = -1
+
+
+def _use_ghost(slot, in_shapes, out_shapes, l1: bool) -> bool:
+    """MixOpt (Bu et al. 2023): per layer, the cheaper of the ghost norm (two T x T Gram matrices
+    per example: ~2 T^2 (d_in + d_out) flops) and the materialised per-example gradient
+    (~2 T d_in d_out flops and d_in d_out floats per example).  The L1 norm needs the
+    materialised gradient (no Gram identity for it)."""
+    if l1:
+        return False
+    t = int(np.prod(in_shapes[slot.tap][1:-1])) if len(in_shapes[slot.tap]) > 2 else 1
+    if slot.role == "wte":
+        d_in, d_out = in_shapes[slot.tap][-1], int(slot.other.shape[0])
+        return t * (d_in + d_out) < d_in * d_out
+    if slot.role not in ("weight", "lora_A", "lora_B"):
+        return False
+    d_in, d_out = in_shapes[slot.tap][-1], out_shapes[slot.tap][-1]
+    if slot.role == "lora_A":
+        d_out = slot.other.shape[1]
+    elif slot.role == "lora_B":
+        d_in = slot.other.shape[0]
+    return t * (d_in + d_out) < d_in * d_out
 
 
 class _BookkeepingCore(nn.Cell):
@@ -305,25 +348,21 @@ class _BookkeepingCore(nn.Cell):
         self.roles = tuple(s.role for s in slots)
         self.taps = tuple(s.tap for s in slots)
         self.scales = tuple(float(s.scale) for s in slots)
-        others = [s.other for s in slots if s.other is not None]
+        lora = [s.role in ("lora_A", "lora_B") for s in slots]
+        others = [s.other for s, is_lora in zip(slots, lora) if is_lora]
         self.others = ms.ParameterTuple(others) if others else ()
         idx, k = [], 0
-        for s in slots:
-            idx.append(k if s.other is not None else -1)
-            k += s.other is not None
+        for is_lora in lora:
+            idx.append(k if is_lora else -1)
+            k += is_lora
         self.other_idx = tuple(idx)
+        self.taps2 = tuple(s.tap2 for s in slots)
         self.l1 = geometry == "l1"
-        ghost = []
-        for s in slots:  # ghost norm when the T x T Gram matrices are cheaper than [B, out, in]
-            t = int(np.prod(in_shapes[s.tap][1:-1])) if len(in_shapes[s.tap]) > 2 else 1
-            d_in, d_out = in_shapes[s.tap][-1], out_shapes[s.tap][-1]
-            if s.role == "lora_A":
-                d_out = s.other.shape[1]
-            elif s.role == "lora_B":
-                d_in = s.other.shape[0]
-            ghost.append((not self.l1) and s.role in ("weight", "lora_A", "lora_B")
-                         and 2 * t * t < d_in * d_out)
-        self.ghost = tuple(ghost)
+        self.ghost = tuple(_use_ghost(s, in_shapes, out_shapes, self.l1) for s in slots)
+        # taps whose saved input is the token ids (kept [B, T], not reshaped to [B, T, d])
+        ids_taps = {s.tap2 - 1 for s in slots if s.role == "wte"}
+        self.ids_tap = tuple(i in ids_taps for i in range(len(in_shapes)))
+        self.rows = tuple(int(s.other.shape[0]) if s.role in ("wte", "wpe") else 0 for s in slots)
 
     @staticmethod
     def _tokens(x):
@@ -343,13 +382,60 @@ class _BookkeepingCore(nn.Cell):
         flat = x.reshape(x.shape[0], -1)
         return ops.abs(flat).sum(1) if self.l1 else ops.square(flat).sum(1)
 
-    def construct(self, probe_grads, saved, mask, clip):
+    def _embedding_parts(self, i, gs, acts):
+        """(g_e, g_o, h, ids) of the tied embedding slot ``i`` (see :class:`_Slot`)."""
+        t2 = self.taps2[i]
+        return gs[self.taps[i]], gs[t2], acts[t2], acts[t2 - 1]
+
+    def _wte_square_norm(self, i, gs, acts):
+        g_e, g_o, h, ids = self._embedding_parts(i, gs, acts)
+        if not self.ghost[i]:  # materialised per-example gradient [B, V, d] (small vocabularies, l1)
+            return self._part(self._wte_per_example(i, g_e, g_o, h, ids))
+        same = ops.equal(ops.expand_dims(ids, 2), ops.expand_dims(ids, 1)).astype(g_e.dtype)
+        lookup = (same * ops.bmm(g_e, g_e.transpose(0, 2, 1))).sum((1, 2))
+        head = (ops.bmm(h, h.transpose(0, 2, 1)) * ops.bmm(g_o, g_o.transpose(0, 2, 1))).sum((1, 2))
+        # m[b, t', t] = g_o[b, t', ids[b, t]]
+        index = ops.broadcast_to(ops.expand_dims(ids, 1), (ids.shape[0], ids.shape[1], ids.shape[1]))
+        m = ops.gather_elements(g_o, 2, index)
+        cross = (m * ops.bmm(h, g_e.transpose(0, 2, 1))).sum((1, 2))
+        return lookup + head + 2.0 * cross
+
+    def _wte_per_example(self, i, g_e, g_o, h, ids):
+        onehot = ops.one_hot(ids, self.rows[i], Tensor(1.0, g_e.dtype), Tensor(0.0, g_e.dtype))
+        return ops.bmm(g_o.transpose(0, 2, 1), h) + ops.bmm(onehot.transpose(0, 2, 1), g_e)
+
+    def _wte_clipped_sum(self, i, gs, acts, factors):
+        g_e, g_o, h, ids = self._embedding_parts(i, gs, acts)
+        d = g_e.shape[-1]
+        lookup = ops.unsorted_segment_sum((g_e * factors).reshape(-1, d), ids.reshape(-1), self.rows[i])
+        head = ops.matmul(g_o.reshape(-1, g_o.shape[-1]).T, (h * factors).reshape(-1, d))
+        return lookup + head
+
+    def _wpe_clipped_sum(self, i, g_e, factors):
+        part = (g_e * factors).sum(0)                                           # [T, d]
+        if self.rows[i] == part.shape[0]:
+            return part
+        pad = ops.zeros((self.rows[i] - part.shape[0], part.shape[1]), part.dtype)
+        return ops.concat((part, pad), 0)
+
+    def prepare(self, probe_grads, saved):
+        """Tap output gradients and inputs as [B, T, d] (token ids stay [B, T])."""
         gs = [self._tokens(g) for g in probe_grads]
-        acts = [self._tokens(a) for a in saved]
+        acts = []
+        for k in range(len(saved)):
+            acts.append(saved[k] if self.ids_tap[k] else self._tokens(saved[k]))
+        return gs, acts
+
+    def norms(self, gs, acts, mask):
+        """Per-example norms in the clipping geometry, from the prepared taps."""
         total = ops.zeros_like(mask)
         for i in range(len(self.roles)):
             role, g, a = self.roles[i], gs[self.taps[i]], acts[self.taps[i]]
-            if role in ("weight", "lora_A", "lora_B"):
+            if role == "wte":
+                total = total + self._wte_square_norm(i, gs, acts)
+            elif role == "wpe":
+                total = total + self._part(g)
+            elif role in ("weight", "lora_A", "lora_B"):
                 r, l = self._outer(i, g, a)
                 if self.ghost[i]:
                     gram_l = ops.bmm(l, l.transpose(0, 2, 1))
@@ -361,19 +447,35 @@ class _BookkeepingCore(nn.Cell):
                 total = total + self._part((g * a).sum(1))
             else:
                 total = total + self._part(g.sum(1))
-        norms = total if self.l1 else ops.sqrt(ops.maximum(total, ops.zeros_like(total)))
-        factors = _clip_factors(norms, mask, clip).reshape(-1, 1, 1)
+        return total if self.l1 else ops.sqrt(ops.maximum(total, ops.zeros_like(total)))
+
+    def sums(self, gs, acts, factors):
+        """``sum_i c_i G_i`` per parameter (``factors`` [B, 1, 1])."""
         out = []
         for i in range(len(self.roles)):
             role, g, a = self.roles[i], gs[self.taps[i]], acts[self.taps[i]]
-            if role in ("weight", "lora_A", "lora_B"):
-                r, l = self._outer(i, g * factors, a)
+            if role == "wte":
+                out.append(self._wte_clipped_sum(i, gs, acts, factors))
+            elif role == "wpe":
+                out.append(self._wpe_clipped_sum(i, g, factors))
+            elif role in ("weight", "lora_A", "lora_B"):
+                r, l = self._outer(i, g, a)
+                if r.shape[-1] <= l.shape[-1]:  # scale the narrower factor (same sum, less work)
+                    r = r * factors
+                else:
+                    l = l * factors
                 out.append(ops.matmul(r.reshape(-1, r.shape[-1]).T, l.reshape(-1, l.shape[-1])))
             elif role == "gamma":
                 out.append((g * factors * a).sum((0, 1)))
             else:
                 out.append((g * factors).sum((0, 1)))
-        return tuple(out), norms
+        return tuple(out)
+
+    def construct(self, probe_grads, saved, mask, clip):
+        gs, acts = self.prepare(probe_grads, saved)
+        norms = self.norms(gs, acts, mask)
+        factors = _clip_factors(norms, mask, clip).reshape(-1, 1, 1)
+        return self.sums(gs, acts, factors), norms
 
 
 class _MaskedSum(nn.Cell):
@@ -459,6 +561,14 @@ def _tap_roles(tap):
     return [(tap.weight, "weight", None, 1.0), (getattr(tap, "bias", None), "bias", None, 1.0)]
 
 
+def _embeddings(network) -> tuple:
+    """(token, position) embedding Parameters of a tapped model that probes them, else ()."""
+    if callable(getattr(network, "embeddings", None)) and callable(
+            getattr(network, "embedding_probe_shapes", None)):
+        return tuple(network.embeddings())
+    return ()
+
+
 class _LossOf(nn.Cell):
     """``model.loss`` as a Cell (tapped models return logits from ``construct``)."""
 
@@ -505,7 +615,8 @@ class PerExampleGradients:
             method = "bookkeeping" if not uncovered else "vmap"
         elif method == "bookkeeping" and uncovered:
             shown = ", ".join(uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
-            raise ValueError("book-keeping covers Dense/Linear, LoRA and LayerNorm parameters only; "
+            raise ValueError("book-keeping covers Dense/Linear, LoRA, LayerNorm and (GPT-2) embedding "
+                             "parameters only; "
                              f"not covered: {shown} (use method='vmap')")
         self.method = method
         self._cell = None
@@ -517,6 +628,7 @@ class PerExampleGradients:
         if not self.tapped:
             return bookkeeping_coverage(self.network, self.params)
         covered = {id(p) for tap in self.network.taps() for p, *_ in _tap_roles(tap) if p is not None}
+        covered.update(id(p) for p in _embeddings(self.network))
         return [p.name for p in self.params if id(p) not in covered]
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -582,6 +694,20 @@ class PerExampleGradients:
             elif roles <= {"bias", "beta"}:
                 shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
             probe_shapes.append(shape)
+        embeddings = _embeddings(self.network)
+        if any(id(p) in ids for p in embeddings):
+            # two more probes: the summed input embedding (tap n) and the logits (tap n + 1);
+            # saved gains (input_ids, h): saved[n] is the ids, saved[n + 1] the head input h
+            n = len(taps)
+            e_shape, o_shape = (tuple(s) for s in self.network.embedding_probe_shapes(batch, seq))
+            in_shapes += [e_shape, e_shape]
+            out_shapes = out_shapes + [e_shape, o_shape]
+            wte, wpe = embeddings
+            if id(wte) in ids:
+                slots[ids[id(wte)]] = _Slot(n, "wte", wte, 1.0, tap2=n + 1)
+            if id(wpe) in ids:
+                slots[ids[id(wpe)]] = _Slot(n, "wpe", wpe, 1.0)
+            probe_shapes += [e_shape, o_shape if id(wte) in ids else (1,) * len(o_shape)]
         self._probes = ms.mutable(tuple(ops.zeros(s, ms.float32) for s in probe_shapes))
         return _TappedClipSum(self.network, slots, in_shapes, out_shapes, self.geometry)
 

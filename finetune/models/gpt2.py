@@ -327,6 +327,9 @@ class GPT2Model(nn.Cell):
 
     def tapped(self, input_ids, attention_mask, probes):
         x, bias = self._embed_and_bias(input_ids, attention_mask)
+        n_taps = 6 * len(self.h) + 1
+        if len(probes) > n_taps:  # embedding probe (full fine-tuning): dL/dx0 = token and position grads
+            x = x + probes[n_taps]
         saved = ()
         i = 0
         for block in self.h:
@@ -361,7 +364,11 @@ class GPT2LMHeadModel(nn.Cell):
             h = self.transformer(input_ids, attention_mask)
             return ops.dense(h, self.transformer.wte.weight)
         h, saved = self.transformer.tapped(input_ids, attention_mask, probes)
-        return ops.dense(h, self.transformer.wte.weight), saved
+        logits = ops.dense(h, self.transformer.wte.weight)
+        if len(probes) > 6 * len(self.transformer.h) + 1:  # tied output projection probe
+            logits = logits + probes[-1]
+            saved = saved + (input_ids, h)
+        return logits, saved
 
     def loss(self, input_ids, attention_mask, probes=None):
         """Per-example mean next-token NLL (nats), shape [B]; padding masked."""
@@ -391,6 +398,20 @@ class GPT2LMHeadModel(nn.Cell):
 
     def probe_shapes(self, batch: int, seq: int):
         return [(batch, seq, c.n_out) for c in self.taps()]
+
+    def embeddings(self):
+        """(token embedding, position embedding) Parameters; the token embedding is tied to the head.
+
+        Book-keeping for them: pass ``len(taps()) + 2`` probes, the last two shaped
+        ``embedding_probe_shapes(B, T)``: one on the summed input embedding x0 (its gradient g_e
+        gives the lookup part of both embeddings' gradients) and one on the logits (its gradient
+        g_o gives the tied head part ``g_o^T h``); ``saved`` then ends with ``(input_ids, h)``,
+        ``h`` the head's input.
+        """
+        return self.transformer.wte.weight, self.transformer.wpe.weight
+
+    def embedding_probe_shapes(self, batch: int, seq: int):
+        return [(batch, seq, self.config.n_embd), (batch, seq, self.config.vocab_size)]
 
     def zero_probes(self, batch: int, seq: int):
         return tuple(ops.zeros(s, ms.float32) for s in self.probe_shapes(batch, seq))
