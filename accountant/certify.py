@@ -31,12 +31,17 @@ class RouteDisagreement(CertificationError):
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Numerical settings.  ``pld_step=None`` chooses a step far below the per-step loss spread;
-    ``prv_relative_error`` sets prv-accountant's eps_error relative to the PLD estimate."""
+    """Numerical settings (docs/privacy.md, section 6).
+
+    ``pld_step=None`` sizes the PLD grid from the Connect-the-Dots error model so that the PLD
+    bound is within about ``pld_relative_error`` of the truth; ``prv_eps_error=None`` sets
+    prv-accountant's eps_error to ``prv_relative_error`` times epsilon, raised only as far as the
+    grid limit of the PRV route requires.  Explicit values are used as given."""
 
     pld_step: float | None = None
+    prv_eps_error: float | None = None
+    pld_relative_error: float = 1e-4
     prv_relative_error: float = 1e-3
-    prv_min_error: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -72,14 +77,41 @@ def _check_delta(delta: float):
         raise ValueError(f"delta {delta:g} is below what float64 accounting can certify (about 1e-13)")
 
 
-def _pld_step(groups, accuracy: Accuracy) -> float:
+def _loss_moments(pair) -> tuple[float, float]:
+    """(mean, variance) of the remove loss of one step, from its tails on a 2001-point grid (only
+    to size the grid, so a coarse value suffices)."""
+    lo, hi = pair.loss_range("remove")
+    grid = np.linspace(lo, hi, 2001)
+    above = pair.tails("remove", grid)[0] - pair.infinite_mass("remove")
+    mass = np.maximum(np.append(1 - pair.infinite_mass("remove") - above[0], above[:-1] - above[1:]), 0)
+    points = np.append(lo, 0.5 * (grid[:-1] + grid[1:]))
+    total = max(mass.sum(), 1e-300)
+    mean = float(np.dot(mass, points) / total)
+    return mean, float(np.dot(mass, (points - mean) ** 2) / total)
+
+
+def _pld_step(groups, delta: float, accuracy: Accuracy) -> float:
+    """PLD grid step.  Connect-the-Dots moves each step's loss mean by at most h^2/8 and adds at most
+    h^2/4 to its variance, so T steps move epsilon by about ``T h^2 / 8 (1 + z / sqrt(V))`` with V the
+    composed loss variance and z = sqrt(2 ln(1/delta)) (docs/privacy.md, section 6).  The step makes
+    that at most ``pld_relative_error`` times a Gaussian guess of epsilon, is at most 1e-4, and is
+    at least what the grid limit of the PLD route allows."""
     if accuracy.pld_step is not None:
         return accuracy.pld_step
-    widths = []
-    for pair, _ in groups:
-        lo, hi = pair.loss_range("remove")
-        widths.append(hi - lo)
-    return float(min(1e-4, min(widths) / 2000))
+    total = mean = var = 0.0
+    width = 0.0
+    for pair, count in groups:
+        m, v = _loss_moments(pair)
+        total, mean, var = total + count, mean + count * m, var + count * v
+        for direction in routes.DIRECTIONS:
+            lo, hi = pair.loss_range(direction)
+            width = max(width, hi - lo)
+    z = math.sqrt(2 * math.log(1 / delta))
+    sd = math.sqrt(max(var, 1e-300))
+    guess = max(mean + z * sd, 1e-3)
+    step = math.sqrt(8 * accuracy.pld_relative_error * guess / (total * (1 + z / sd)))
+    floor = 1.05 * max(width, 20 * sd) / routes.MAX_PLD_POINTS
+    return float(max(min(step, 1e-4), floor))
 
 
 def _exact_rr(groups, delta: float):
@@ -109,14 +141,21 @@ def _exact_rr(groups, delta: float):
 
 
 def certify(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> Certificate:
-    """Certified epsilon at ``delta`` for the composition of ``mechanisms`` (a Mechanism or a list)."""
+    """Certified epsilon at ``delta`` for the composition of ``mechanisms`` (a Mechanism or a list).
+
+    ``epsilon`` is ``math.inf`` when the mass of an infinite privacy loss (a table without tails
+    whose support does not cover its shift) exceeds ``delta``: no finite epsilon holds then."""
     _check_delta(delta)
     mechs = _as_list(mechanisms)
     groups = _groups(mechs)
-    step = _pld_step(groups, accuracy)
+    step = _pld_step(groups, delta, accuracy)
     pld = routes.pld_route(groups, delta, step)
-    eps_error = max(accuracy.prv_min_error, accuracy.prv_relative_error * pld.upper)
+    if math.isinf(pld.lower):
+        info = {"pld": pld.as_dict()}
+        info["pld"].update(step=step, infinite_loss_mass=_infinite_loss_mass(groups))
+        return Certificate(math.inf, delta, info, [m.describe() for m in mechs])
     span = _prv_span(pld, delta)
+    eps_error = _prv_eps_error(groups, pld.upper, span, delta, accuracy)
     prv = routes.prv_route(groups, delta, eps_error, span)
     results = {"pld": pld, "prv": prv}
     exact = _exact_rr(groups, delta)
@@ -130,15 +169,35 @@ def certify(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> Certif
     return Certificate(epsilon, delta, info, [m.describe() for m in mechs])
 
 
+def _infinite_loss_mass(groups) -> float:
+    """Probability, under the worse relation, that the composed privacy loss is +inf."""
+    worst = 0.0
+    for direction in routes.DIRECTIONS:
+        finite = 1.0
+        for pair, count in groups:
+            finite *= (1 - pair.infinite_mass(direction)) ** count
+        worst = max(worst, 1 - finite)
+    return worst
+
+
+def _prv_eps_error(groups, epsilon: float, span: float, delta: float, accuracy: Accuracy) -> float:
+    """prv-accountant's eps_error: as given, else ``prv_relative_error * epsilon``, raised as far as
+    needed for the PRV grid (mesh = eps_error / sqrt(T/2 log(12/delta_error))) to fit its limit."""
+    if accuracy.prv_eps_error is not None:
+        return accuracy.prv_eps_error
+    floor = routes.smallest_eps_error(groups, span, delta * 1e-3)
+    return float(max(accuracy.prv_relative_error * epsilon, floor, 1e-9))
+
+
 def _prv_span(pld: routes.RouteResult, delta: float) -> float:
-    """Half-width of the PRV domain such that the composed finite loss exceeds it (and would wrap
-    around in the FFT) with probability far below prv-accountant's delta error, measured on the
-    pessimistic PLD of the same composition."""
-    span = 1.2 * pld.upper + 1
-    for _ in range(30):
-        if pld.finite_tail(span) <= 1e-2 * delta * 1e-3:
+    """Half-width of the PRV domain such that the composed finite loss leaves [-span, span] (and
+    would wrap around in the FFT) with probability far below prv-accountant's delta error on
+    either side, measured on the pessimistic PLD of the same composition."""
+    span = max(1.2 * pld.upper, 0.01)
+    for _ in range(60):
+        if max(pld.finite_tail(span), pld.lower_tail(-span)) <= 1e-2 * delta * 1e-3:
             return span
-        span *= 1.3
+        span *= 1.2
     raise CertificationError("cannot size the PRV domain: the privacy loss has too heavy a tail")
 
 
@@ -164,24 +223,48 @@ def pld_epsilon(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> fl
     calibration), never printed as the certificate."""
     _check_delta(delta)
     groups = _groups(_as_list(mechanisms))
-    return routes.pld_route(groups, delta, _pld_step(groups, accuracy)).upper
+    return routes.pld_route(groups, delta, _pld_step(groups, delta, accuracy)).upper
+
+
+#: delta that the step sizing assumes when the delta is the unknown (a small one: finer grid)
+_DELTA_FOR_SIZING = 1e-10
 
 
 def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:
     """Certified delta at ``epsilon``: the larger upper bound of the PLD route (pessimistic) and
-    the PRV route, max over add and remove; the routes' intervals must overlap."""
+    the PRV route, max over add and remove; the routes' intervals must overlap.
+
+    PRV bounds delta by its estimate at ``epsilon - eps_error`` (plus delta_error), which is loose
+    where delta(epsilon) is steep (near an atom of the loss): eps_error shrinks 4x at a time, while
+    the grid fits and the bound improves, until it is within 0.5% of the estimate.  Below the numerical floor
+    (docs/privacy.md, section 6) a reported delta is the floor, not the mechanism's delta."""
     if not (epsilon >= 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a finite non-negative number, got {epsilon}")
     groups = _groups(_as_list(mechanisms))
-    pld = routes.pld_route(groups, 0.5, _pld_step(groups, accuracy))
+    pld = routes.pld_route(groups, 0.5, _pld_step(groups, _DELTA_FOR_SIZING, accuracy), roundoff_budget=0.0)
     pld_up, pld_low = pld.delta_at(epsilon), pld.delta_lower_at(epsilon)
-    delta_error = max(1e-3 * pld_up, 1e-15)
-    eps_error = max(accuracy.prv_min_error, accuracy.prv_relative_error * max(epsilon, 0.1))
-    span = 1.2 * epsilon + 1
-    while pld.finite_tail(span) > 1e-2 * delta_error and span < 1e4:
-        span *= 1.3
-    prv_low, _, prv_up = routes.prv_delta(groups, epsilon, delta_error, eps_error, span)
-    if pld_low > prv_up + 1e-12 or prv_low > pld_up + 1e-12:
+    if pld_low >= 1.0:
+        return 1.0
+    delta_error = max(1e-3 * pld_up, 1e-18)
+    span = max(1.2 * epsilon, 0.01)
+    while max(pld.finite_tail(span), pld.lower_tail(-span)) > 1e-2 * delta_error and span < 1e4:
+        span *= 1.2
+    floor = routes.smallest_eps_error(groups, span, delta_error)
+    if accuracy.prv_eps_error is not None:
+        eps_error, shrink = accuracy.prv_eps_error, False
+    else:
+        eps_error, shrink = max(accuracy.prv_relative_error * max(epsilon, 0.01), floor), True
+    best = None
+    while True:
+        bounds = routes.prv_delta(groups, epsilon, delta_error, eps_error, span)
+        if best is not None and bounds[2] >= best[2]:
+            break                      # the grid's float floor now outweighs the smaller eps_error
+        best = bounds
+        if not shrink or bounds[2] <= 1.005 * max(bounds[1], pld_up) or eps_error / 4 < floor:
+            break
+        eps_error /= 4
+    prv_low, _, prv_up = best
+    if pld_low > prv_up * (1 + 1e-9) + 1e-18 or prv_low > pld_up * (1 + 1e-9) + 1e-18:
         raise RouteDisagreement(
             f"accountants disagree on delta at epsilon {epsilon:g}: PLD [{pld_low:.4g}, {pld_up:.4g}], "
             f"PRV [{prv_low:.4g}, {prv_up:.4g}]; no certificate is printed")
@@ -191,7 +274,8 @@ def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy(
 def delta_for_epsilon_pld(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:
     """The pessimistic PLD delta alone (fast; for searches and tests of the PLD route)."""
     groups = _groups(_as_list(mechanisms))
-    return routes.pld_route(groups, 0.5, _pld_step(groups, accuracy)).delta_at(epsilon)
+    step = _pld_step(groups, _DELTA_FOR_SIZING, accuracy)
+    return routes.pld_route(groups, 0.5, step, roundoff_budget=0.0).delta_at(epsilon)
 
 
 def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float, sampling_rate: float,
@@ -212,7 +296,7 @@ def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float
 
     def pld_eps(s, coarse):
         groups = _groups([mech(s)])
-        step = _pld_step(groups, accuracy) * (10 if coarse else 1)
+        step = _pld_step(groups, delta, accuracy) * (10 if coarse else 1)
         try:
             return routes.pld_route(groups, delta, step).upper
         except ValueError:          # loss range too wide for a grid: far too little noise

@@ -291,8 +291,8 @@ class LMO(Noise):
             raise NoiseParameterError("LMO Gamma term needs shape k > 0 and scale theta > 0")
         if self.a3 > 0 and self.lam <= 0:
             raise NoiseParameterError("LMO Exponential term needs rate lam > 0")
-        if self.a4 > 0 and not (0 <= self.ua < self.ub):
-            raise NoiseParameterError("LMO Uniform term needs 0 <= U_a < U_b")
+        if self.a4 > 0 and not (0 <= self.ua <= self.ub):   # U_a == U_b: the constant a4 * U_a
+            raise NoiseParameterError("LMO Uniform term needs 0 <= U_a <= U_b")
         mean_u = self.moment_u(1)
         self._mean_u, self._mean_u2 = mean_u, self.moment_u(2)
 
@@ -335,7 +335,7 @@ class LMO(Noise):
             out = out - np.log1p(-self.a3 * s / self.lam)
         if self.a4 > 0:
             t = self.a4 * s
-            w = t * (self.ub - self.ua)
+            w = t * (self.ub - self.ua) if self.ub > self.ua else np.zeros_like(t)   # inf * 0 at s = -inf
             safe = np.where(np.abs(w) < 1e-8, -1.0, w)
             ratio = np.where(np.abs(w) < 1e-8, 1 + w / 2, np.expm1(safe) / safe)
             out = out + t * self.ua + np.log(ratio)
@@ -351,7 +351,7 @@ class LMO(Noise):
             out = out + self.a3 / (self.lam - self.a3 * s)
         if self.a4 > 0:
             t = self.a4 * s
-            w = t * (self.ub - self.ua)
+            w = t * (self.ub - self.ua) if self.ub > self.ua else np.zeros_like(t)
             small = np.abs(w) < 1e-6
             safe = np.where(small, -1.0, w)
             # d/dt log((e^{w}-1)/w) with w = t (ub-ua): (ub-ua) * (1/(1-e^{-w}) - 1/w)

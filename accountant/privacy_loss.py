@@ -29,6 +29,17 @@ from accountant.noise import Gaussian, Noise, Tabulated
 #: per-step probability mass left outside the computational domain; far below the ~1e-15 floating
 #: floor of the FFT composition, and stated in docs/privacy.md.
 TAIL_NEGLIGIBLE = 1e-30
+#: cap on the computational domain for laws whose TAIL_NEGLIGIBLE quantile is not a float (power-law
+#: tails, e.g. LMO with a Gamma shape near 0): beyond it the loss is within 1e-150 of its limit.
+REACH_CAP = 1e150
+
+
+def computational_reach(noise: Noise) -> float:
+    """Half-width of the x-domain on which level sets are solved: the TAIL_NEGLIGIBLE quantile,
+    capped at REACH_CAP.  Mass beyond it is not dropped: the outermost pieces extend to infinity."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        reach = float(noise.isf(TAIL_NEGLIGIBLE))
+    return reach if math.isfinite(reach) and reach < REACH_CAP else REACH_CAP
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,8 +49,8 @@ def _bisect_level(noise: Noise, shift: float, lo: float, hi: float, direction: i
     """Crossing point of a monotone piece of l with every level in ``lam``.
 
     Works in asinh(x) (heavy tails and the bulk both resolved): a 4097-point scan brackets each
-    level, then the Illinois variant of regula falsi (Dowell & Jarratt 1971) shrinks every bracket to
-    float64 precision; levels outside the range of l on the piece snap to its ends, so empty or full
+    level, then the Illinois variant of regula falsi (Dowell & Jarratt 1971) and, for brackets it
+    leaves wide (kinks and flat ends of l), bisection bring every bracket to float64 precision; levels outside the range of l on the piece snap to its ends, so empty or full
     sets carry exactly zero mass, not rounding noise.
     """
     sign = 1.0 if direction > 0 else -1.0
@@ -66,10 +77,38 @@ def _bisect_level(noise: Noise, shift: float, lo: float, hi: float, direction: i
             a = np.where(right, a, c)
             fb = np.where(right, fc, fb * 0.5)
             b = np.where(right, c, b)
-        x = np.sinh(0.5 * (a + b))
+        # regula falsi stalls where l has a kink or a flat end (Laplace at x = 0 and x = s): bisect
+        # the few brackets still wider than 1e-10 (relative, in asinh x; others are far narrower)
+        inside = (target >= fs[0]) & (target < fs[-1])      # the others snap to an end below
+        for _ in range(60):
+            wide = np.nonzero(inside & (np.abs(b - a) > 1e-10 * np.maximum(1.0, np.abs(a))))[0]
+            if wide.size == 0:
+                break
+            mid = 0.5 * (a[wide] + b[wide])
+            right = f(mid) - target[wide] > 0
+            a[wide] = np.where(right, a[wide], mid)
+            b[wide] = np.where(right, mid, b[wide])
+        # final estimate: the secant through the true values at the bracket's ends (exact where l
+        # is linear, second order where it is smooth, inside the bracket at a kink)
+        fa, fb = f(a) - target, f(b) - target
+        gap = fb - fa
+        y = np.where(gap > 0, a - fa * (b - a) / np.where(gap > 0, gap, 1.0), 0.5 * (a + b))
+        x = np.sinh(np.clip(y, np.minimum(a, b), np.maximum(a, b)))
     # in y the piece runs from lo to hi and f increases, whichever way l runs
     x = np.where(target < fs[0], lo, x)
     return np.where(target >= fs[-1], hi, x)
+
+
+def _split(piece, x, outer_lo: bool, outer_hi: bool):
+    """The intervals (lo, x] and (x, hi] of a piece split at the level crossing ``x``.  An outermost
+    piece owns the tail beyond the computational domain: it joins the interval adjacent to that end
+    (l is monotone there, so the tail lies on the same side of the level, up to the stated gap)."""
+    lo, hi = piece.lo, piece.hi
+    left_a = np.where(x > lo, -math.inf, lo) if outer_lo else np.full_like(x, lo)
+    right_a = np.where(x > lo, x, -math.inf) if outer_lo else x
+    right_b = np.where(x < hi, math.inf, hi) if outer_hi else np.full_like(x, hi)
+    left_b = np.where(x < hi, x, math.inf) if outer_hi else x
+    return (left_a, left_b), (right_a, right_b)
 
 
 def _masses(noise: Noise, shift: float, a, b):
@@ -89,22 +128,21 @@ def level_set_masses(noise: Noise, shift: float, lam):
         # l(x) = (2 x s - s^2) / (2 sigma^2) is increasing: {l > lam} = (x*, inf)
         xs = noise.sigma ** 2 * lam / shift + shift / 2
         return noise.sf(xs), noise.sf(xs - shift), noise.cdf(xs), noise.cdf(xs - shift)
-    reach = float(noise.isf(TAIL_NEGLIGIBLE))
+    reach = computational_reach(noise)
     out = [np.zeros_like(lam) for _ in range(4)]
     for piece in noise.loss_pieces(shift, reach):
         x = _bisect_level(noise, shift, piece.lo, piece.hi, piece.direction, lam)
-        if piece.direction > 0:
-            above, below = (x, piece.hi), (piece.lo, x)
-        else:
-            above, below = (piece.lo, x), (x, piece.hi)
+        left, right = _split(piece, x, outer_lo=piece.lo <= -reach, outer_hi=piece.hi >= reach + shift)
+        above, below = (right, left) if piece.direction > 0 else (left, right)
         pa, sa = _masses(noise, shift, *above)
         pb, sb = _masses(noise, shift, *below)
         out[0] += pa
         out[1] += sa
         out[2] += pb
         out[3] += sb
-    # The outer tails beyond [-reach, reach + shift] carry at most TAIL_NEGLIGIBLE; by symmetric
-    # unimodality l there is monotone, so they belong to the outermost pieces' sides.
+    # Beyond [-reach, reach + shift] l is monotone (symmetric unimodality) and the level crossing
+    # snaps to the domain's end: the tails join the correct side for every level outside the gap
+    # between l(+-reach) and l(+-inf) (mass below TAIL_NEGLIGIBLE, or a gap below 1e-150).
     return tuple(out)
 
 
@@ -274,7 +312,7 @@ def mean_loss(pair: "ShiftPair", direction: str) -> float:
         cuts = np.unique(np.concatenate([noise.edges, noise.edges + s]))
         reach = noise.reach
     else:
-        reach = float(noise.isf(TAIL_NEGLIGIBLE))
+        reach = computational_reach(noise)
         cuts = np.unique(np.concatenate([np.sinh(np.linspace(-math.asinh(reach), math.asinh(reach + s), 4001)),
                                          [0.0, s]]))
     lo, hi = cuts[:-1], cuts[1:]
