@@ -6,8 +6,13 @@
     python -m accountant delta --noise laplace --scale 1 --epsilon 1 --sampling-rate 0.01 --steps 1000
     python -m accountant calibrate --noise gaussian --eps 0.3 --delta 1e-10 --sampling-rate 0.01 --steps 1000
 
-User mistakes end in one line on stderr and exit code 2; a table whose law costs more than its
-metadata claims exits with code 3; an interrupt exits with code 130 (nothing half-written).
+Omitted --sampling-rate / --steps default to the run python -m noise_search assumes (q 0.01,
+T 1000; a table's own for --noise table), and every output says which defaults it used. Printed
+numbers are rounded outward (certificates up, lower bounds down); --json keeps full precision.
+
+User mistakes end in one line on stderr and exit code 2 (also options that do not apply to the
+chosen --noise, and unknown or mistyped keys in an LMO parameter file); a table whose law costs more
+than its metadata claims exits with code 3; an interrupt exits with code 130 (nothing half-written).
 """
 from __future__ import annotations
 
@@ -32,24 +37,24 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load: nothing has star
     signal.signal(signal.SIGTERM, _exit_quietly)
 
 from accountant.audit_cli import add_audit_command
-from accountant.certify import Accuracy, CertificationError, calibrate, certify, delta_for_epsilon
+from accountant.cli_common import (DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, EPSILON_FLAGS, OneLineParser,
+                                   marked, round_down, round_up, run_settings, settings_json)
+from accountant.certify import CertificationError, calibrate, certify, delta_for_epsilon
 from accountant.mechanism import GEOMETRIES, Mechanism
 from accountant.noise import LMO, GeneralizedGaussian, Gaussian, Laplace, NoiseParameterError
 from accountant.output_path import check_output_file
 from accountant.table import TableError, compare_claim, load_table, table_mechanism, write_certified_table
 
 FAMILIES = ("gaussian", "laplace", "gengauss", "lmo", "table")
+# the noise options each --noise reads; any other one given is refused (it would be silently ignored)
+FAMILY_OPTIONS = {"gaussian": ("sigma",), "laplace": ("scale",), "gengauss": ("scale", "beta"),
+                  "lmo": ("params", "exp_lambda_as_scale"), "table": ("table",)}
+NOISE_OPTIONS = ("sigma", "scale", "beta", "params", "exp_lambda_as_scale", "table")
+LMO_KEYS = ("a1", "a3", "a4", "G_k", "G_theta", "E_lambda", "U_a", "U_b")
 
 
 class UsageError(Exception):
     pass
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (exit code 2), not a usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 def _positive(kind):
@@ -100,19 +105,40 @@ def _add_noise_args(p: argparse.ArgumentParser, with_scale: bool = True):
 
 def _add_mechanism_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("mechanism (defaults for --noise table come from the table)")
-    g.add_argument("--sampling-rate", type=_rate, help="Poisson sampling rate q in (0, 1] (default 1)")
-    g.add_argument("--steps", type=_positive(int), help="number of composed steps T (default 1)")
-    g.add_argument("--sensitivity", type=_positive(float), default=1.0,
+    g.add_argument("--sampling-rate", type=_rate,
+                   help=f"Poisson sampling rate q in (0, 1] (default {DEFAULT_SAMPLING_RATE}, as python -m noise_search)")
+    g.add_argument("--steps", type=_positive(int),
+                   help=f"number of composed steps T (default {DEFAULT_STEPS}, as python -m noise_search)")
+    g.add_argument("--sensitivity", "--max-grad-norm", dest="sensitivity", type=_positive(float), default=1.0,
                    help="sensitivity / clipping norm C (default 1)")
     g.add_argument("--geometry", choices=GEOMETRIES,
                    help="scalar: one real query; l2 / l1: vector query clipped in that norm (default scalar)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    a = p.add_argument_group("accuracy (both sized automatically by default; docs/privacy.md section 6)")
-    a.add_argument("--pld-step", type=_positive(float),
-                   help="PLD grid step (default: from the Connect-the-Dots error model, at most 1e-4)")
-    a.add_argument("--prv-eps-error", type=_positive(float),
-                   help="prv-accountant eps_error (default: 1e-3 x epsilon, raised only as far as the "
-                        "PRV grid limit requires)")
+
+
+def _refuse_irrelevant(args) -> None:
+    """One line for a noise option the chosen --noise does not read (``--noise gaussian --scale 5``)."""
+    for name in NOISE_OPTIONS:
+        if getattr(args, name, None) not in (None, False) and name not in FAMILY_OPTIONS[args.noise]:
+            reads = ", ".join("--" + n.replace("_", "-") for n in FAMILY_OPTIONS[args.noise])
+            raise UsageError(f"--{name.replace('_', '-')} does not apply to --noise {args.noise} "
+                             f"(it reads {reads})")
+
+
+def _check_lmo_keys(cfg: dict, path: str) -> None:
+    """Exactly the published keys, each a finite number: a misspelt key must not fall back silently."""
+    unknown = [key for key in cfg if key not in LMO_KEYS]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise UsageError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {names} "
+                         f"(an LMO parameter file holds exactly {', '.join(LMO_KEYS)})")
+    missing = [key for key in LMO_KEYS if key not in cfg]
+    if missing:
+        raise UsageError(f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    for key in LMO_KEYS:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"{path}: {key} must be a finite number, got {json.dumps(value)}")
 
 
 def _load_lmo(args) -> LMO:
@@ -127,11 +153,13 @@ def _load_lmo(args) -> LMO:
         raise UsageError(f"{args.params} is not a valid JSON text file: {exc}") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"{args.params} must hold a JSON object")
+    _check_lmo_keys(cfg, args.params)
     return LMO.from_published(cfg, exp_lambda_as_scale=args.exp_lambda_as_scale)
 
 
 def _noise_and_defaults(args):
     """(noise, defaults dict) from the family arguments."""
+    _refuse_irrelevant(args)
     need = {"gaussian": ["sigma"], "laplace": ["scale"], "gengauss": ["scale", "beta"]}
     for name in need.get(args.noise, []):
         if getattr(args, name) is None:
@@ -153,33 +181,36 @@ def _noise_and_defaults(args):
 
 def _mechanism(args):
     noise, defaults = _noise_and_defaults(args)
-    q = args.sampling_rate if args.sampling_rate is not None else defaults.get("sampling_rate", 1.0)
-    steps = args.steps if args.steps is not None else defaults.get("steps", 1)
-    geometry = args.geometry or defaults.get("geometry", "scalar")
-    return Mechanism(noise, args.sensitivity, geometry, q, steps), defaults
+    values, sources = run_settings(args, defaults)
+    mech = Mechanism(noise, args.sensitivity, values["geometry"], values["sampling_rate"], values["steps"])
+    return mech, defaults, sources
 
 
-def _describe(mech: Mechanism) -> str:
-    params = ", ".join(f"{k}={v:.6g}" for k, v in mech.noise.params.items())
+def _describe(mech: Mechanism, sources: dict | None = None, scale_up: bool = False) -> str:
+    """One line for people.  ``scale_up``: the scale parameters (sigma, scale) are rounded up, so
+    the printed noise is at least the certified one."""
+    sources = sources or {}
+    up = scale_up and mech.noise.family in ("gaussian", "laplace", "gengauss")
+    params = ", ".join(f"{k}={round_up(v, 6) if up and k in ('sigma', 'scale') else f'{v:.6g}'}"
+                       for k, v in mech.noise.params.items())
     return (f"{mech.noise.family}({params}), E|Z| = {mech.noise.expected_abs():.6g}, sensitivity "
-            f"{mech.sensitivity:g}, geometry {mech.geometry}, q = {mech.sampling_rate:g}, T = {mech.steps}")
-
-
-def _accuracy(args) -> Accuracy:
-    return Accuracy(pld_step=args.pld_step, prv_eps_error=args.prv_eps_error)
+            f"{mech.sensitivity:g}, geometry {marked(mech.geometry, sources.get('geometry'))}, "
+            f"q = {marked(f'{mech.sampling_rate:g}', sources.get('sampling_rate'))}, "
+            f"T = {marked(str(mech.steps), sources.get('steps'))}")
 
 
 def cmd_epsilon(args) -> dict:
-    mech, defaults = _mechanism(args)
+    mech, defaults, sources = _mechanism(args)
     delta = args.delta if args.delta is not None else defaults.get("delta")
     if delta is None:
         raise UsageError("--delta is required")
     start = time.perf_counter()
-    cert = certify(mech, delta, _accuracy(args))
+    cert = certify(mech, delta)
     out = {"epsilon": cert.epsilon, "delta": delta, "mechanism": mech.describe(),
            "expected_abs": mech.noise.expected_abs(),
            "routes": {name: r["upper"] for name, r in cert.routes.items()},
-           "route_details": cert.routes, "seconds": time.perf_counter() - start}
+           "route_details": cert.routes, "seconds": time.perf_counter() - start,
+           **settings_json(mech.describe(), sources)}
     if isinstance(mech.noise, LMO):
         out["lmo_pure_eps_per_step_1d"] = _lmo_eps0(mech.noise, mech.sensitivity)
     check = _claim_check(defaults.get("table"), mech, delta, cert)
@@ -189,20 +220,18 @@ def cmd_epsilon(args) -> dict:
         if check is not None and not check.matches:
             out["claim_message"] = check.message
     if not args.json:
-        print(f"mechanism : {_describe(mech)}")
-        print(f"delta     : {delta:g}  (max over add and remove relations)")
+        print(f"mechanism : {_describe(mech, sources)}")
+        delta_source = "table's" if args.delta is None else None
+        print(f"delta     : {marked(f'{delta:g}', delta_source)}  (max over add and remove relations)")
         for name, r in cert.routes.items():
-            print(f"  {name:5s} : epsilon in [{r['lower']:.6f}, {r['upper']:.6f}]")
+            print(f"  {name:5s} : epsilon in [{round_down(r['lower'])}, {round_up(r['upper'])}]")
         if "lmo_pure_eps_per_step_1d" in out:
             print(f"  (one step alone is pure {out['lmo_pure_eps_per_step_1d']:.6g}-DP for a scalar query)")
         if "table" in defaults:
             c = out["claimed"]
-            print(f"table claims     : epsilon {c['epsilon']:.6f} at delta {c['delta']:g} (target {c['eps_target']:g}, "
+            print(f"table claims     : epsilon {round_up(c['epsilon'])} at delta {c['delta']:g} (target {c['eps_target']:g}, "
                   f"q = {c['sampling_rate']:g}, T = {c['steps']}, {c['geometry']}, sensitivity 1)")
-        print(f"certified epsilon: {cert.epsilon:.6f}   [{out['seconds']:.1f} s]")
-        if math.isinf(cert.epsilon):
-            print(f"(no finite epsilon: the privacy loss is +inf with probability "
-                  f"{cert.routes['pld']['infinite_loss_mass']:.4g} > delta; docs/privacy.md section 4)")
+        print(f"certified epsilon: {round_up(cert.epsilon)}   [{out['seconds']:.1f} s]")
         if "table" in defaults and check is None:
             print("(not compared with the claim: the mechanism or delta differs from the table's)")
     return out
@@ -229,15 +258,17 @@ def _lmo_eps0(noise: LMO, sensitivity: float) -> float:
 
 
 def cmd_delta(args) -> dict:
-    mech, _ = _mechanism(args)
-    delta = delta_for_epsilon(mech, args.epsilon, _accuracy(args))
+    mech, _, sources = _mechanism(args)
+    delta = delta_for_epsilon(mech, args.epsilon)
     if not args.json:
-        print(f"mechanism : {_describe(mech)}")
-        print(f"certified delta at epsilon {args.epsilon:g}: {delta:.6g}")
-    return {"delta": delta, "epsilon": args.epsilon, "mechanism": mech.describe()}
+        print(f"mechanism : {_describe(mech, sources)}")
+        print(f"certified delta at epsilon {args.epsilon:g}: {round_up(delta, 4)}")
+    return {"delta": delta, "epsilon": args.epsilon, "mechanism": mech.describe(),
+            **settings_json(mech.describe(), sources)}
 
 
 def cmd_calibrate(args) -> dict:
+    _refuse_irrelevant(args)
     if args.out:   # before any work: a path that cannot be written fails in the first second
         check_output_file(args.out, overwrite=args.overwrite, what="--out")
     base = {"gaussian": Gaussian, "laplace": Laplace}
@@ -250,25 +281,25 @@ def cmd_calibrate(args) -> dict:
         make = shape.scaled
     else:
         make = base[args.noise]
-    q = args.sampling_rate if args.sampling_rate is not None else 1.0
-    steps = args.steps if args.steps is not None else 1
-    geometry = args.geometry or "scalar"
+    values, sources = run_settings(args, {})
+    q, steps, geometry = values["sampling_rate"], values["steps"], values["geometry"]
     # The mechanism is scale invariant (noise s*C at sensitivity C is noise s at sensitivity 1), so
     # calibrate in units of C: that certificate is also the one of the table, which is in units of C.
-    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, 1.0, accuracy=_accuracy(args))
+    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, 1.0)
     scale = unit_scale * args.sensitivity
     noise = make(scale)
     out = {"scale": scale, "scale_per_unit_sensitivity": unit_scale, "noise": noise.family,
            "params": noise.params, "expected_abs": noise.expected_abs(),
-           "epsilon": cert.epsilon, "routes": {n: r["upper"] for n, r in cert.routes.items()}}
+           "epsilon": cert.epsilon, "routes": {n: r["upper"] for n, r in cert.routes.items()},
+           "sampling_rate": q, "steps": steps, "geometry": geometry, **settings_json(values, sources)}
     if args.out:
         write_certified_table(args.out, make(unit_scale), eps_target=args.eps, delta=args.delta,
                               sampling_rate=q, steps=steps, geometry=geometry, certificate=cert)
         out["table"] = args.out
     if not args.json:
         mech = Mechanism(noise, args.sensitivity, geometry, q, steps)
-        print(f"calibrated: {_describe(mech)}")
-        print(f"certified epsilon {cert.epsilon:.6f} <= target {args.eps:g} at delta {args.delta:g}")
+        print(f"calibrated: {_describe(mech, sources, scale_up=True)}")
+        print(f"certified epsilon {round_up(cert.epsilon)} <= target {args.eps:g} at delta {args.delta:g}")
         if args.out:
             print(f"table written: {args.out} (in units of the sensitivity: {make(unit_scale)!r})")
     return out
@@ -290,16 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delta", help="certified delta at an epsilon")
     _add_noise_args(p)
     _add_mechanism_args(p)
-    p.add_argument("--epsilon", type=_positive(float), required=True, help="epsilon > 0")
+    p.add_argument(*EPSILON_FLAGS, dest="epsilon", type=_positive(float), required=True, help="epsilon > 0")
     p.set_defaults(run=cmd_delta)
     p = sub.add_parser("calibrate", help="smallest noise scale whose certified epsilon meets a target")
     _add_noise_args(p, with_scale=False)
     _add_mechanism_args(p)
-    p.add_argument("--eps", type=_positive(float), required=True, help="target epsilon > 0")
+    p.add_argument(*EPSILON_FLAGS, dest="eps", type=_positive(float), required=True, help="target epsilon > 0")
     p.add_argument("--delta", type=_probability, required=True, help="target delta in (0, 1)")
     p.add_argument("--out", metavar="TABLE.npz",
                    help="also write the calibrated law as a certified table (in units of the sensitivity)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (default: an existing file is refused, exit 2)")
     p.set_defaults(run=cmd_calibrate)
     add_audit_command(sub, _add_noise_args, _noise_and_defaults)
     return parser

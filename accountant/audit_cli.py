@@ -10,6 +10,8 @@ import argparse
 import math
 
 from accountant.audit import audit
+from accountant.cli_common import (DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, marked, round_down, round_down_above,
+                                   round_up, run_settings, settings_json)
 from accountant.mechanism import Mechanism
 
 
@@ -53,12 +55,15 @@ def add_audit_command(sub, add_noise_args, noise_and_defaults):
     g.add_argument("--geometry", choices=("l2",), default="l2", help="clipping norm (only l2; default l2)")
     g.add_argument("--dimension", type=_positive_int, required=True,
                    help="number of coordinates d of the noised vector (e.g. the model's parameter count)")
-    g.add_argument("--sampling-rate", type=_number(0, 1, True), help="Poisson sampling rate q in (0, 1] (default 1)")
-    g.add_argument("--steps", type=_positive_int, help="number of composed steps T (default 1)")
-    g.add_argument("--sensitivity", type=_number(0, math.inf, False), default=1.0,
+    g.add_argument("--sampling-rate", type=_number(0, 1, True),
+                   help=f"Poisson sampling rate q in (0, 1] (default {DEFAULT_SAMPLING_RATE}, as python -m noise_search)")
+    g.add_argument("--steps", type=_positive_int,
+                   help=f"number of composed steps T (default {DEFAULT_STEPS}, as python -m noise_search)")
+    g.add_argument("--sensitivity", "--max-grad-norm", dest="sensitivity", type=_number(0, math.inf, False),
+                   default=1.0,
                    help="clipping norm C (default 1)")
     g.add_argument("--delta", type=_number(0, 1, False), help="delta in (0, 1) (default for tables: theirs)")
-    g.add_argument("--claimed-epsilon", type=_number(-1e-300, math.inf, False),
+    g.add_argument("--claimed-epsilon", "--claimed-eps", dest="claimed_epsilon", type=_number(-1e-300, math.inf, False),
                    help="the epsilon a paper or configuration claims; the verdict compares it with the bound")
     g.add_argument("--max-k", type=_positive_int,
                    help="largest k tried (default: the dimension)")
@@ -73,35 +78,39 @@ def add_audit_command(sub, add_noise_args, noise_and_defaults):
 
 def cmd_audit(args, noise_and_defaults) -> dict:
     noise, defaults = noise_and_defaults(args)
-    q = args.sampling_rate if args.sampling_rate is not None else defaults.get("sampling_rate", 1.0)
-    steps = args.steps if args.steps is not None else defaults.get("steps", 1)
+    values, sources = run_settings(args, defaults, names=("sampling_rate", "steps"))
+    q, steps = values["sampling_rate"], values["steps"]
     delta = args.delta if args.delta is not None else defaults.get("delta")
     if delta is None:
         raise ValueError("--delta is required")
     mech = Mechanism(noise, args.sensitivity, "l2", q, steps)
     res = audit(mech, args.dimension, delta, args.claimed_epsilon, max_k=args.max_k, progress=not args.json)
     out = res.as_dict()
+    out.update(settings_json(values, sources))
     if not args.json:
         params = ", ".join(f"{k}={v:.6g}" for k, v in noise.params.items())
+        delta_source = "table's" if args.delta is None else None
         print(f"mechanism : {noise.family}({params}), C = {args.sensitivity:g}, l2, d = {args.dimension}, "
-              f"q = {q:g}, T = {steps}, delta = {delta:g}")
+              f"q = {marked(f'{q:g}', sources.get('sampling_rate'))}, T = {marked(str(steps), sources.get('steps'))}, "
+              f"delta = {marked(f'{delta:g}', delta_source)}")
         for row in res.per_k:
-            print(f"  k = {row['k']:>10d} : epsilon >= {row['lower_bound']:.6f}")
-        print(f"one coordinate (k = 1)     : epsilon >= {res.one_coordinate:.6f}")
+            print(f"  k = {row['k']:>10d} : epsilon >= {round_down(row['lower_bound'])}")
+        print(f"one coordinate (k = 1)     : epsilon >= {round_down(res.one_coordinate)}")
         if res.gaussian_limit is not None:
-            print(f"Gaussian limit (reference) : {res.gaussian_limit:.6f}  (sigma_eff = {res.sigma_eff:.6g}, "
+            print(f"Gaussian limit (reference) : {res.gaussian_limit:.5g}  (sigma_eff = {res.sigma_eff:.6g}, "
                   f"Fisher information {res.fisher_information:.6g})")
         else:
             print("Gaussian limit (reference) : none (infinite Fisher information)")
         if res.upper_bound is not None:
-            print(f"certified upper bound      : {res.upper_bound:.6f}")
+            print(f"certified upper bound      : {round_up(res.upper_bound)}")
         else:
             print("certified upper bound      : none (no theorem for this noise under l2)")
-        print(f"certified lower bound: epsilon >= {res.lower_bound:.6f}  (attained at k = {res.k})  "
+        print(f"certified lower bound: epsilon >= {round_down(res.lower_bound)}  (attained at k = {res.k})  "
               f"[{res.seconds:.1f} s]")
         if res.claimed_epsilon is not None:
             if res.refuted:
-                print(f"claim refuted: true epsilon >= {res.lower_bound:.6f} > claimed {res.claimed_epsilon:g}")
+                shown = round_down_above(res.lower_bound, res.claimed_epsilon)
+                print(f"claim refuted: true epsilon >= {shown} > claimed {res.claimed_epsilon:g}")
             else:
                 print("not refuted by this test")
     return out

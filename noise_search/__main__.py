@@ -1,7 +1,10 @@
 """Command line: ``python -m noise_search --eps 0.3 --delta 1e-10``.
 
 Searches the noise with the least E|Z| (or variance) whose certified epsilon meets the target and
-writes its table (format v1).  Exit codes: 0 success, 2 a user mistake, an infeasible target or an
+writes its table (format v1).  ``--eps`` and ``--epsilon`` are the same option; omitted
+--sampling-rate / --steps default to the run python -m accountant assumes too (q 0.01, T 1000), and
+the summary and --json say which defaults were used.  Certified epsilons are printed rounded up
+(--json keeps full precision).  Exit codes: 0 success, 2 a user mistake, an infeasible target or an
 output path that cannot be written or already exists (one line on stderr, no traceback, checked
 before any work), 130 interrupted (no partial table is left behind).
 """
@@ -13,6 +16,7 @@ import math
 import signal
 import sys
 
+from accountant.cli_common import EPSILON_FLAGS, OneLineParser, marked, round_up, run_settings, settings_json
 from accountant.output_path import OutputPathError, check_output_file
 from noise_search.families import FAMILIES
 from noise_search.search import DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, TargetError
@@ -38,18 +42,18 @@ the fast accountant used to rank candidates is never reported as a guarantee.
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m noise_search",
         description="Find the noise with the least E|Z| whose certified (epsilon, delta) meets a target "
                     "under Poisson subsampling and composition, and write it as a certified noise table.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--eps", type=float, required=True, help="target epsilon of the whole run")
+    p.add_argument(*EPSILON_FLAGS, dest="eps", type=float, required=True, help="target epsilon of the whole run")
     p.add_argument("--delta", type=float, required=True, help="target delta of the whole run, e.g. 1e-10")
-    p.add_argument("--sampling-rate", type=float, default=DEFAULT_SAMPLING_RATE,
+    p.add_argument("--sampling-rate", type=float,
                    help=f"Poisson sampling rate q per step (default {DEFAULT_SAMPLING_RATE})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+    p.add_argument("--steps", type=int,
                    help=f"number of noisy steps T (default {DEFAULT_STEPS})")
-    p.add_argument("--geometry", choices=("scalar", "l1", "l2"), default="scalar",
+    p.add_argument("--geometry", choices=("scalar", "l1", "l2"),
                    help="which neighbouring differences the certificate covers (default scalar)")
     p.add_argument("--family", action="append", metavar="NAME",
                    help="restrict the search to this family (repeat or comma-separate); "
@@ -58,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="minimise E|Z| (abs, default) or the variance (var)")
     p.add_argument("--out", metavar="PATH", help="table to write (default: noise_eps<E>_delta<D>_q<Q>_T<T>_<geometry>.npz; "
                                                  ".npz is appended if missing)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out / --plot file (default: an existing file is refused, exit 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the optimiser's random initial simplices (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the found density against the Gaussian")
@@ -80,6 +85,8 @@ def _fmt_params(params: dict) -> str:
     for key, val in params.items():
         if isinstance(val, list):
             parts.append(f"{key}=[{', '.join(f'{v:.3g}' for v in val)}]")
+        elif key == "sigma" and isinstance(val, float):   # a Gaussian's sigma: rounded up (more noise)
+            parts.append(f"{key}={round_up(val)}")
         elif isinstance(val, float):
             parts.append(f"{key}={val:.5g}")
         else:
@@ -87,17 +94,20 @@ def _fmt_params(params: dict) -> str:
     return ", ".join(parts)
 
 
-def summary(result) -> str:
-    cert = result.certified_epsilon
+def summary(result, sources: dict | None = None) -> str:
+    """The result for people; ``sources`` marks the settings that were defaults (not given)."""
+    cert, sources = result.certified_epsilon, sources or {}
     rows = [
-        ("target", f"epsilon {result.eps_target:g}, delta {result.delta:g}, sampling rate q={result.sampling_rate:g}, "
-                   f"steps T={result.steps}, geometry {result.geometry}"),
+        ("target", f"epsilon {result.eps_target:g}, delta {result.delta:g}, "
+                   f"sampling rate q={marked(f'{result.sampling_rate:g}', sources.get('sampling_rate'))}, "
+                   f"steps T={marked(str(result.steps), sources.get('steps'))}, "
+                   f"geometry {marked(result.geometry, sources.get('geometry'))}"),
         ("family", f"{result.family} (sampled law: {result.law})"),
         ("parameters", _fmt_params(result.params)),
         ("E|Z|", f"{result.expected_abs:.4f}   (std {math.sqrt(result.variance):.4f})"),
-        ("calibrated Gaussian", f"sigma {result.gaussian_sigma:.4f}, E|Z| {result.gaussian_expected_abs:.4f}"),
+        ("calibrated Gaussian", f"sigma {round_up(result.gaussian_sigma)}, E|Z| {result.gaussian_expected_abs:.4f}"),
         ("ratio to Gaussian", f"{result.ratio_to_gaussian:.4f} ({'E|Z|' if result.objective == 'abs' else 'variance'})"),
-        ("certified epsilon", ", ".join(f"{k} {v:.5f}" for k, v in cert.items())),
+        ("certified epsilon", ", ".join(f"{k} {round_up(v)}" for k, v in cert.items()) + "  (rounded up)"),
         ("file written", str(result.path)),
         ("time", f"{result.seconds:.1f} s"),
     ]
@@ -147,6 +157,8 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    settings, sources = run_settings(args, {})
+    args.sampling_rate, args.steps, args.geometry = settings["sampling_rate"], settings["steps"], settings["geometry"]
     signal.signal(signal.SIGTERM, _terminate)
     families = None
     if args.family:
@@ -169,9 +181,9 @@ def main(argv=None) -> int:
         print("noise_search: interrupted; no table written", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), **settings_json(settings, sources)}, indent=2))
     elif not args.quiet:
-        print(summary(result))
+        print(summary(result, sources))
     return 0
 
 

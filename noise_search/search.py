@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from accountant.cli_common import DEFAULT_SAMPLING_RATE, DEFAULT_STEPS  # shared with python -m accountant
 from noise_search import fast_accountant as fa
 from noise_search.families import FAMILIES, L1_FAMILIES, TAIL_TARGET, Binned, spline_from_gengauss
 
-#: a documented, realistic DP fine-tuning setting: Poisson rate 1% (e.g. batch ~500 of 50k examples)
-#: and 1000 steps (~10 epochs), the setting of docs/soundness.md section 4.
-DEFAULT_SAMPLING_RATE = 0.01
-DEFAULT_STEPS = 1000
+# DEFAULT_SAMPLING_RATE, DEFAULT_STEPS: a documented, realistic DP fine-tuning setting, Poisson rate 1%
+# (e.g. batch ~500 of 50k examples) and 1000 steps (~10 epochs), the setting of docs/soundness.md
+# section 4; python -m accountant assumes the same run when --sampling-rate / --steps are omitted.
 #: families searched under scalar geometry (``spline`` starts from the ``gengauss`` optimum)
 DEFAULT_FAMILIES = ("gaussian", "laplace", "gengauss", "lmo", "staircase", "spline")
 #: scales above this (in units of the sensitivity) are "no sane noise" (infeasible target)
