@@ -8,12 +8,16 @@ on the release only through ``L = sum_i l(x_i)``, ``l(x) = log p(x - s) - log p(
 
 Every stage below keeps the result a lower bound (Theorem A of docs/privacy.md):
 
-1. one coordinate: the loss ``l(X)`` is *garbled* into bins of a fine grid (exact bin masses under
-   ``P`` and ``P_s`` from :func:`accountant.privacy_loss.level_set_masses`); a garbling (a Markov
-   kernel applied to the release) can only lower every hockey-stick divergence;
-2. the bins are garbled again onto a lattice by merging neighbouring mass so that every merged
-   bin's likelihood ratio is *exactly* a lattice value (:func:`garble_to_lattice`); unmergeable
-   mass is dropped (dropping mass lowers delta, which is an expectation of a non-negative function);
+1. one coordinate: the loss ``l(X)`` is *garbled* into cells of a fine grid (exact cell masses
+   under ``P`` and ``P_s`` from the law's survival functions, :func:`coordinate_cells`, shared by
+   both relations); a garbling (a Markov kernel applied to the release) can only lower every
+   hockey-stick divergence;
+2. the cells are garbled again onto a lattice by merging neighbouring mass so that every merged
+   bin's likelihood ratio is *exactly* a lattice value (:func:`garble_to_lattice`: a sweep from the
+   bottom up, whose unbalanced rest at the top is merged from the top down); cells that share an
+   end loss up to float noise are first rounded to one value the relation's safe way (down for
+   remove, up for add: delta is monotone in the loss), and anything still unmergeable is rounded
+   the same way or dropped (dropping mass lowers delta, an expectation of a non-negative function);
 3. ``k = 4^j`` coordinates: ``2j`` squarings by FFT convolution, re-garbled onto a coarser lattice
    whenever the support grows; FFT noise below its error bound is dropped;
 4. the subsampled step pair (remove: ``((1-q)P + qP_v, P)``, add: its mirror) is garbled onto a
@@ -25,14 +29,14 @@ The lower bound is the maximum over ``k`` in ``{1, 4, 16, ...} <= d`` and over b
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numba
 import numpy as np
 from scipy import fft as sfft
-
-from dp_accounting.pld import common as pld_common
 
 from accountant.certify import certify
 from accountant.mechanism import Mechanism
@@ -42,6 +46,8 @@ from accountant.privacy_loss import TAIL_NEGLIGIBLE, level_set_masses
 #: lattice points snap onto a lattice value within this fraction of a step (a stated float tolerance)
 SNAP = 1e-9
 UNIT = 2.0 ** -52
+#: threads for the batched FFTs of a squaring (scipy.fft ``workers``)
+FFT_WORKERS = min(2, os.cpu_count() or 1)
 
 
 class AuditError(ValueError):
@@ -85,17 +91,22 @@ class AuditResult:
 # ----------------------------------------------------------------------------------------------
 # Garbling onto a lattice
 # ----------------------------------------------------------------------------------------------
-@numba.njit(cache=True)
-def _garble(t, w, step, snap, leftover):
-    """Greedy merge of sorted atoms at lattice positions ``t`` (loss = t * step, up to the common
-    offset) with lower masses ``w`` into bins whose loss is exactly an integer position m.
-    Returns (m, lower mass) per bin, the dropped lower mass and the largest upward snap (in steps)."""
+@numba.njit(cache=True, nogil=True)
+def _garble(t, w, step, snap, leftover, sign):
+    """Greedy merge of sorted atoms at lattice positions ``t`` with lower masses ``w`` into bins
+    whose loss is exactly an integer position m. ``sign`` is +1 when the loss is ``t * step`` (sweep
+    from the bottom up) and -1 when it is ``-t * step`` (the caller negated the positions to sweep
+    from the top down). Returns (m, lower mass) per bin, the dropped lower mass, the largest moves
+    to a larger and to a smaller position (in steps, in t's coordinates), and, for ``leftover == 3``
+    (keep), where the unbalanced rest starts: (index, its first atom's remaining mass, target)."""
     n = t.shape[0]
     out_m = np.empty(2 * n + 1, np.int64)
     out_w = np.empty(2 * n + 1, np.float64)
     nb = 0
     dropped = 0.0
     max_up = 0.0
+    max_down = 0.0
+    rest, rest_w, rest_m = n, 0.0, 0
     i = 0
     rw = w[0] if n > 0 else 0.0
     while i < n:
@@ -106,27 +117,28 @@ def _garble(t, w, step, snap, leftover):
             continue
         m = math.ceil(t[i] - snap)
         if t[i] >= m - snap:              # on the lattice, to the float tolerance
-            if m - t[i] > max_up:
-                max_up = m - t[i]
+            max_up = max(max_up, m - t[i])
+            max_down = max(max_down, t[i] - m)
             out_m[nb] = m
             out_w[nb] = rw
             nb += 1
             rw = 0.0
             continue
-        balance = rw * math.expm1((t[i] - m) * step)   # < 0: this atom lies below its target
+        # sum of w (e^(loss - loss_m) - 1) over a bin is 0 exactly when its ratio is e^(loss_m)
+        balance = rw * sign * math.expm1(sign * (t[i] - m) * step)   # < 0: below its target
         mass = rw
         on_target = 0.0                   # mass of atoms that sit on the target itself
         j = i + 1
         closed = False
         while j < n:
             if abs(t[j] - m) <= snap:
-                if m - t[j] > max_up:
-                    max_up = m - t[j]
+                max_up = max(max_up, m - t[j])
+                max_down = max(max_down, t[j] - m)
                 on_target += w[j]
                 mass += w[j]
                 j += 1
                 continue
-            c = w[j] * math.expm1((t[j] - m) * step)
+            c = w[j] * sign * math.expm1(sign * (t[j] - m) * step)
             if c > 0.0 and balance + c >= 0.0:
                 f = min(1.0, -balance / c)
                 mass += f * w[j]
@@ -145,7 +157,9 @@ def _garble(t, w, step, snap, leftover):
                 out_m[nb] = m
                 out_w[nb] = on_target
                 nb += 1
-            if leftover != 0:             # each leftover atom to the lattice point below (1) / above (2)
+            if leftover == 3:
+                rest, rest_w, rest_m = i, rw, m
+            elif leftover != 0:           # each leftover atom to the lattice point below (1) / above (2)
                 for r in range(i, n):
                     part = rw if r == i else w[r]
                     if abs(t[r] - m) <= snap:
@@ -156,13 +170,13 @@ def _garble(t, w, step, snap, leftover):
             else:
                 dropped += mass - on_target
             i = n
-    return out_m[:nb], out_w[:nb], dropped, max_up
+    return out_m[:nb], out_w[:nb], dropped, max_up, max_down, rest, rest_w, rest_m
 
 
 LEFTOVER = {"drop": 0, "down": 1, "up": 2}
 
 
-def garble_to_lattice(t, w, step: float, leftover: str = "drop"):
+def garble_to_lattice(t, w, step: float, leftover: str = "drop", moves: bool = False):
     """Garble a discrete pair onto the integer lattice positions.
 
     The pair is given by sorted positions ``t`` (the loss is ``offset + t * step``, offset common to
@@ -170,26 +184,48 @@ def garble_to_lattice(t, w, step: float, leftover: str = "drop"):
     Contiguous runs of atoms (splitting at most one atom at each end) are merged so that each run's
     upper/lower mass ratio is ``exp`` of the loss at an integer position; merging is a
     post-processing, so every hockey-stick divergence can only decrease (docs/privacy.md, Theorem
-    A). Mass that cannot be balanced at the top is dropped (``leftover="drop"``), or each such
-    atom is moved to the lattice point below (``"down"``) or above it (``"up"``): moving losses
-    down under the lower measure lowers delta when delta is non-decreasing in the loss (the remove
-    relation, and any final step pair), moving them up lowers it when it is non-increasing (the
-    add relation seen through L). Atoms within ``SNAP`` of a lattice
-    point are assigned to it; the largest upward move is returned so the caller can account for it.
+    A). The sweep runs from the bottom up; at the top it can leave a rest that nothing above can
+    balance. With ``leftover="drop"`` that rest is dropped. With ``"down"`` or ``"up"`` the rest is
+    merged from the top down instead, together with the bins already formed below it (again a
+    garbling: no loss moves, so the tilted measure keeps its total mass), and only what even that
+    cannot balance is moved to the lattice point below (``"down"``) or above (``"up"``): moving
+    losses down under the lower measure lowers delta when delta is non-decreasing in the loss (the
+    remove relation, and any final step pair), moving them up lowers it when it is non-increasing
+    (the add relation seen through L). Atoms within ``SNAP`` of a lattice point are assigned to it;
+    the largest upward move is returned so the caller can account for it (and, with
+    ``moves=True``, also the largest downward move).
 
-    Returns ``(first, lower_masses, dropped_lower_mass, max_upward_snap_in_steps)``:
-    ``lower_masses[i]`` sits at position ``first + i``.
+    Returns ``(first, lower_masses, dropped_lower_mass, max_upward_snap_in_steps)`` (plus
+    ``max_downward_snap_in_steps`` with ``moves=True``): ``lower_masses[i]`` sits at position
+    ``first + i``.
     """
     t = np.ascontiguousarray(t, dtype=np.float64)
     w = np.ascontiguousarray(w, dtype=np.float64)
     keep = (w > 0) & np.isfinite(t)
     dropped_inf = float(np.sum(w[~keep]))
-    m, mass, dropped, up = _garble(t[keep], w[keep], float(step), SNAP, LEFTOVER[leftover])
+    t, w = t[keep], w[keep]
+    mode = LEFTOVER[leftover]
+    m, mass, dropped, up, down, rest, rest_w, rest_m = _garble(t, w, float(step), SNAP, 3 if mode else 0, 1.0)
+    if mode and rest < len(t):
+        rt, rw = t[rest:].copy(), w[rest:].copy()
+        rw[0] = rest_w
+        off = np.abs(rt - rest_m) > SNAP              # on-target atoms of the rest are already binned
+        pos = np.concatenate([m.astype(np.float64), rt[off]])
+        wts = np.concatenate([mass, rw[off]])
+        order = np.argsort(-pos, kind="stable")
+        # negated positions: the top-down sweep; its own rest is rounded the safe way (down in t
+        # is up in -t), and its moves swap direction
+        m2, mass, dropped2, up2, down2, _, _, _ = _garble(-pos[order], wts[order], float(step), SNAP,
+                                                          2 if mode == 1 else 1, -1.0)
+        m = -m2
+        dropped += dropped2
+        up, down = max(up, down2), max(down, up2)
     if len(m) == 0:
-        return 0, np.zeros(1), dropped + dropped_inf, 0.0
+        out = (0, np.zeros(1), dropped + dropped_inf, 0.0)
+        return out + (0.0,) if moves else out
     first = int(m.min())
     out = np.bincount(m - first, weights=mass)
-    return first, out, dropped + dropped_inf, up
+    return (first, out, dropped + dropped_inf, up, down) if moves else (first, out, dropped + dropped_inf, up)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +234,8 @@ def garble_to_lattice(t, w, step: float, leftover: str = "drop"):
 @dataclass
 class LatticeLaw:
     """P-masses ``p`` of a loss on the lattice ``origin + (first + stride * i) * unit`` (the
-    tilted measure P_v has masses ``p * exp(loss)``). ``up`` bounds how far float snapping moved
-    any loss value upwards (loss units)."""
+    tilted measure P_v has masses ``p * exp(loss)``). ``up`` and ``down`` bound how far float
+    snapping moved any loss value upwards and downwards (loss units)."""
 
     origin: float
     unit: float
@@ -207,6 +243,7 @@ class LatticeLaw:
     stride: int
     p: np.ndarray
     up: float = 0.0
+    down: float = 0.0
 
     @property
     def step(self) -> float:
@@ -239,15 +276,11 @@ def _cells(noise: Noise, shift: float, resolution: float) -> np.ndarray:
     return np.append(start + offset * width, x[-1])
 
 
-def coordinate_law(noise: Noise, shift: float, accuracy: AuditAccuracy = AuditAccuracy(),
-                   leftover: str = "drop") -> LatticeLaw:
-    """The one-coordinate pair (P_s, P) garbled onto a lattice.
-
-    Stage 1: the line is cut into cells (:func:`_cells`, plus the two outer half-lines); reporting
-    only the cell of x is a garbling whose losses are log(P_s(cell) / P(cell)), with both masses
-    exact from the law's survival functions. Stage 2: these atoms are garbled onto a lattice of
-    ``coordinate_points`` steps whose ends are -/+ the largest cell loss A, so the atoms of
-    Laplace noise (l = -A on x <= 0, +A on x >= s) sit exactly on it."""
+def coordinate_cells(noise: Noise, shift: float, accuracy: AuditAccuracy = AuditAccuracy()):
+    """Stage 1, shared by both relations: the line is cut into cells (:func:`_cells`, plus the two
+    outer half-lines, which are dropped); reporting only the cell of x is a garbling whose losses are
+    log(P_s(cell) / P(cell)), with both masses exact from the law's survival functions. Returns the
+    cell losses (sorted) and their P-masses."""
     reach = float(noise.isf(TAIL_NEGLIGIBLE))
     # a first pass fixes the loss range, the second cuts cells at the final resolution
     scale = _loss_range(noise, shift, reach)
@@ -265,11 +298,39 @@ def coordinate_law(noise: Noise, shift: float, accuracy: AuditAccuracy = AuditAc
     x = np.clip(x, np.minimum(ell[:-1], ell[1:])[ok], np.maximum(ell[:-1], ell[1:])[ok])
     w = p_mass[ok]
     order = np.argsort(x, kind="stable")
-    x, w = x[order], w[order]
-    big = max(float(x[-1]), -float(x[0]))
-    unit = 2 * big / accuracy.coordinate_points
-    first, p, _, up = garble_to_lattice((x + big) / unit, w, unit, leftover)
-    return LatticeLaw(-big, unit, first, 1, p, up * unit)
+    return x[order], w[order]
+
+
+#: cells within this fraction of a lattice step of the largest loss form the top cluster
+TOP_CLUSTER = 1e-3
+
+
+def coordinate_law(noise: Noise, shift: float, accuracy: AuditAccuracy = AuditAccuracy(),
+                   leftover: str = "drop", cells=None) -> LatticeLaw:
+    """The one-coordinate pair (P_s, P) garbled onto a lattice.
+
+    Stage 1: :func:`coordinate_cells` (or ``cells``, its result). Stage 2: these atoms are garbled
+    onto a lattice of ``coordinate_points`` steps from the smallest cell loss to the top, so the
+    atoms of Laplace noise (l = -A on x <= 0, +A on x >= s) sit exactly on it. Cells that should
+    share the smallest or the largest loss (Laplace's x <= 0 and x >= s) differ by float noise
+    (~1e-14); those within ``TOP_CLUSTER`` steps of either end are first rounded to one value the
+    safe way for the relation: down to the cluster's smallest loss (``leftover="down"``, remove) or
+    up to its largest (``"up"``, add), and the lattice ends there. Without this a cluster sits just
+    off a lattice point: at the top it cannot be balanced and a whole step of rounding on its mass
+    compounds k-fold; at the bottom it is merged with a long run of the cells above it."""
+    x, w = coordinate_cells(noise, shift, accuracy) if cells is None else cells
+    bottom, top = float(x[0]), float(x[-1])
+    tol = TOP_CLUSTER * (top - bottom) / accuracy.coordinate_points
+    low, high = x <= bottom + tol, x >= top - tol
+    if leftover == "down":                        # rounding down: Theorem A (ii)(c), remove
+        top = float(x[high].min())
+        x = np.where(low, bottom, np.minimum(x, top))
+    elif leftover == "up":                        # rounding up: the add relation's safe way
+        bottom = float(x[low].max())
+        x = np.where(high, top, np.maximum(x, bottom))
+    unit = (top - bottom) / accuracy.coordinate_points
+    first, p, _, up, down = garble_to_lattice((x - bottom) / unit, w, unit, leftover, moves=True)
+    return LatticeLaw(bottom, unit, first, 1, p, up * unit, down * unit)
 
 
 def _loss_range(noise: Noise, shift: float, reach: float) -> float:
@@ -295,6 +356,9 @@ def _fft_floor(a: np.ndarray, b: np.ndarray, n: int) -> float:
 
 
 def _tilt(p: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """p * e^losses, without overflow far out (through logarithms only where e^losses could overflow)."""
+    if len(losses) == 0 or float(np.max(np.abs(losses))) < 700.0:
+        return p * np.exp(losses)
     with np.errstate(over="ignore", under="ignore", divide="ignore"):
         return np.where(p > 0, np.exp(np.log(np.where(p > 0, p, 1.0)) + losses), 0.0)
 
@@ -307,20 +371,21 @@ def square(law: LatticeLaw) -> LatticeLaw:
     v = _tilt(p, law.losses())
     n = 2 * len(p) - 1
     size = sfft.next_fast_len(n, real=True)
-    fp, fv = sfft.rfft(p, size), sfft.rfft(v, size)
     eta_p, eta_v = _fft_floor(p, p, size), _fft_floor(v, v, size)
-    pp = sfft.irfft(fp * fp, size)[:n]
-    vv = sfft.irfft(fv * fv, size)[:n]
-    out = LatticeLaw(2 * law.origin, law.unit, 2 * law.first, law.stride, pp, 2 * law.up)
+    both = sfft.rfft(np.stack([p, v]), size, axis=-1, workers=FFT_WORKERS)   # one batched transform
+    pp, vv = sfft.irfft(both * both, size, axis=-1, workers=FFT_WORKERS)[:, :n]
+    out = LatticeLaw(2 * law.origin, law.unit, 2 * law.first, law.stride, pp, 2 * law.up, 2 * law.down)
     # Outer tails (beyond the outermost entries far above the error bound): each estimate minus
     # its error bound is below the true mass; keep the larger. Inside, the computed masses are kept
     # (negative float noise clipped): their error is the FFT's, measured in docs/privacy.md, section "Audit".
-    tail = np.maximum(np.maximum(pp - eta_p, _tilt(np.maximum(vv - eta_v, 0.0), -out.losses())), 0.0)
     big = np.nonzero(pp > 1e3 * eta_p)[0]
-    inside = np.zeros(n, dtype=bool)
-    if len(big):
-        inside[big[0]:big[-1] + 1] = True
-    out.p = np.where(inside, np.maximum(pp, 0.0), tail)
+    lo, hi = (int(big[0]), int(big[-1]) + 1) if len(big) else (n, n)
+    res = np.maximum(pp, 0.0)
+    for a, b in ((0, lo), (hi, n)):
+        if b > a:
+            losses = out.origin + (out.first + out.stride * np.arange(a, b)) * out.unit
+            res[a:b] = np.maximum(np.maximum(pp[a:b] - eta_p, _tilt(np.maximum(vv[a:b] - eta_v, 0.0), -losses)), 0.0)
+    out.p = res
     nz = np.nonzero(out.p)[0]
     if len(nz) == 0:
         raise AuditError("all mass lost in the k-fold convolution (numerical failure)")
@@ -334,20 +399,22 @@ def coarsen(law: LatticeLaw, max_points: int, leftover: str = "drop") -> Lattice
     while len(law.p) > max_points:
         # positions counted from the origin, so lattice-aligned atoms (Laplace) stay on the lattice
         t = (law.first + law.stride * np.arange(len(law.p))) / (2.0 * law.stride)
-        first, p, _, _ = garble_to_lattice(t, law.p, 2 * law.step, leftover)
-        law = LatticeLaw(law.origin, law.unit, 2 * law.stride * first, 2 * law.stride, p, law.up)
+        first, p, _, up, down = garble_to_lattice(t, law.p, 2 * law.step, leftover, moves=True)
+        law = LatticeLaw(law.origin, law.unit, 2 * law.stride * first, 2 * law.stride, p,
+                         law.up + up * 2 * law.step, law.down + down * 2 * law.step)
     return law
 
 
 def k_coordinate_law(noise: Noise, sensitivity: float, k: int, accuracy: AuditAccuracy = AuditAccuracy(),
-                     direction: str = "remove") -> LatticeLaw:
+                     direction: str = "remove", cells=None) -> LatticeLaw:
     """Law of L = sum of k per-coordinate losses (shift C/sqrt(k)) under P, garbled onto a
     lattice (k a power of 2: log2(k) squarings). Unbalanced mass is rounded down for the remove
-    relation (whose delta increases with L) and up for the add relation (whose delta decreases)."""
+    relation (whose delta increases with L) and up for the add relation (whose delta decreases).
+    ``cells``: stage 1 (:func:`coordinate_cells` at shift C/sqrt(k)), if already computed."""
     if k < 1 or k & (k - 1):
         raise AuditError(f"k must be a power of 2, got {k}")
     leftover = "down" if direction == "remove" else "up"
-    law = coordinate_law(noise, sensitivity / math.sqrt(k), accuracy, leftover)
+    law = coordinate_law(noise, sensitivity / math.sqrt(k), accuracy, leftover, cells)
     for _ in range(k.bit_length() - 1):
         law = coarsen(square(law), accuracy.max_points, leftover)
     return law
@@ -377,6 +444,38 @@ def epsilon_for_delta(losses: np.ndarray, upper: np.ndarray, delta: float) -> fl
     return max(0.0, min(math.log((u_above[j] - delta) / w_above[j]), nxt))
 
 
+def self_convolve(masses: np.ndarray, times: int, tail_mass: float):
+    """``times``-fold convolution of ``masses`` with itself by one real FFT, on the window outside
+    of which the Chernoff bound puts at most ``tail_mass`` of the result (the same window and
+    orders as dp-accounting's ``pld.common.self_convolve``, which this reproduces with a real
+    transform and vectorised moment generating functions). Returns (index of the first entry,
+    entries); the mass outside the window wraps around onto it, at most ``tail_mass``."""
+    n = len(masses)
+    upper_bound, lower_bound = (n - 1) * times, 0
+    if tail_mass > 0:
+        orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / n
+        with np.errstate(divide="ignore"):
+            logw = np.log(masses)
+        idx = np.arange(n, dtype=np.float64)
+        for order in orders:                      # log E[e^(order I)] by a stable log-sum-exp
+            a = idx * order + logw
+            top = float(np.max(a))
+            if not math.isfinite(top):
+                continue
+            log_mgf = top + math.log(float(np.sum(np.exp(a - top))))
+            bound = (times * log_mgf + math.log(2 / tail_mass)) / order
+            if not math.isfinite(bound):
+                continue
+            if order > 0:
+                upper_bound = min(upper_bound, math.ceil(bound))
+            else:
+                lower_bound = max(lower_bound, math.floor(bound))
+    out_len = upper_bound - lower_bound + 1
+    size = sfft.next_fast_len(max(out_len, n), real=True)
+    cyclic = sfft.irfft(sfft.rfft(masses, size) ** times, size)
+    return lower_bound, np.roll(cyclic, -lower_bound)[:out_len]
+
+
 def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
                   accuracy: AuditAccuracy = AuditAccuracy(), directions=("remove", "add")) -> dict:
     """Lower bound on epsilon at ``delta`` of ``steps`` compositions of the Poisson-subsampled
@@ -400,14 +499,15 @@ def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
         g = offset + (first + np.arange(len(lower))) * dstep
         upper = lower * np.exp(g)
         trunc = min(1e-15, delta * 1e-6)
-        low_idx, composed = pld_common.self_convolve(upper, steps, trunc)
+        low_idx, composed = self_convolve(upper, steps, trunc)
         composed = np.asarray(composed, dtype=np.float64)
         noise_amp = max(-float(composed.min()), 0.0) if len(composed) else 0.0
         composed = np.maximum(composed, 0.0)
         # the FFT's wrapped-around mass (<= trunc) and its measured noise on every entry
         guard = trunc + 10 * noise_amp * len(composed)
         # float snapping moved losses up by at most `shift` in total (docs/privacy.md, section "Audit")
-        shift = steps * (up * dstep + (law.up if direction == "remove" else 0.0))
+        # (remove: L moved up; add: L moved down, i.e. its step loss -log(1 - q + q e^L) up)
+        shift = steps * (up * dstep + (law.up if direction == "remove" else law.down))
         losses = offset * steps + (first * steps + low_idx + np.arange(len(composed))) * dstep
         eps = epsilon_for_delta(losses, composed, (delta + guard) * math.exp(shift)) - shift
         out[direction] = {"epsilon": max(eps, 0.0), "step": dstep, "dropped": dropped, "guard": guard,
@@ -469,8 +569,9 @@ def lower_bound_at_k(mechanism: Mechanism, k: int, delta: float,
                      accuracy: AuditAccuracy = AuditAccuracy()) -> dict:
     """Certified lower bound on epsilon from the pair with v spread over k coordinates."""
     out = {}
+    cells = coordinate_cells(mechanism.noise, mechanism.sensitivity / math.sqrt(k), accuracy)
     for direction in ("remove", "add"):      # each relation rounds unbalanced mass its own safe way
-        law = k_coordinate_law(mechanism.noise, mechanism.sensitivity, k, accuracy, direction)
+        law = k_coordinate_law(mechanism.noise, mechanism.sensitivity, k, accuracy, direction, cells)
         out[direction] = compose_lower(law, mechanism.sampling_rate, int(mechanism.steps), delta,
                                        accuracy, (direction,))[direction]
     out["epsilon"] = max(out["remove"]["epsilon"], out["add"]["epsilon"])
@@ -481,9 +582,12 @@ def lower_bound_at_k(mechanism: Mechanism, k: int, delta: float,
 
 def audit(mechanism: Mechanism, dimension: int, delta: float, claimed_epsilon: float | None = None,
           max_k: int | None = None, accuracy: AuditAccuracy = AuditAccuracy(),
-          progress: bool = False) -> AuditResult:
+          progress: bool = False, workers: int | None = None) -> AuditResult:
     """Certified lower bound on the epsilon of ``mechanism`` (product noise, L2 clipping with norm
-    ``mechanism.sensitivity``) on vectors of ``dimension`` coordinates; see the module docstring."""
+    ``mechanism.sensitivity``) on vectors of ``dimension`` coordinates; see the module docstring.
+    The values of k are independent: ``workers`` threads (default: up to 2, the CPU count) audit
+    them concurrently (the FFTs and the compiled garbling release the GIL); results do not
+    depend on it."""
     start = time.perf_counter()
     if mechanism.geometry != "l2":
         raise AuditError(f"the audit is for l2 clipping, got geometry {mechanism.geometry!r}")
@@ -496,17 +600,29 @@ def audit(mechanism: Mechanism, dimension: int, delta: float, claimed_epsilon: f
     if claimed_epsilon is not None and not (claimed_epsilon >= 0 and math.isfinite(claimed_epsilon)):
         raise AuditError(f"claimed epsilon must be a finite non-negative number, got {claimed_epsilon}")
     grid = k_grid(int(dimension), max_k)
-    per_k = []
-    iterator = grid
+    workers = max(1, min(workers or FFT_WORKERS, len(grid)))
+    bar = None
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(grid, desc="audit k", unit="k")
-    for k in iterator:
+        bar = tqdm(total=len(grid), desc="audit k", unit="k")
+
+    def one(k):
         r = lower_bound_at_k(mechanism, k, delta, accuracy)
-        per_k.append({"k": k, "lower_bound": r["epsilon"],
-                      "remove": r["remove"]["epsilon"], "add": r["add"]["epsilon"],
-                      "loss_step": r["loss_step"], "step": r["remove"]["step"],
-                      "guard": max(r["remove"]["guard"], r["add"]["guard"])})
+        if bar is not None:
+            bar.update()
+        return {"k": k, "lower_bound": r["epsilon"], "remove": r["remove"]["epsilon"], "add": r["add"]["epsilon"],
+                "loss_step": r["loss_step"], "step": r["remove"]["step"],
+                "guard": max(r["remove"]["guard"], r["add"]["guard"])}
+    try:
+        if workers == 1:
+            per_k = [one(k) for k in grid]
+        else:                                  # largest k first: they take longest
+            with ThreadPoolExecutor(workers) as pool:
+                done = dict(zip(grid[::-1], pool.map(one, grid[::-1])))
+            per_k = [done[k] for k in grid]
+    finally:
+        if bar is not None:
+            bar.close()
     best = max(per_k, key=lambda r: r["lower_bound"])
     q, steps, c = mechanism.sampling_rate, int(mechanism.steps), mechanism.sensitivity
     limit, sigma_eff = gaussian_limit(mechanism.noise, c, q, steps, delta)

@@ -174,3 +174,50 @@ def test_small_per_coordinate_loss_stays_below_the_gaussian_limit():
     limit, _ = A.gaussian_limit(mech.noise, 1.0, 0.01, 1000, 1e-10)
     assert r["epsilon"] <= limit * 1.01
     assert r["add"]["epsilon"] >= 0.95 * limit
+
+
+def _reverse_hockey(loss, lower, eps):
+    """delta(eps) of the mirrored pair (lower against upper): sum (lower - e^eps upper)_+."""
+    return float(np.sum(np.maximum(lower - math.exp(eps) * lower * np.exp(loss), 0.0)))
+
+
+@pytest.mark.parametrize("leftover", ["down", "up"])
+def test_unbalanced_top_is_merged_from_the_top_down(leftover):
+    # a continuum below a heavy top atom, as in Laplace's one-coordinate law
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.sort(rng.uniform(0.0, 2.0, 3000)), [2.0]])
+    w = np.concatenate([rng.random(3000) * 1e-4, [0.5]])
+    w /= w.sum()
+    step = 2.0 / 64 * 1.0000001            # the top atom falls just below a lattice point
+    first, lower, dropped, up = A.garble_to_lattice(x / step, w, step, leftover)
+    g = (first + np.arange(len(lower))) * step
+    assert dropped == 0.0 and abs(lower.sum() - 1) < 1e-12
+    # nothing rounded: the tilted measure keeps its total mass (rounding the top atom a step down
+    # loses 0.18 of it)
+    assert abs(np.sum(lower * np.exp(g)) - np.sum(w * np.exp(x))) < 1e-12
+    for eps in (-0.5, 0.0, 0.2, 0.5, 1.0):
+        assert _hockey(g, lower, eps) <= _hockey(x, w, eps) + 1e-12
+        assert _reverse_hockey(g, lower, eps) <= _reverse_hockey(x, w, eps) + 1e-12
+
+
+def test_both_relations_keep_the_tilted_mass_of_a_small_per_coordinate_loss():
+    """The cells of Laplace's x >= s share the loss s/b up to float noise; the remove law once
+    rounded that cluster (mass 1/2) a whole lattice step down, so its tilted measure lost 4e-8 per
+    coordinate and the law's mean was 4x too low at k = 4^10."""
+    law_remove = A.coordinate_law(Laplace(5.7954), 1 / 1024, leftover="down")
+    law_add = A.coordinate_law(Laplace(5.7954), 1 / 1024, leftover="up")
+    kl = -(1 / 1024 / 5.7954 - 1 + math.exp(-1 / 1024 / 5.7954))       # E_P[l] = -KL(P || P_s), closed form
+    for law in (law_remove, law_add):
+        assert abs(np.sum(law.p * np.exp(law.losses())) - 1) < 1e-12
+        assert float(law.p @ law.losses()) == pytest.approx(kl, rel=1e-3)
+
+
+def test_remove_relation_stays_near_the_gaussian_limit_at_large_k():
+    """Laplace calibrated in one coordinate (b = 5.7954): the remove relation dominates and its
+    bound approaches the Gaussian limit; it once fell to 0.29 at k = 4^5 and to 0 at k = 4^10."""
+    mech = Mechanism(Laplace(5.7954), 1.0, "l2", 0.01, 1000)
+    limit, _ = A.gaussian_limit(mech.noise, 1.0, 0.01, 1000, 1e-10)
+    for k in (4 ** 5, 4 ** 10):
+        r = A.lower_bound_at_k(mech, k, 1e-10)
+        assert 0.99 * limit <= r["remove"]["epsilon"] <= 1.01 * limit, (k, r["remove"]["epsilon"], limit)
+        assert r["remove"]["epsilon"] > r["add"]["epsilon"]
