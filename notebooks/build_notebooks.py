@@ -152,7 +152,8 @@ rows = []
 for as_scale in (False, True):
     noise = LMO.from_published(cfg, exp_lambda_as_scale=as_scale)
     reading = "lambda as scale (what the code samples)" if as_scale else "lambda as rate (what it accounts)"
-    cli = ["accountant", "epsilon", "--noise", "lmo", "--params", "lmo_published.json", "--delta", DELTA]
+    cli = ["accountant", "epsilon", "--noise", "lmo", "--params", "lmo_published.json", "--sampling-rate", 1,
+           "--steps", 1, "--delta", DELTA]   # one release (the CLI's default run is q 0.01, T 1000)
     if as_scale:
         cli.append("--exp-lambda-as-scale")
     import importlib.util
