@@ -30,7 +30,7 @@ from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
-from accountant.table import write_certified_table  # noqa: E402
+from accountant.table import load_table, save_table, write_certified_table  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 from finetune.federated.mechanism import clip_update, poisson_select  # noqa: E402
 from finetune.federated.partition import split_by_person  # noqa: E402
@@ -196,6 +196,29 @@ def test_ledger_matches_the_accountant_and_stops_at_the_table(tmp_path, tables):
                         rel_tol=1e-9)
 
 
+def _claimed_table(path, sigma, q, steps, claim):
+    """A Gaussian table whose metadata claims ``claim`` as its certified epsilon (checksum valid)."""
+    save_table(path, Gaussian(sigma), {"family": "gaussian", "params": {}, "eps_target": claim,
+                                       "delta": DELTA, "sampling_rate": q, "steps": steps,
+                                       "geometry": "l2", "certified_epsilon": {"final": claim},
+                                       "gaussian_sigma": sigma, "gaussian_expected_abs": 0.8 * sigma})
+    return load_table(path)
+
+
+def test_budget_check_tolerates_rounding_but_not_an_understated_claim(tmp_path):
+    """A table's stored certificate may sit 1e-13 below a re-certification of the same mechanism:
+    all T rounds are still taken. A table claiming 10% less than the truth stops early, with the
+    ledger's (recomputed) epsilon within the claim."""
+    true_eps = certify(Mechanism(Gaussian(2.0), 1.0, "l2", 1.0, 3), DELTA).epsilon
+    for claim, rounds in ((true_eps * (1 - 1e-13), 3), (true_eps * 0.9, 2)):
+        table = _claimed_table(tmp_path / f"{claim}.npz", 2.0, 1.0, 3, claim)
+        strategy, state = _strategy(tmp_path, table, [(3,)], n_clients=2, name=f"s{rounds}")
+        for _ in range(3):
+            _round(strategy, _Manager(2))
+        assert state.releases == rounds and strategy.stopped_by_budget == (rounds < 3)
+        assert state.epsilon() <= claim * (1 + 1e-9)
+
+
 def test_restarted_server_resumes_the_same_ledger(tmp_path, tables):
     table, cfg = tables["q05"], {"clients": 4, "clip_norm": 1.0}
     strategy, state = _strategy(tmp_path, table, [(6,)], n_clients=4, config=cfg)
@@ -298,7 +321,8 @@ def test_flower_federation_survives_a_client_killed_mid_round(tmp_path, tables):
 
 
 @pytest.mark.slow
-def test_mindspore_client_reply_holds_only_the_trained_parameters(tmp_path, tables):
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_mindspore_client_reply_holds_only_the_trained_parameters(tmp_path, tables, mode):
     """The Flower FitRes of a real organisation: exactly the trainable adapter tensors (by shape and
     order), num_examples 1, empty metrics; the frozen base model never travels. With a record-level
     table its own ledger charges every local step."""
@@ -309,7 +333,7 @@ def test_mindspore_client_reply_holds_only_the_trained_parameters(tmp_path, tabl
     from finetune.models.tokenizer import load_tokenizer
     from finetune.data import encode_texts
 
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     model = build_model("tiny", "lora", 0)
     tok = load_tokenizer(model.config.vocab_size)
     recs = generate_records(40, seed=1)

@@ -153,7 +153,11 @@ def run(args) -> dict:
         raise UserError(f"the table certifies geometry {table.geometry!r}; a federated update is a "
                         "vector: use a table certified for l2 (Gaussian) or l1")
 
-    import mindspore as ms
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise UserError("Flower is not installed: pip install -e '.[federated]' && pip install "
+                        "--no-deps 'flwr>=1.42,<1.43' (Python >= 3.11; README, 'Federated')") from None
 
     from finetune.data import DataError, load_dataset
     from finetune.models import checkpoint, peft

@@ -34,6 +34,7 @@ from accountant.randomness import make_rng
 __all__ = ["FederationState", "StateError", "atomic_write", "round_rng", "STATE_VERSION"]
 
 STATE_VERSION = 1
+BUDGET_RTOL = 1e-9
 LEDGER_FILE, GLOBAL_FILE, STATE_FILE = "ledger.json", "global.safetensors", "federation.json"
 
 
@@ -97,19 +98,25 @@ class FederationState:
 
     def can_release(self, max_releases: int) -> bool:
         """True when one more round stays within the table's T and the ledger's budget (the
-        certified epsilon after one more release, both accountants, against the budget)."""
+        certified epsilon after one more release, both accountants, against the budget).
+
+        The budget is the table's stored certificate; re-certifying the same mechanism can land
+        a few 1e-13 above it (floating-point summation order), so "within" allows a relative
+        ``BUDGET_RTOL`` = 1e-9 -- far below any printed digit, and a table whose claim is lower
+        than its recomputed certificate by more than that still stops early."""
         if self.releases >= int(max_releases):
             return False
         budget = self.ledger.epsilon_budget
         if budget is None:
             return True
+        budget = float(budget) * (1 + BUDGET_RTOL)
         # One certification covers the rest of the run: the ledger only grows by this mechanism,
         # and fewer rounds never cost more, so once "all remaining rounds fit" holds, every later
         # prefix fits too.  Otherwise certify one more round at a time.
         if self._fits_until != int(max_releases):
             rest = int(max_releases) - self.releases
-            if self.ledger.epsilon_after(rest, self.mechanism) > float(budget):
-                return self.ledger.epsilon_after(1, self.mechanism) <= float(budget)
+            if self.ledger.epsilon_after(rest, self.mechanism) > budget:
+                return self.ledger.epsilon_after(1, self.mechanism) <= budget
             self._fits_until = int(max_releases)
         return True
 
