@@ -201,8 +201,8 @@ def _prv_span(pld: routes.RouteResult, delta: float) -> float:
     raise CertificationError("cannot size the PRV domain: the privacy loss has too heavy a tail")
 
 
-#: relative slack of the agreement check: the float64 FFT floor (about 1e-15 in delta, i.e. a few
-#: 1e-6 relative in epsilon at delta 1e-10; REFERENCE.md) can move a route's bound by that much.
+#: relative slack of the agreement check on top of each route's interval (docs/privacy.md, section 6:
+#: the round-off of both FFT compositions is already inside the intervals).
 AGREEMENT_SLACK = 2e-5
 
 
