@@ -388,8 +388,9 @@ def main(argv=None) -> int:
                    help="with --gpt2-small, print the ratios as one JSON object on the last line")
     p.add_argument("--no-profile", action="store_true", help="skip the device-phase profile")
     p.add_argument("--profile-spec", default="tiny", choices=("tiny", "small"),
-                   help="model whose device phases are profiled (default tiny: the four extra "
-                        "compiled GPT-2 small graphs need more memory than a 2-core CI box has)")
+                   help="model whose device phases are profiled, in a process of its own "
+                        "(default tiny: four more compiled GPT-2 small graphs are slow to build "
+                        "and large)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
     p.add_argument("--no-pynative", action="store_true", help="skip the PyNative-mode cost")
     p.add_argument("--no-timing", action="store_true",
