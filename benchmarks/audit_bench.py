@@ -1,7 +1,7 @@
 """Speed of ``accountant.audit`` on the configuration issue 14 names: d = 1e8 coordinates, Poisson
 rate q = 0.01, T = 1000 steps, delta = 1e-10, target under one minute per configuration.
 
-    python benchmarks/audit_bench.py [--dimension 100000000] [--only lmo|laplace]
+    python benchmarks/audit_bench.py [--dimension 100000000] [--only lmo|laplace] [--workers N]
 
 Audits (one run each, the machine is shared: wall and CPU seconds are both printed, with the load
 average, so a slow run on a busy machine can be told from a slow code path):
@@ -43,13 +43,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dimension", type=int, default=100_000_000, help="coordinates d (default 1e8)")
     ap.add_argument("--only", choices=("lmo", "laplace"), help="run one configuration only")
+    ap.add_argument("--workers", type=int, help="threads over k (default: the audit's, up to 2)")
     args = ap.parse_args()
     audit(Mechanism(Laplace(1.0), 1.0, "l2", Q, T), 1, DELTA)        # compile / load numba caches
     rows = []
     for name, noise in configurations(args.only):
         load = os.getloadavg()[0]
         wall, cpu = time.perf_counter(), time.process_time()
-        res = audit(Mechanism(noise, 1.0, "l2", Q, T), args.dimension, DELTA, claimed_epsilon=CLAIM)
+        extra = {} if args.workers is None else {"workers": args.workers}
+        res = audit(Mechanism(noise, 1.0, "l2", Q, T), args.dimension, DELTA, claimed_epsilon=CLAIM, **extra)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rows.append((name, wall, cpu, load, res))
         print(f"\n{name}: d = {args.dimension:,}, q = {Q}, T = {T}, delta = {DELTA:g}")
