@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .run_dir import atomic_write
+from .run_dir import atomic_write_with
 
 __all__ = ["CheckpointFileError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
            "read_state", "file_sha256"]
@@ -49,7 +49,7 @@ def _checksum(arrays: dict, state_text: str) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        h.update(memoryview(a).cast("B") if a.size else b"")  # no copy of large arrays
     h.update(state_text.encode())
     return h.hexdigest()
 
@@ -69,13 +69,13 @@ def _json_safe(x):
 
 def save_checkpoint(path, arrays: dict, state: dict) -> None:
     """Write ``arrays`` (``{"group/name": ndarray}``) and the JSON-serialisable ``state`` atomically."""
-    from safetensors.numpy import save
+    from safetensors.numpy import save_file
 
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     text = json.dumps(_json_safe(state), sort_keys=True, allow_nan=False)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": text,
             "sha256": _checksum(arrays, text)}
-    atomic_write(path, save(arrays, metadata=meta))
+    atomic_write_with(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
 
 
 def _open(path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from accountant.output_path import OutputPathError, check_output_dir
 
-__all__ = ["RunDirError", "RunDirectory", "atomic_write", "staging_path", "CHECKPOINT_NAME",
+__all__ = ["RunDirError", "RunDirectory", "atomic_write", "atomic_write_with", "staging_path", "CHECKPOINT_NAME",
            "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -53,12 +53,21 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write(path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary sibling, fsync, ``os.replace``)."""
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    atomic_write_with(path, write)
+
+
+def atomic_write_with(path, writer) -> None:
+    """``writer(tmp_path)`` writes the file's content to a temporary sibling of ``path``; it is then
+    fsynced and renamed over ``path`` (a crash leaves the old file or the new one)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        writer(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         umask = os.umask(0)
         os.umask(umask)
