@@ -115,7 +115,7 @@ def test_accountant_and_noise_search_assume_the_same_run(fake_certify, capsys, m
 
 def test_default_run_is_certified_as_if_given():
     """Unpatched: the omitted q and T give the certificate of q 0.01, T 1000 (about 0.3, not the
-    single release's ~1.1)."""
+    single release's 0.97)."""
     implicit = accountant_cli.cmd_epsilon(accountant_cli.build_parser().parse_args(
         ["epsilon", "--noise", "gaussian", "--sigma", "6.05", "--delta", "1e-10", "--json"]))
     explicit = certify(Mechanism(Gaussian(6.05), 1.0, "scalar", 0.01, 1000), 1e-10).epsilon
