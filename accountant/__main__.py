@@ -39,7 +39,7 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load: nothing has star
 from accountant.audit_cli import add_audit_command
 from accountant.cli_common import (DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, EPSILON_FLAGS, OneLineParser,
                                    marked, round_down, round_up, run_settings, settings_json)
-from accountant.certify import CertificationError, calibrate, certify, delta_for_epsilon
+from accountant.certify import Accuracy, CertificationError, calibrate, certify, delta_for_epsilon
 from accountant.mechanism import GEOMETRIES, Mechanism
 from accountant.noise import LMO, GeneralizedGaussian, Gaussian, Laplace, NoiseParameterError
 from accountant.output_path import check_output_file
@@ -114,6 +114,12 @@ def _add_mechanism_args(p: argparse.ArgumentParser):
     g.add_argument("--geometry", choices=GEOMETRIES,
                    help="scalar: one real query; l2 / l1: vector query clipped in that norm (default scalar)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.add_argument_group("accuracy (both sized automatically by default; docs/privacy.md section 6)")
+    a.add_argument("--pld-step", type=_positive(float),
+                   help="PLD grid step (default: from the Connect-the-Dots error model, at most 1e-4)")
+    a.add_argument("--prv-eps-error", type=_positive(float),
+                   help="prv-accountant eps_error (default: 1e-3 x epsilon, raised only as far as the "
+                        "PRV grid limit requires)")
 
 
 def _refuse_irrelevant(args) -> None:
@@ -199,13 +205,17 @@ def _describe(mech: Mechanism, sources: dict | None = None, scale_up: bool = Fal
             f"T = {marked(str(mech.steps), sources.get('steps'))}")
 
 
+def _accuracy(args) -> Accuracy:
+    return Accuracy(pld_step=args.pld_step, prv_eps_error=args.prv_eps_error)
+
+
 def cmd_epsilon(args) -> dict:
     mech, defaults, sources = _mechanism(args)
     delta = args.delta if args.delta is not None else defaults.get("delta")
     if delta is None:
         raise UsageError("--delta is required")
     start = time.perf_counter()
-    cert = certify(mech, delta)
+    cert = certify(mech, delta, _accuracy(args))
     out = {"epsilon": cert.epsilon, "delta": delta, "mechanism": mech.describe(),
            "expected_abs": mech.noise.expected_abs(),
            "routes": {name: r["upper"] for name, r in cert.routes.items()},
@@ -232,6 +242,9 @@ def cmd_epsilon(args) -> dict:
             print(f"table claims     : epsilon {round_up(c['epsilon'])} at delta {c['delta']:g} (target {c['eps_target']:g}, "
                   f"q = {c['sampling_rate']:g}, T = {c['steps']}, {c['geometry']}, sensitivity 1)")
         print(f"certified epsilon: {round_up(cert.epsilon)}   [{out['seconds']:.1f} s]")
+        if math.isinf(cert.epsilon):
+            print(f"(no finite epsilon: the privacy loss is +inf with probability "
+                  f"{cert.routes['pld']['infinite_loss_mass']:.4g} > delta; docs/privacy.md section 4)")
         if "table" in defaults and check is None:
             print("(not compared with the claim: the mechanism or delta differs from the table's)")
     return out
@@ -259,7 +272,7 @@ def _lmo_eps0(noise: LMO, sensitivity: float) -> float:
 
 def cmd_delta(args) -> dict:
     mech, _, sources = _mechanism(args)
-    delta = delta_for_epsilon(mech, args.epsilon)
+    delta = delta_for_epsilon(mech, args.epsilon, _accuracy(args))
     if not args.json:
         print(f"mechanism : {_describe(mech, sources)}")
         print(f"certified delta at epsilon {args.epsilon:g}: {round_up(delta, 4)}")
@@ -285,7 +298,7 @@ def cmd_calibrate(args) -> dict:
     q, steps, geometry = values["sampling_rate"], values["steps"], values["geometry"]
     # The mechanism is scale invariant (noise s*C at sensitivity C is noise s at sensitivity 1), so
     # calibrate in units of C: that certificate is also the one of the table, which is in units of C.
-    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, 1.0)
+    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, 1.0, accuracy=_accuracy(args))
     scale = unit_scale * args.sensitivity
     noise = make(scale)
     out = {"scale": scale, "scale_per_unit_sensitivity": unit_scale, "noise": noise.family,

@@ -338,8 +338,11 @@ class LMO(Noise):
             w = t * (self.ub - self.ua) if self.ub > self.ua else np.zeros_like(t)   # inf * 0 at s = -inf
             safe = np.where(np.abs(w) < 1e-8, -1.0, w)
             ratio = np.where(np.abs(w) < 1e-8, 1 + w / 2, np.expm1(safe) / safe)
-            out = out + t * self.ua + np.log(ratio)
-        return out
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out = out + t * self.ua + np.log(ratio)
+        # M_u(-inf) = P(u = 0) = 0 for every law of this family (u > 0 almost surely); the uniform
+        # term's t * U_a is 0 * inf there when U_a = 0
+        return np.where(s == -np.inf, -np.inf, out)
 
     def dlog_mgf(self, s):
         """d/ds log M_u(s) = E_s[u] (the mean of u under exponential tilting), s <= 0."""

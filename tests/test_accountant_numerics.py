@@ -170,3 +170,22 @@ def test_explicit_accuracy_is_used_as_given():
     mech = Mechanism(Gaussian(1.0), sampling_rate=0.01, steps=100)
     cert = certify(mech, 1e-5, Accuracy(pld_step=5e-4, prv_eps_error=2e-2))
     assert cert.routes["pld"]["step"] == 5e-4 and cert.routes["prv"]["eps_error"] == 2e-2
+
+
+def test_lmo_with_uniform_from_zero_has_exact_outer_tails_and_certifies():
+    """U_a = 0 made log M_u(-inf) = 0 * inf = NaN, so the outermost level sets (which run to +-inf)
+    had NaN mass and every LMO with a uniform term starting at 0 (the published configuration)
+    crashed in the PLD route.  One release is pure eps0-DP, eps0 = ln(E[u] / E[u e^-u])."""
+    cfg = {"a1": 1, "a3": 0.5, "a4": 0.1, "G_k": 1.5, "G_theta": 0.1, "E_lambda": 0.5, "U_a": 0, "U_b": 1}
+    noise = LMO.from_published(cfg, exp_lambda_as_scale=True)
+    assert list(noise.sf(np.array([np.inf, -np.inf]))) == [0.0, 1.0]
+    assert noise.interval_mass(np.array([-np.inf]), np.array([np.inf]))[0] == pytest.approx(1.0, abs=1e-15)
+    cert = certify(Mechanism(noise, 1.0, "scalar", 1.0, 1), 1e-10)
+    mean_u = noise.moment_u(1)
+    mean_u_e = float(np.exp(noise.log_mgf(-1.0)) * noise.dlog_mgf(-1.0))   # E[u e^-u] = M_u'(-1)
+    eps0 = math.log(mean_u / mean_u_e)
+    assert math.isfinite(cert.epsilon)
+    # every route's lower bound is at most the true epsilon <= eps0; the certificate is within the
+    # PRV route's stated error (1e-3 relative) plus the PLD grid of the pure bound
+    assert all(r["lower"] <= eps0 for r in cert.routes.values())
+    assert 0.5 * eps0 < cert.epsilon <= eps0 * (1 + 2e-3)

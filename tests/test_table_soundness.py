@@ -426,7 +426,7 @@ def test_overwrite_flag_allows_replacing(tmp_path, monkeypatch, capsys):
     with pytest.raises(AssertionError):
         search_cli.main(["--eps", "1", "--delta", "1e-10", "--out", str(existing), "--quiet", "--overwrite"])
     assert calls and calls[0]["overwrite"] is True
-    def quick_calibrate(make, eps, delta, q, steps, geometry, sensitivity):   # the real one takes ~15 s
+    def quick_calibrate(make, eps, delta, q, steps, geometry, sensitivity, accuracy=None):   # real: ~15 s
         return 2.0, certify(Mechanism(make(2.0), sensitivity, geometry, q, steps), delta)
 
     monkeypatch.setattr(accountant_cli, "calibrate", quick_calibrate)
