@@ -189,7 +189,9 @@ class DPOptimizer:
         start = time.perf_counter()
         mask = np.asarray(mask, dtype=np.float32)
         grads, losses, norms = self.grads.clipped_sum(inputs, mask, self.max_grad_norm)
-        self._sum = grads if self._sum is None else self._add(self._sum, grads)
+        # mutable: a plain tuple of Tensors is a graph constant, which recompiles every call and
+        # makes MindSpore print the (un-noised) clipped sums in a warning on stderr
+        self._sum = grads if self._sum is None else self._add(ms.mutable(tuple(self._sum)), ms.mutable(tuple(grads)))
         real = mask > 0
         self._stats[0] += float(losses.asnumpy()[real].astype(np.float64).sum())
         self._stats[1] += int(real.sum())
