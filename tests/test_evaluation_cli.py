@@ -365,3 +365,23 @@ def test_summary_text_is_rounded_and_explains_its_terms():
     # a certified epsilon is rounded up, never printed below its value
     assert "epsilon 1.001 (delta" in summary_text(_summary(epsilon=1.0000001))
     assert "epsilon 0.3 (delta" in summary_text(_summary(epsilon=0.3))
+
+
+def test_prepare_refuses_to_overwrite_without_the_flag(tmp_path):
+    """finetune.evaluation.prepare replaced an existing corpus and its ground truth silently."""
+    import subprocess
+    import sys
+
+    from finetune.data import generate_records, write_jsonl
+
+    write_jsonl(generate_records(30, seed=3), str(tmp_path / "d.jsonl"))
+    out = tmp_path / "c.jsonl"
+    out.write_text("keep me\n")
+    cmd = [sys.executable, "-m", "finetune.evaluation.prepare", "--data", str(tmp_path / "d.jsonl"),
+           "--out", str(out), "--audit-canaries", "4", "--exposure-canaries", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
+    assert out.read_text() == "keep me\n" and not (tmp_path / "c.jsonl.canaries.json").exists()
+    r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() != "keep me\n" and (tmp_path / "c.jsonl.canaries.json").exists()

@@ -16,7 +16,6 @@ it (found automatically next to the run's data file, or given with ``--canaries`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -75,7 +74,9 @@ def load_truth(path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune.evaluation.prepare",
+    from accountant.cli_common import OneLineParser
+
+    p = OneLineParser(prog="python -m finetune.evaluation.prepare",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="input corpus (.jsonl, e.g. from python -m finetune.data)")
     p.add_argument("--out", required=True, help="output corpus with canaries (.jsonl)")
@@ -85,17 +86,24 @@ def main(argv=None) -> int:
     p.add_argument("--audit-canaries", type=int, default=200,
                    help="one-run-audit canaries, each included with probability 1/2 (default 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its ground truth)")
     a = p.parse_args(argv)
     try:
+        from accountant.output_path import check_output_file
         from finetune.data import load_records, write_jsonl
+
+        check_output_file(a.out, overwrite=a.overwrite, what="--out")
+        check_output_file(a.out + SIDE_SUFFIX, overwrite=a.overwrite, what="canary ground truth")
 
         if min(a.exposure_canaries, a.audit_canaries) < 0 or a.repeats < 1 or not 1 <= a.digits <= 12:
             raise ValueError("counts must be >= 0, repeats >= 1 and 1 <= digits <= 12")
         recs, truth = insert_canaries(load_records(a.data), a.exposure_canaries, a.digits, a.repeats,
                                       a.audit_canaries, a.seed)
-        write_jsonl(recs, a.out)
-        with open(a.out + SIDE_SUFFIX, "w", encoding="utf-8") as f:
+        truth_tmp = a.out + SIDE_SUFFIX + ".partial"
+        with open(truth_tmp, "w", encoding="utf-8") as f:
             json.dump(truth, f, indent=1)
+        write_jsonl(recs, a.out)                       # atomic
+        os.replace(truth_tmp, a.out + SIDE_SUFFIX)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"{p.prog}: error: {e}\n")
         return 2
