@@ -147,6 +147,7 @@ def test_small_epsilon_keeps_a_relative_error():
     assert reference * (1 - 1e-4) <= eps <= reference * 1.003
 
 
+@pytest.mark.slow
 def test_delta_is_tight_near_an_atom_and_at_large_epsilon():
     # Laplace b 1, one release: delta(eps) = 1 - exp((eps - 1) / 2) for eps < 1 (was 2x high)
     exact = 1 - math.exp((0.999 - 1) / 2)

@@ -84,7 +84,6 @@ def test_cli_no_dp_bitfit_baseline(files, tmp_path):
     (["--sampling-rate", "0.2"], "does not match the table's certified rate"),
     (["--max-steps", "5"], "certifies only 4 steps"),
     (["--lr", "-1"], "--lr must be a positive number"),
-    (["--per-example", "bookkeeping", "--method", "full"], "book-keeping covers"),
 ])
 def test_cli_user_errors_are_one_line_exit_2(files, tmp_path, capsys, args, message):
     argv = list(args) + ([] if "--method" in args else ["--method", "lora"])
