@@ -28,7 +28,6 @@ the global rate q, and only rank 0 writes ``--out``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -37,20 +36,12 @@ import signal
 import sys
 import threading
 
+from .cli import OneLineParser as _Parser, UserError
+
 PROG = "python -m finetune"
 
 #: flags that may be given again with --resume (everything else comes from the checkpoint)
 RESUME_FLAGS = {"resume", "quiet", "checkpoint_every", "checkpoint_minutes", "table", "data", "method"}
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,6 @@ makes a seeded random split, and ``encode_texts`` turns texts into ``int32`` ids
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,6 +34,8 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .cli import OneLineParser as _Parser
 
 __all__ = ["generate_records", "write_jsonl", "load_records", "split_records", "encode_texts",
            "pii_pairs", "EncodedSplit", "Dataset", "load_dataset", "DataError", "main"]
@@ -242,12 +243,6 @@ def load_dataset(path, tokenizer, seq_len: int = 64, val_fraction: float | None 
 
 
 # ---------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's default prints the usage too)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def _parser():
     p = _Parser(prog="python -m finetune.data",
                 description="Write a synthetic PII corpus (Faker) as jsonl: one record per line with "

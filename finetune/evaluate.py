@@ -33,17 +33,9 @@ import math
 import os
 import sys
 
+from .cli import OneLineParser as _Parser, UserError
+
 PROG = "python -m finetune.evaluate"
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
 
 
 def _parser():

@@ -14,7 +14,6 @@ read back, never restarted.  User mistakes end with a one-line error and exit co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,17 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import OneLineParser as _Parser, UserError
+
 PROG = "python -m finetune.federated"
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
 
 
 def _parser():

@@ -1,0 +1,18 @@
+"""What the finetune command-line programs share: usage mistakes end in one line, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as ``PROG: error: ...`` in one line (exit code 2);
+    argparse's default prints the whole usage too."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
