@@ -508,14 +508,41 @@ class _ProbedClipSum(nn.Cell):
         return grads, losses * mask, norms
 
 
+def _needed_saved(slots, n_saved: int) -> tuple:
+    """Which saved tap inputs book-keeping reads: a weight, LoRA factor or LayerNorm gain needs its
+    tap's input, the tied embedding its ids and head input; a bias (or LayerNorm shift, or the
+    position embedding) needs only the output gradient.  BiTFiT therefore keeps no activation."""
+    need = [False] * n_saved
+    for s in slots:
+        if s.role in ("weight", "lora_A", "lora_B", "gamma"):
+            need[s.tap] = True
+        elif s.role == "wte":
+            need[s.tap2] = need[s.tap2 - 1] = True
+    return tuple(need)
+
+
 class _TapLoss(nn.Cell):
-    def __init__(self, model):
+    """The masked loss sum of a tapped model, returning only the saved inputs in ``need`` (a
+    placeholder of one element elsewhere): an unread activation returned from the graph would be
+    kept alive to the end of the step (for BiTFiT, every layer's input)."""
+
+    def __init__(self, model, need=None):
         super().__init__(auto_prefix=False)
         self.model = model
+        self.need = tuple(need) if need is not None else None
+        self.empty = Tensor(np.zeros((1,), np.float32))
 
     def construct(self, inputs, mask, *probes):
         losses, saved = self.model.loss(*inputs, probes)
-        return (losses * mask).sum(), losses, saved
+        if self.need is None:
+            return (losses * mask).sum(), losses, saved
+        kept = ()
+        for k in range(len(saved)):
+            if self.need[k]:
+                kept = kept + (saved[k],)
+            else:
+                kept = kept + (self.empty,)
+        return (losses * mask).sum(), losses, kept
 
 
 class _TappedClipSum(nn.Cell):
@@ -524,7 +551,7 @@ class _TappedClipSum(nn.Cell):
 
     def __init__(self, model, slots, in_shapes, out_shapes, geometry):
         super().__init__(auto_prefix=False)
-        self.tap_loss = _TapLoss(model)
+        self.tap_loss = _TapLoss(model, _needed_saved(slots, len(in_shapes)))
         # The probes are separate positional inputs: PyNative mode returns no gradient for a
         # tuple-valued input (graph mode does), so differentiate w.r.t. each position.
         positions = tuple(range(2, 2 + len(in_shapes)))

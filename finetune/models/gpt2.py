@@ -170,6 +170,14 @@ def _param(array: np.ndarray, name: str, requires_grad: bool = True) -> Paramete
                      requires_grad=requires_grad)
 
 
+def _per_example(probe) -> bool:
+    """A probe of shape [B, 1, d] (or [1, 1, 1]) is constant over the tokens: its gradient is each
+    example's summed output gradient, all a bias needs.  It is added to the bias vector, before the
+    broadcast, so that the tapped forward allocates no tensor of the output's size that the plain
+    forward does not (measured: 3.3 GB at GPT-2 small, batch 16, sequence 128, for BiTFiT)."""
+    return probe.shape[-2] == 1
+
+
 class Linear(nn.Cell):
     """y = x W^T + b with W stored [out, in] (``ops.dense``); a book-keeping tap."""
 
@@ -180,10 +188,11 @@ class Linear(nn.Cell):
         self.bias = _param(np.zeros(n_out), "bias")
 
     def construct(self, x, probe=None):
-        y = ops.dense(x, self.weight, self.bias)
-        if probe is not None:
-            y = y + probe
-        return y
+        if probe is None:
+            return ops.dense(x, self.weight, self.bias)
+        if _per_example(probe):
+            return ops.dense(x, self.weight) + (self.bias + probe)
+        return ops.dense(x, self.weight, self.bias) + probe
 
     def saved(self, x):
         """What book-keeping needs to turn an output gradient into parameter gradients."""
@@ -207,10 +216,11 @@ class LayerNorm(nn.Cell):
         return xc * ops.rsqrt(var + self.eps)
 
     def construct(self, x, probe=None):
-        y = self.normalise(x) * self.weight + self.bias
-        if probe is not None:
-            y = y + probe
-        return y
+        if probe is None:
+            return self.normalise(x) * self.weight + self.bias
+        if _per_example(probe):
+            return self.normalise(x) * self.weight + (self.bias + probe)
+        return self.normalise(x) * self.weight + self.bias + probe
 
     def saved(self, x):
         return self.normalise(x)

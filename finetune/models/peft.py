@@ -37,7 +37,7 @@ import numpy as np
 
 from mindspore import ops
 
-from .gpt2 import GPT2LMHeadModel, Linear, _param, assign_parameter, refresh_parameter_names
+from .gpt2 import GPT2LMHeadModel, Linear, _param, _per_example, assign_parameter, refresh_parameter_names
 
 __all__ = ["LoRALinear", "apply_lora", "apply_bitfit", "merge_lora", "unmerge_lora",
            "lora_layers", "trainable_parameter_names", "is_adapter_name", "save_adapter",
@@ -73,10 +73,13 @@ class LoRALinear(Linear):
         self._premerge_weight = None
 
     def construct(self, x, probe=None):
-        y = ops.dense(x, self.weight, self.bias)
+        if probe is not None and _per_example(probe):
+            y = ops.dense(x, self.weight) + (self.bias + probe)
+        else:
+            y = ops.dense(x, self.weight, self.bias)
         if not self.merged:
             y = y + ops.dense(ops.dense(x, self.lora_A), self.lora_B) * self.scaling
-        if probe is not None:
+        if probe is not None and not _per_example(probe):
             y = y + probe
         return y
 
