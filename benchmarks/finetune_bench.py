@@ -185,8 +185,8 @@ def _device_profile(runner, reps: int = 2) -> dict:
         def construct(self, inputs, probes, mask):
             (_, losses, saved), probe_grads = self.grad(inputs, mask, *probes)
             if self.with_norms:
-                gs, acts = self.core.prepare(probe_grads, saved)
-                return self.core.norms(gs, acts, mask)
+                gs, acts, vectors = self.core.prepare(probe_grads, saved)
+                return self.core.norms(gs, acts, vectors, mask)
             return probe_grads, saved
 
     inputs = ms.mutable((Tensor(runner.ids), Tensor(runner.mask)))

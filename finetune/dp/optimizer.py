@@ -134,7 +134,8 @@ class DPOptimizer:
         self.reduce_sum = reduce_sum
         self.optimizer = optimizer
         self.params = list(optimizer.parameters)
-        self.n_coordinates = int(sum(int(np.prod(p.shape)) for p in self.params))
+        self._sizes = [int(np.prod(p.shape)) for p in self.params]
+        self.n_coordinates = int(sum(self._sizes))
         if not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
         self.expected_batch_size = float(expected_batch_size)
@@ -200,10 +201,23 @@ class DPOptimizer:
         self._t_clip += time.perf_counter() - start
 
     # ---- noise ----------------------------------------------------------------------------------
+    NOISE_CHUNK = 1 << 22
+
     def _draw(self):
+        """One float64 buffer per parameter, filled chunk by chunk from the table's law: the
+        samplers' temporaries (a Laplace draw and its scale for LMO, say) cost a chunk, not the
+        gradient's size twice over (GPT-2 small: 124M coordinates, 1 GB per float64 vector), and
+        each buffer can be released as soon as its parameter's update is on the device.  The
+        draws are i.i.d. in parameter order, so the split does not change the law."""
         start = time.perf_counter()
-        z = np.asarray(self.noise.sample(self.n_coordinates, self.rng), dtype=np.float64)
-        return z, time.perf_counter() - start
+        out = []
+        for size in self._sizes:
+            z = np.empty(size, np.float64)
+            for k in range(0, size, self.NOISE_CHUNK):
+                m = min(self.NOISE_CHUNK, size - k)
+                z[k:k + m] = self.noise.sample(m, self.rng)
+            out.append(z)
+        return out, time.perf_counter() - start
 
     def _start_noise(self) -> None:
         """Begin drawing this step's noise in the background (data-independent)."""
@@ -246,53 +260,54 @@ class DPOptimizer:
             except BaseException:
                 self._cancel_noise()
                 raise
-        timings = {"clipped_sum": self._t_clip}
+        timings = {"clipped_sum": self._t_clip, "noise_wait": 0.0}
         t0 = time.perf_counter()
-        if self.add_noise and self.reduce_sum is None:
-            # The noise buffer doubles as the float64 sum: C Z + S (= S + C Z exactly) with one
-            # device-to-host copy of the float32 sum added in place, no second n-vector.
-            flat, timings["noise_draw"] = self._take_noise()
-            t1 = time.perf_counter()
-            timings["noise_wait"] = t1 - t0
-            flat *= self.max_grad_norm
-            t2 = time.perf_counter()
-            self._add_sum_into(flat)
-            t3 = time.perf_counter()
-            timings["d2h"] = t3 - t2
-            timings["noise_add"] = t2 - t1
+        if self.reduce_sum is None:
+            # Per parameter: the float32 device sum S is copied once into the float64 buffer,
+            # S + C Z is formed there, divided by q N and only then cast (docs/soundness.md rule 1).
+            if self.add_noise:
+                bufs, timings["noise_draw"] = self._take_noise()
+                timings["noise_wait"] = time.perf_counter() - t0
+                for z in bufs:
+                    z *= self.max_grad_norm
+            else:
+                bufs = [np.zeros(size, np.float64) for size in self._sizes]
         else:
             flat = np.zeros(self.n_coordinates, np.float64)
             self._add_sum_into(flat)
-            t1 = time.perf_counter()
-            timings["d2h"] = t1 - t0
-            if self.reduce_sum is not None:
-                flat = self._reduce(flat)
+            flat = self._reduce(flat)   # the global sum: noise is added once, after the reduction
+            bufs = list(np.split(flat, np.cumsum(self._sizes)[:-1]))
+            del flat
             if self.add_noise:
+                t1 = time.perf_counter()
                 z, timings["noise_draw"] = self._take_noise()
-                t2 = time.perf_counter()
-                timings["noise_wait"] = t2 - t1
-                z *= self.max_grad_norm   # float64 throughout: S + C Z, then / (q N), then the cast
-                flat += z
+                timings["noise_wait"] = time.perf_counter() - t1
+                for b, zp in zip(bufs, z):
+                    zp *= self.max_grad_norm
+                    b += zp
                 del z
-            else:
-                t2 = t1
-            t3 = time.perf_counter()
-            timings["noise_add"] = t3 - t2
-        t2 = time.perf_counter()
-        flat /= self.expected_batch_size
-        update = flat.astype(np.float32)
-        del flat
+        t1 = time.perf_counter()
+        grads, d2h, h2d = [], 0.0, 0.0
+        parts, self._sum = (list(self._sum) if self._sum is not None and self.reduce_sum is None
+                            else None), None
+        for k, p in enumerate(self.params):
+            buf, bufs[k] = bufs[k], None
+            if parts is not None:
+                t = time.perf_counter()
+                buf += parts[k].asnumpy().reshape(-1)
+                parts[k] = None              # the device buffer is released once copied
+                d2h += time.perf_counter() - t
+            buf /= self.expected_batch_size
+            t = time.perf_counter()
+            grads.append(Tensor(buf.astype(np.float32).reshape(p.shape)))
+            h2d += time.perf_counter() - t
+            del buf
         t3 = time.perf_counter()
-        timings["noise_add"] += t3 - t2
-        grads, k = [], 0
-        for p in self.params:
-            size = int(np.prod(p.shape))
-            grads.append(Tensor(update[k:k + size].reshape(p.shape)))
-            k += size
-        t4 = time.perf_counter()
-        timings["h2d"] = t4 - t3
+        timings["d2h"] = d2h
+        timings["h2d"] = h2d
+        timings["noise_add"] = t3 - t1 - d2h - h2d
         self._apply(ms.mutable(tuple(grads)))
-        timings["update"] = time.perf_counter() - t4
+        timings["update"] = time.perf_counter() - t3
         if self.guard is not None:
             self.guard.record_step()
         loss_sum, n, clipped = self._stats
