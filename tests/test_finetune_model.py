@@ -217,6 +217,39 @@ def test_probes_give_book_keeping_gradients(model, batch):
             np.testing.assert_allclose((g * a).sum(0), w, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", ["per_example", "scalar"])
+def test_probes_constant_over_tokens_keep_the_forward_and_give_bias_gradients(model, batch, shape):
+    """A probe of shape [B, 1, d] (bias-only taps) or [1, 1, 1] (taps with nothing trained) is
+    added to the bias before the broadcast: the forward must stay bit-identical, and a [B, 1, d]
+    probe's gradient must be each example's bias gradient (the sum over tokens of the per-token
+    probe gradient)."""
+    ids, mask = batch
+    full = model.zero_probes(B, T)
+    if shape == "per_example":
+        small = tuple(ops.zeros((B, 1, s[-1]), ms.float32) for s in model.probe_shapes(B, T))
+    else:
+        small = tuple(ops.zeros((1, 1, 1), ms.float32) for _ in model.probe_shapes(B, T))
+    plain = model(Tensor(ids), Tensor(mask)).asnumpy()
+    logits, _ = model(Tensor(ids), Tensor(mask), small)
+    np.testing.assert_array_equal(logits.asnumpy(), plain)
+
+    def total(pr, i, m):
+        lo, _ = model.loss(i, m, pr)
+        return lo.sum()
+
+    grad = ms.jit(ms.grad(total, grad_position=0))
+    g_full = grad(ms.mutable(full), Tensor(ids), Tensor(mask))
+    g_small = grad(ms.mutable(small), Tensor(ids), Tensor(mask))
+    largest = 0.0
+    for gf, gs in zip(g_full, g_small):
+        want = gf.asnumpy().sum(1, keepdims=True)
+        if shape == "scalar":
+            want = want.sum((0, 2), keepdims=True)
+        np.testing.assert_allclose(gs.asnumpy(), want, atol=1e-6, rtol=1e-5)
+        largest = max(largest, float(np.abs(want).max()))
+    assert largest > 1e-4   # the comparison is not between zeros
+
+
 # ---------------------------------------------------------------- generation
 def test_generate_greedy_matches_stepwise_argmax(model):
     prompts = [[1, 2, 3, 4], [5, 6]]
