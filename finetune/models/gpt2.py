@@ -51,7 +51,11 @@ Book-keeping ("ghost norm") hook: every ``Linear`` and ``LayerNorm`` is a *tap*.
 ``model.tap_names()``; ``model.probe_shapes(B, T)`` gives the shapes) adds each probe to its tap's
 output and additionally returns the tap inputs (Linear: its input activation x; LayerNorm: the
 normalised input x_hat). The gradient of the summed loss w.r.t. the probes is each example's output
-gradient g, from which per-example weight gradients are sum_t g_t x_t^T and bias gradients sum_t g_t::
+gradient g, from which per-example weight gradients are sum_t g_t x_t^T and bias gradients sum_t g_t.
+A probe may also be constant over the tokens, shaped [B, 1, d] (its gradient is then each example's
+bias gradient sum_t g_t, all BiTFiT needs) or [1, 1, 1] (a tap with nothing trained); such a probe
+is added to the bias vector before the broadcast, so the tapped forward allocates nothing the plain
+one does not::
 
     logits, saved = model(input_ids, attention_mask, probes)
     losses, saved = model.loss(input_ids, attention_mask, probes)
