@@ -324,6 +324,32 @@ def test_device_sum_equals_host_float64_sum_of_micro_batches(mode, table):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_noise_drawn_in_chunks_fills_every_coordinate_from_the_table_law(table):
+    """The noise is drawn per parameter in chunks (large models): every coordinate of every
+    parameter is drawn once, from the table's law (a Kolmogorov-Smirnov test that fails for a
+    skipped chunk left as uninitialised memory, a repeated chunk, or a wrong scale), and a seed
+    reproduces the draw."""
+    from scipy import stats
+
+    net = nn.SequentialCell([nn.Dense(150, 40), nn.Dense(40, 3)])
+    params = net.trainable_params()
+
+    def draw(seed):
+        dp = DPOptimizer(nn.SGD(params, learning_rate=0.1), net, table, max_grad_norm=1.0,
+                         expected_batch_size=1.0, seed=seed, prefetch_noise=False)
+        dp.NOISE_CHUNK = 7   # not a divisor of any parameter's size
+        bufs, _ = dp._draw()
+        assert [b.shape for b in bufs] == [(int(np.prod(p.shape)),) for p in params]
+        return np.concatenate(bufs)
+
+    z = draw(3)
+    assert z.size == 150 * 40 + 40 + 40 * 3 + 3
+    assert stats.kstest(z, table.noise.cdf).pvalue > 1e-3
+    assert np.unique(z).size == z.size           # no chunk repeated
+    np.testing.assert_array_equal(draw(3), z)
+    assert not np.array_equal(draw(4), z)
+
+
 def test_background_noise_draws_the_same_noise_in_the_same_order(table):
     """Seeded runs with and without the background draw: identical weights, generator states."""
     from accountant.randomness import make_rng
