@@ -275,6 +275,8 @@ class DPOptimizer:
         else:
             flat = np.zeros(self.n_coordinates, np.float64)
             self._add_sum_into(flat)
+            timings["d2h"] = time.perf_counter() - t0
+            self._sum = None
             flat = self._reduce(flat)   # the global sum: noise is added once, after the reduction
             bufs = list(np.split(flat, np.cumsum(self._sizes)[:-1]))
             del flat
@@ -287,9 +289,9 @@ class DPOptimizer:
                     b += zp
                 del z
         t1 = time.perf_counter()
-        grads, d2h, h2d = [], 0.0, 0.0
-        parts, self._sum = (list(self._sum) if self._sum is not None and self.reduce_sum is None
-                            else None), None
+        grads, d2h, h2d = [], timings.get("d2h", 0.0), 0.0
+        parts = list(self._sum) if self._sum is not None else None   # None: nothing left to copy
+        self._sum = None
         for k, p in enumerate(self.params):
             buf, bufs[k] = bufs[k], None
             if parts is not None:
