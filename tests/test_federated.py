@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-flwr = pytest.importorskip("flwr")
+import flwr
 
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 

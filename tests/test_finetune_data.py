@@ -73,7 +73,7 @@ def test_generator_is_deterministic_and_records_its_pii():
 
 
 def test_generated_pii_is_found_by_the_evaluation_tagger():
-    pii = pytest.importorskip("finetune.evaluation.pii")
+    from finetune.evaluation import pii
     recs = data.generate_records(200, seed=0)
     matcher = pii.KnownEntityMatcher({k: [v for r in recs for kk, v in r["pii"] if kk == k]
                                       for k in data.PII_KINDS})

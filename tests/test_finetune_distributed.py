@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mindspore")
-dist_mod = pytest.importorskip("finetune.dp.distributed")
-Distributed = dist_mod.Distributed
+from finetune.dp import distributed as dist_mod  # noqa: E402
+from finetune.dp.distributed import Distributed  # noqa: E402
 
 ROOT = Path(dist_mod.__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+import mindspore as ms
 from mindspore import Tensor, ops  # noqa: E402
 
 from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel, generate  # noqa: E402
