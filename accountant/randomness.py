@@ -12,6 +12,7 @@ with 106 random bits, so inverse-CDF tails reach probabilities far below 2^-53).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numba
 import numpy as np
@@ -29,6 +30,23 @@ class SecureRandom:
     def random_raw(self, n: int) -> np.ndarray:
         stream = self._encryptor.update(bytes(8 * int(n)))
         return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+
+
+class KnownSeedWarning(UserWarning):
+    """A fixed seed was given for noise or sampling: the run is reproducible by anyone who knows it."""
+
+
+def known_seed_message(seed) -> str:
+    """Why a known seed voids the guarantee (docs/privacy.md, "Randomness")."""
+    return (f"seed {seed} makes the sampling and the noise reproducible: anyone who knows it can replay the "
+            "run with and without a record and decide membership with certainty, so the printed epsilon "
+            "holds only against an adversary who does not know the seed; use a seed for experiments, "
+            "never for a model you release")
+
+
+def warn_known_seed(seed, stacklevel: int = 2) -> None:
+    """Warn (:class:`KnownSeedWarning`) that ``seed`` makes noise and sampling public."""
+    warnings.warn(known_seed_message(seed), KnownSeedWarning, stacklevel=stacklevel + 1)
 
 
 def make_rng(seed: int | None = None, secure: bool = False):

@@ -16,3 +16,10 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
+
+
+def warn_known_seed(prog: str, seed) -> None:
+    """Print on stderr, in one line, that an explicit ``--seed`` makes the run's noise public."""
+    from accountant.randomness import known_seed_message
+
+    sys.stderr.write(f"{prog}: warning: --seed given: {known_seed_message(seed)}\n")
