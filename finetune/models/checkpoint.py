@@ -1,4 +1,13 @@
-"""Load and save ``finetune.models.gpt2`` weights: Hugging Face safetensors and MindSpore .ckpt.
+"""Load and save model weights: Hugging Face safetensors and MindSpore .ckpt.
+
+``from_pretrained(DIR)`` dispatches on ``config.json``'s ``model_type``: ``gpt2`` builds
+``finetune.models.gpt2.GPT2LMHeadModel``; ``llama``, ``qwen2`` and ``mistral`` build
+``finetune.models.llama.LlamaForCausalLM``, whose parameter names are Hugging Face's own (no
+transposes; ``lm_head.weight``, when a tied checkpoint stores it, must equal the token embedding).
+bfloat16 tensors (the usual dtype of Llama-family uploads; numpy has no bfloat16) are widened to
+float32 exactly, by their bit pattern.
+
+The rest of this docstring is about GPT-2.
 
 Hugging Face GPT-2 files (``config.json`` + ``model.safetensors``, optionally sharded with
 ``model.safetensors.index.json``) use ``Conv1D`` layers whose weights are stored [in, out]; this
@@ -111,26 +120,49 @@ def load_hf_state_dict(model: GPT2LMHeadModel, state: dict, source: str = "state
 
 
 def _read_safetensors(path: str) -> dict:
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     try:
-        return load_file(path)
+        out = {}
+        with safe_open(path, framework="numpy") as f:
+            dtypes = {k: v.get("dtype") for k, v in _safetensors_header(path).items() if k != "__metadata__"}
+            for key in f.keys():
+                out[key] = _read_bf16(path, key) if dtypes.get(key) == "BF16" else f.get_tensor(key)
+        return out
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error types; give one clear line
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def _safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file (format: 8-byte little-endian length, then the JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+        return json.loads(f.read(n))
+
+
+def _read_bf16(path: str, key: str) -> np.ndarray:
+    """A bfloat16 tensor as float32: bfloat16 is the top half of a float32's bits, so the widening is
+    exact.  (numpy has no bfloat16, so safetensors' numpy reader cannot return it.)"""
+    header = _safetensors_header(path)
+    info = header[key]
+    begin, end = info["data_offsets"]
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n + begin)
+        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
+    if raw.size != int(np.prod(info["shape"])):
+        raise CheckpointError(f"{path}: tensor {key} holds {raw.size} values for shape {info['shape']}")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
 def load_safetensors(model: GPT2LMHeadModel, path: str) -> None:
     """Load a Hugging Face GPT-2 ``.safetensors`` file (or a sharded ``.index.json``) into ``model``."""
     path = os.fspath(path)
-    if path.endswith(".index.json"):
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        state = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(_read_safetensors(os.path.join(os.path.dirname(path), shard)))
-    else:
-        state = _read_safetensors(path)
-    load_hf_state_dict(model, state, source=path)
+    load_hf_state_dict(model, _read_state(path), source=path)
 
 
 def save_safetensors(model: GPT2LMHeadModel, path: str) -> None:
@@ -164,18 +196,83 @@ def load_ckpt(model: GPT2LMHeadModel, path: str) -> None:
         assign_parameter(p, loaded[k].asnumpy())
 
 
-def from_pretrained(name_or_path: str, seed: int = 0) -> GPT2LMHeadModel:
-    """A preset name (``tiny``/``small``: random init with ``seed``) or a directory holding
-    ``config.json`` and ``model.safetensors`` / ``model.safetensors.index.json`` / ``model.ckpt``."""
+LLAMA_PRESETS = ("llama-tiny", "llama-100m")
+
+
+def _read_state(path: str) -> dict:
+    """Every tensor of a safetensors file or of the shards a ``.index.json`` names."""
+    if not path.endswith(".index.json"):
+        return _read_safetensors(path)
+    with open(path, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map", {})
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_read_safetensors(os.path.join(os.path.dirname(path), shard)))
+    return state
+
+
+def load_llama_safetensors(model, path: str) -> None:
+    """Load a Hugging Face Llama / Qwen2 / Mistral ``.safetensors`` (or sharded index) into ``model``."""
+    path = os.fspath(path)
+    state = _read_state(path)
+    params = dict(model.parameters_and_names())
+    lm_head = state.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}   # a derived buffer
+    problems = _key_problems(set(params) - set(state), set(state) - set(params))
+    for k in set(params) & set(state):
+        if tuple(state[k].shape) != tuple(params[k].shape):
+            problems.append(f"{k}: shape {tuple(state[k].shape)} in file, model expects {tuple(params[k].shape)}")
+        elif state[k].dtype.kind != "f":
+            problems.append(f"{k} has dtype {state[k].dtype}, expected a float tensor")
+    if problems:
+        raise CheckpointError(f"{path} does not match the config: " + "; ".join(problems))
+    if lm_head is not None and not np.array_equal(lm_head, state["model.embed_tokens.weight"]):
+        raise CheckpointError(f"{path}: config.json ties the head to the embedding but lm_head.weight differs")
+    for k, p in params.items():
+        assign_parameter(p, state[k])
+
+
+def _from_llama_dir(p: str, cfg: dict, seed: int):
+    from .llama import LlamaConfig, LlamaForCausalLM
+
+    try:
+        model = LlamaForCausalLM(LlamaConfig.from_dict(cfg), seed=seed)
+    except ValueError as e:
+        raise CheckpointError(f"{p}/config.json: {e}") from None
+    for fname in ("model.safetensors", "model.safetensors.index.json"):
+        if os.path.exists(os.path.join(p, fname)):
+            load_llama_safetensors(model, os.path.join(p, fname))
+            return model
+    raise CheckpointError(f"{p}: no model.safetensors or model.safetensors.index.json found")
+
+
+def from_pretrained(name_or_path: str, seed: int = 0):
+    """A preset name (GPT-2 ``tiny``/``small``, ``llama-tiny``/``llama-100m``: random init with
+    ``seed``) or a directory holding a Hugging Face ``config.json`` and ``model.safetensors`` /
+    ``model.safetensors.index.json`` (GPT-2 also ``model.ckpt``); dispatches on ``model_type``."""
     p = os.fspath(name_or_path)
     if p in ("tiny", "small"):
         return GPT2LMHeadModel(GPT2Config.preset(p), seed=seed)
+    if p in LLAMA_PRESETS:
+        from .llama import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig.preset(p), seed=seed)
     if not os.path.isdir(p):
-        raise CheckpointError(f"{p!r} is neither a preset (tiny, small) nor a model directory")
+        raise CheckpointError(f"{p!r} is neither a preset (tiny, small, {', '.join(LLAMA_PRESETS)}) nor a "
+                              "model directory")
     cfg_path = os.path.join(p, "config.json")
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{p}: no config.json (a Hugging Face GPT-2 config is required)")
-    model = GPT2LMHeadModel(GPT2Config.from_json(cfg_path), seed=seed)
+        raise CheckpointError(f"{p}: no config.json (a Hugging Face config is required)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        return _from_llama_dir(p, cfg, seed)
+    model = GPT2LMHeadModel(GPT2Config.from_dict(cfg), seed=seed)
     for fname, loader in (("model.safetensors", load_safetensors),
                           ("model.safetensors.index.json", load_safetensors),
                           ("model.ckpt", load_ckpt)):
