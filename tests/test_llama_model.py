@@ -191,3 +191,25 @@ def test_config_reads_each_family():
             LlamaConfig.from_dict(bad)
     assert LlamaConfig.from_dict(QWEN2_TIED.to_dict()) == QWEN2_TIED
     assert LlamaConfig.from_dict(MISTRAL_WINDOW.to_dict()) == MISTRAL_WINDOW
+
+
+def test_bfloat16_tensors_are_widened_exactly(tmp_path):
+    """Llama-family uploads are bfloat16, which numpy lacks: the reader widens the bit pattern."""
+    src = LlamaForCausalLM(LLAMA_GQA, seed=7)
+    state = {n: p.asnumpy() for n, p in src.parameters_and_names()}
+    header, blobs, offset = {}, [], 0
+    for name, a in state.items():
+        raw = (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    (tmp_path / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_GQA.to_dict()))
+    loaded = checkpoint.from_pretrained(str(tmp_path))
+    for name, p in loaded.parameters_and_names():
+        truncated = (state[name].view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+        assert np.array_equal(p.asnumpy(), truncated), name
+    weight = state["model.layers.0.mlp.up_proj.weight"]         # random values: bfloat16 loses bits
+    assert not np.array_equal(loaded.model.layers[0].mlp.up_proj.weight.asnumpy(), weight)
