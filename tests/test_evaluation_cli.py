@@ -117,6 +117,50 @@ def test_plots_write_png(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _drawn_figures(monkeypatch):
+    """The figures the plot functions close, kept open for inspection."""
+    figs = []
+    monkeypatch.setattr(plots.plt, "close", figs.append)
+    return figs
+
+
+def _labelled_ticks(ax, axis):
+    """Tick labels with text that lie inside the axis's visible range (after drawing)."""
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    get = ax.yaxis if axis == "y" else ax.xaxis
+    ticks = get.get_majorticklabels() + get.get_minorticklabels()
+    return [t.get_text() for t in ticks
+            if t.get_text() and lo <= (t.get_position()[1] if axis == "y" else t.get_position()[0]) <= hi]
+
+
+def test_every_plot_has_axis_labels_numbers_and_a_title(tmp_path, monkeypatch):
+    """The perplexity plot of a report at eps 2 (5069.3, base 5137.2: inside one decade) had a log y
+    axis with no labelled tick in view; every axis must say what it shows and where it is."""
+    from accountant.noise import Laplace
+
+    figs = _drawn_figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    fpr, tpr = np.sort(rng.random(50)), np.sort(rng.random(50))
+    plots.plot_roc({"loss attack": (fpr, tpr)}, tmp_path / "roc.png", 1.0, 1e-5)
+    plots.plot_perplexity_vs_epsilon([("dp (eps 2)", 2.0, 5069.3)], tmp_path / "p1.png",
+                                     base_perplexity=5137.2)
+    plots.plot_perplexity_vs_epsilon([("dp", 1.0, 300.0), ("non-private", None, 20.0)],
+                                     tmp_path / "p2.png", base_perplexity=900.0)
+    plots.plot_noise_density(Laplace(2.0), tmp_path / "noise.png", gaussian_sigma=3.0)
+    assert len(figs) == 4
+    for fig in figs:
+        fig.canvas.draw()
+        title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel()
+            assert ax.get_title() or title
+            assert len(_labelled_ticks(ax, "y")) >= 2, (ax.get_ylabel(), ax.get_ylim())
+            assert len(_labelled_ticks(ax, "x")) >= 1
+    # no "non-private" tick on a plot without a non-private run
+    assert "non-private" not in [t.get_text() for t in figs[1].axes[0].get_xticklabels()]
+    assert "non-private" in [t.get_text() for t in figs[2].axes[0].get_xticklabels()]
+
+
 class ByteTokenizer:
     """Stand-in tokenizer for the scorer test: one id per UTF-8 byte."""
 
