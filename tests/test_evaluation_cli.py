@@ -193,6 +193,30 @@ def test_lm_scorer_matches_model_loss_and_generates():
     assert sc.generation_seconds(["ab", "cd"], max_new_tokens=3) > 0
 
 
+def test_lm_scorer_never_quotes_a_text_and_refuses_a_bad_seq_len():
+    """A text too short to score raised ValueError("text too short to score: '<the record>'"), and
+    seq_len 1 (or one above n_positions, silently shortened) was accepted."""
+    from finetune.evaluation.scoring import LMScorer
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=256,
+                                       n_positions=64), seed=0)
+    for bad in (1, 0, 65):
+        with pytest.raises(ValueError, match="seq_len"):
+            LMScorer(model, ByteTokenizer(), seq_len=bad)
+    record = "Jane Roe lives at 12 Elm Street, phone (555) 010-2233"
+
+    class OneTokenForRecords(ByteTokenizer):  # a whole record as one token (a learned merge)
+        def encode(self, text):
+            return [7] if text == record else super().encode(text)
+
+    sc = LMScorer(model, OneTokenForRecords(), seq_len=8)
+    with pytest.raises(ValueError) as e:
+        sc.losses(["ok text", record, "more text"])
+    assert "text 1 of 3" in str(e.value)
+    assert not any(w in str(e.value) for w in ("Jane", "Elm", "555"))
+
+
 def test_prepare_inserts_canaries_with_fair_coins(tmp_path, capsys):
     from finetune.data import generate_records, load_records, write_jsonl
     from finetune.evaluation import prepare
