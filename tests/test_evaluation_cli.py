@@ -7,6 +7,7 @@ on a real tiny GPT-2 run is marked slow.
 import json
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -453,3 +454,180 @@ def test_prepare_refuses_to_overwrite_without_the_flag(tmp_path):
     r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert out.read_text() != "keep me\n" and (tmp_path / "c.jsonl.canaries.json").exists()
+
+
+# ------------------------------------------- the command on a stand-in run (no model, seconds)
+RUN_METRICS = {"private": True, "epsilon_spent": 0.9, "delta": 1e-5, "method": "lora",
+               "model": "tiny", "seed": 0, "steps": 4, "val_perplexity": 5069.3,
+               "seconds_per_step": 0.37, "train_perplexity": 4321.987654,
+               "final_train_loss": 8.371234, "mean_batch_size": 4.567891,
+               "run_args": {"seq_len": 32}}
+REAL_LOAD_RUN = __import__("finetune.evaluate", fromlist=["load_run"]).load_run
+FAST = ["--n-generate", "12", "--mia-limit", "500", "--audit-draws", "0", "--quiet"]
+
+
+def _table(path, scale):
+    from accountant.noise import Laplace
+    from accountant.table import write_certified_table
+
+    write_certified_table(path, Laplace(scale), eps_target=2.0, delta=1e-5, sampling_rate=1.0,
+                          steps=1, geometry="l1", family="laplace", gaussian_sigma=3.0)
+    return path
+
+
+@pytest.fixture
+def stub_run(tmp_path, monkeypatch):
+    """A run folder (metrics.json naming its corpus and table, both with their sha256) evaluated
+    with stand-in models: ``load_run`` and ``make_scorers`` are replaced, the rest is the command."""
+    from types import SimpleNamespace
+
+    from finetune import evaluate
+    from finetune.data import generate_records, write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate_records(60, seed=0, val_fraction=0.5), str(data))
+    table = _table(tmp_path / "t.npz", 2.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = dict(RUN_METRICS, data=str(data), data_sha256=evaluate.file_sha256(data),
+                   table="t.npz", table_sha256=evaluate.file_sha256(table))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    env = SimpleNamespace(dir=tmp_path, run=run, out=tmp_path / "rep", seq_lens=[],
+                          ft=StubScorer(), metrics=metrics)
+
+    def load_run(run_dir, model_override=None):
+        return json.loads((Path(run_dir) / "metrics.json").read_text()), "ft", "base"
+
+    def make_scorers(ft, base, seq_len, max_new_tokens):
+        env.seq_lens.append(seq_len)
+        return env.ft, StubScorer()
+
+    monkeypatch.setattr(evaluate, "load_run", load_run)
+    monkeypatch.setattr(evaluate, "make_scorers", make_scorers)
+    return env
+
+
+def _nothing_left(env):
+    """No --out and no hidden staging folder next to it."""
+    return not env.out.exists() and not [p for p in env.dir.iterdir() if p.name.startswith(".rep")]
+
+
+def _one_line(err):
+    return err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_checks_every_option_before_any_work(stub_run, capsys, monkeypatch):
+    """--seq-len 1 was accepted and ended 40 s later in a traceback; every option is now checked
+    before a model is loaded, in one line, with nothing written."""
+    from finetune import evaluate
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(evaluate, "load_run", no_work)
+    monkeypatch.setattr(evaluate, "make_scorers", no_work)
+    _table(stub_run.dir / "other.npz", 2.5)
+    cases = {"--seq-len": ["--seq-len", "1"], "--top-k": ["--top-k", "-1"],
+             "--mia-limit": ["--mia-limit", "3"], "--seed": ["--seed", "-2"],
+             "--max-new-tokens": ["--max-new-tokens", "0"], "--audit-draws": ["--audit-draws", "10"],
+             "--canaries": ["--canaries", "missing.json"], "--table": ["--table", "other.npz"]}
+    for flag, bad in cases.items():
+        rc = _cli(["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST + bad)
+        err = capsys.readouterr().err
+        assert rc == 2 and _one_line(err) and flag in err, (flag, err)
+        assert _nothing_left(stub_run)
+
+
+def test_cli_error_shows_no_data_and_leaves_no_output(stub_run, capsys):
+    """An error inside the evaluation printed a traceback whose message was a whole record and left
+    an empty --out (the corrected rerun then needed --overwrite)."""
+    record = None
+
+    class FailsQuoting(StubScorer):
+        def losses(self, texts):
+            nonlocal record
+            record = texts[0]
+            raise ValueError(f"cannot score {record!r}")
+
+    stub_run.ft = FailsQuoting()
+    argv = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    assert _cli(argv) == 1
+    err = capsys.readouterr().err
+    assert _one_line(err) and "internal error: ValueError" in err
+    assert record and record not in err and record.split()[0] not in err
+    assert _nothing_left(stub_run)
+    stub_run.ft = StubScorer()  # the corrected rerun needs no --overwrite
+    assert _cli(argv) == 0
+    assert (stub_run.out / "summary.json").is_file() and _nothing_left(stub_run) is False
+    assert not [p for p in stub_run.dir.iterdir() if p.name.startswith(".rep")]
+
+
+def test_cli_missing_weights_or_model_typo_leaves_no_output(stub_run, capsys, monkeypatch):
+    """A missing adapter or a model-name typo exited 2 but left an empty --out behind."""
+    from finetune import evaluate
+
+    monkeypatch.setattr(evaluate, "load_run", REAL_LOAD_RUN)
+    for extra, says in (([], "adapter.safetensors not found"), (["--model", "tinyy"], "tinyy")):
+        assert _cli(["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST + extra) == 2
+        err = capsys.readouterr().err
+        assert _one_line(err) and says in err, err
+        assert _nothing_left(stub_run)
+
+
+def test_cli_refuses_a_table_the_run_did_not_use(stub_run, capsys):
+    """--table with another table was accepted and audited as if the run had used it."""
+    base = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    _table(stub_run.dir / "other.npz", 2.5)
+    assert _cli(base + ["--table", "other.npz"]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err) and "not the table" in err and _nothing_left(stub_run)
+    # the run's own table: accepted, audited and drawn
+    assert _cli(base + ["--table", "t.npz"]) == 0
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["noise_table"] == "t.npz" and s["sampler_certified_epsilon"] is not None
+    assert "noise_density" in s["plots"] and (stub_run.out / "noise_density.png").is_file()
+    (stub_run.out / "notes.txt").write_text("mine")
+    # looked up by name: a different file under the run's table name is not used (and --overwrite
+    # leaves no plot of the earlier report beside the new one, and no file of the user's removed)
+    (stub_run.dir / "t.npz").replace(stub_run.dir / "kept.npz")
+    (stub_run.dir / "other.npz").replace(stub_run.dir / "t.npz")
+    capsys.readouterr()
+    assert _cli(base + ["--overwrite"]) == 0
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["noise_table"] is None and "not found" in s["sampler_audit_note"]
+    assert "not found" in capsys.readouterr().out
+    assert "noise_density" not in s["plots"] and not (stub_run.out / "noise_density.png").exists()
+    assert (stub_run.out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_scores_at_the_runs_seq_len_and_leaves_out_training_statistics(stub_run, capsys):
+    """The run reported its validation perplexity at its --seq-len 32; evaluate scored at 64 and
+    printed a different number without a word. And summary.json carried the run's train
+    perplexity, a statistic of the private training records that the epsilon does not cover."""
+    base = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    assert _cli(base) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert stub_run.seq_lens == [32] and s["seq_len"] == 32 and s["run_seq_len"] == 32
+    assert s["seq_len_source"] == "the run's --seq-len" and s["run_val_perplexity"] == 5069.3
+    assert "at seq len 32 (the run's --seq-len; the run reported 5069.30)" in printed
+    for name in ("summary.json", "details.json"):
+        text = (stub_run.out / name).read_text()
+        for key in ("train_perplexity", "final_train_loss", "mean_batch_size", "mean_loss_members",
+                    "4321.98", "8.3712", "4.5678"):
+            assert key not in text and key not in printed, (name, key)
+    # another --seq-len on request, labelled; training statistics on request, labelled
+    assert _cli(base + ["--overwrite", "--seq-len", "48", "--include-training-stats"]) == 0
+    printed = capsys.readouterr().out
+    assert stub_run.seq_lens[-1] == 48
+    assert "at seq len 48 (--seq-len; the run reported 5069.30 at seq len 32)" in printed
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    stats = s["training_data_statistics_not_covered_by_epsilon"]
+    assert stats["train_perplexity"] == 4321.987654 and stats["mean_batch_size"] == 4.567891
+    assert "not cover" in stats["note"] and "NOT covered" in printed
+    # a run that does not record its --seq-len: the default, labelled as such
+    (stub_run.run / "metrics.json").write_text(json.dumps(
+        {k: v for k, v in stub_run.metrics.items() if k != "run_args"}))
+    assert _cli(base + ["--overwrite"]) == 0
+    assert stub_run.seq_lens[-1] == 64 and "records no --seq-len" in capsys.readouterr().out
