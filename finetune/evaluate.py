@@ -506,12 +506,18 @@ def _publish(stage, out) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the staging folder is removed on the way out."""
+_STAGE = []  # the staging folder of the evaluation under way, for the signal handler
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def _on_signal(signum, frame):
+    """SIGINT/SIGTERM: remove the staging folder, say so in one line and exit at once. Raising an
+    exception instead would surface inside MindSpore's graph compiler, which logs it with a stack
+    and leaves an analyze_fail.ir file in the working directory."""
+    for stage in _STAGE:
+        shutil.rmtree(stage, ignore_errors=True)
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+    os.write(2, f"{PROG}: interrupted by {name}; nothing was written to --out\n".encode())
+    os._exit(128 + signum)
 
 
 def _internal_error(e: BaseException) -> str:
@@ -536,28 +542,29 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    previous = {}
+    if in_main:
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stage = None
     try:
         _check_options(args)
         stage = _make_stage(args.out)
+        _STAGE.append(stage)
         s = evaluate_runs(args, stage)
         _publish(stage, args.out)
         stage = None
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
-    except (KeyboardInterrupt, _Terminated) as e:
-        sys.stderr.write(f"{PROG}: interrupted; nothing was written to {args.out}\n")
-        return 143 if isinstance(e, _Terminated) else 130
     except Exception as e:  # noqa: BLE001 - one line without data instead of a traceback
         sys.stderr.write(f"{PROG}: {_internal_error(e)}\n")
         return 1
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        _STAGE.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     from .evaluation.report import summary_text
 
     print(summary_text(s, args.out))

@@ -336,9 +336,10 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
                           sampling_rate=q, steps=steps, geometry="l2", family="gaussian",
                           params={"sigma": sigma})
     run("finetune", "--no-dp", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
-        "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet")
+        "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet",
+        "--seq-len", "32", "--seed", "0")
     run("finetune", "--table", "g.npz", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
-        "--out", "dp", "--quiet")
+        "--out", "dp", "--quiet", "--seq-len", "32", "--seed", "0")
     p = run("finetune.evaluate", "--run", "dp", "--baseline", "nodp", "--data", "dc.jsonl",
             "--table", "g.npz", "--out", "rep", "--n-generate", "16", "--mia-limit", "200",
             "--audit-draws", "200000", "--quiet")
@@ -352,6 +353,12 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
     assert s["baselines"]["nodp"]["val_perplexity"] < s["val_perplexity"]
     assert {"roc", "perplexity_vs_epsilon", "noise_density"} <= set(s["plots"])
     assert "epsilon" in p.stdout
+    # scored at the runs' --seq-len 32: the validation perplexity is the one each run reported
+    for r in (s, s["baselines"]["nodp"]):
+        assert r["seq_len"] == 32 and r["run_seq_len"] == 32
+        assert r["val_perplexity"] == pytest.approx(r["run_val_perplexity"], rel=1e-3)
+    assert "at seq len 32 (the run's --seq-len" in p.stdout
+    assert "train_perplexity" not in (tmp_path / "rep" / "summary.json").read_text()
 
 
 # ------------------------------------------------------------------ the run names its corpus
@@ -631,3 +638,31 @@ def test_cli_scores_at_the_runs_seq_len_and_leaves_out_training_statistics(stub_
         {k: v for k, v in stub_run.metrics.items() if k != "run_args"}))
     assert _cli(base + ["--overwrite"]) == 0
     assert stub_run.seq_lens[-1] == 64 and "records no --seq-len" in capsys.readouterr().out
+
+
+def test_cli_sigterm_leaves_no_output(stub_run):
+    """Killed (SIGTERM) during the evaluation: one line, exit code 143, no --out and no staging
+    folder left (the old command died with an empty --out behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import json, sys, time\n"
+             "from pathlib import Path\n"
+             "from finetune import evaluate\n"
+             "evaluate.load_run = lambda d, m=None: (json.loads((Path(d) / 'metrics.json')"
+             ".read_text()), 'ft', 'base')\n"
+             "evaluate.make_scorers = lambda *a: time.sleep(600)\n"
+             "sys.exit(evaluate.main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", child, "--run", "run", "--out", "rep"] + FAST,
+                         cwd=stub_run.dir, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [q for q in stub_run.dir.iterdir()
+                                          if q.name == "rep" or q.name.startswith(".rep")]:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143 and _one_line(err) and "interrupted" in err, (p.returncode, err)
+    assert _nothing_left(stub_run)
