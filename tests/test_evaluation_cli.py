@@ -512,6 +512,10 @@ def stub_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "load_run", load_run)
     monkeypatch.setattr(evaluate, "make_scorers", make_scorers)
+    # figures are built but not rendered (rendering is most of a stand-in evaluation's time; the
+    # plots themselves are tested above)
+    monkeypatch.setattr(plots.plt.Figure, "savefig",
+                        lambda fig, path, **k: Path(path).write_bytes(b"png"))
     return env
 
 
