@@ -22,8 +22,18 @@ members, validation records = non-members):
   whose empirical lower bound must stay below the certified epsilon of one release.
 
 Writes ``summary.json`` (flat, the headline numbers), ``details.json`` (everything) and PNG plots
-(ROC with the DP bound, perplexity vs epsilon, noise density vs Gaussian) to ``--out``.
-User mistakes end with a one-line error and exit code 2.
+(ROC with the DP bound, perplexity vs epsilon, noise density vs Gaussian) to ``--out``. The report
+is computed from the private corpus and is itself private (README, "Leakage and utility
+evaluation"); statistics of the training records that the run's epsilon does not cover (its train
+perplexity, final train loss, mean batch size) are left out unless ``--include-training-stats``.
+
+Every option is checked before any work (``--seq-len`` and ``--max-new-tokens`` against the
+model's n_positions as soon as it is loaded, before any scoring). The report is written to a hidden
+staging folder next to ``--out`` and moved into place only when everything succeeded: an error
+leaves no ``--out`` behind.
+User mistakes end with a one-line error and exit code 2; any other error with one line and exit
+code 1. Neither line ever quotes a record, a generated text or a PII value (an internal error names
+its type and code location only), and no traceback is printed.
 """
 from __future__ import annotations
 
@@ -31,11 +41,18 @@ import argparse
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
 
 from .cli import OneLineParser as _Parser, UserError
 
 PROG = "python -m finetune.evaluate"
+REPORT_FILES = ("summary.json", "details.json", "roc.png", "perplexity_vs_epsilon.png",
+                "noise_density.png")
+DEFAULT_SEQ_LEN = 64  # for a run that does not record its own --seq-len
+TRAINING_STATS = ("train_perplexity", "final_train_loss", "mean_batch_size")
 
 
 def _parser():
@@ -53,8 +70,10 @@ def _parser():
     p.add_argument("--data", help="the jsonl corpus the runs were trained on (default: the path "
                                   "recorded in the run's metrics.json; its sha256 must match the "
                                   "recorded one)")
-    p.add_argument("--table", help="the run's noise table (default: the file named in metrics.json, "
-                                   "looked up next to the run directory and in the working directory)")
+    p.add_argument("--table", help="the run's noise table (default: the file the run recorded in "
+                                   "metrics.json, looked up at its recorded path, next to the run "
+                                   "directory and in the working directory); its sha256 must match "
+                                   "the recorded one")
     p.add_argument("--model", help="base model the run started from (default: metrics.json 'model')")
     p.add_argument("--canaries", help="canary ground truth (default: <data>.canaries.json if present)")
     p.add_argument("--out", default="report",
@@ -69,8 +88,14 @@ def _parser():
                    help="at most this many members and non-members scored (default 2000)")
     p.add_argument("--audit-draws", type=int, default=2_000_000,
                    help="noise draws per input for the sampler audit (default 2e6; 0 skips it)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per scored text (default 64)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per scored text (default: the run's training --seq-len recorded in "
+                        f"its metrics.json, else {DEFAULT_SEQ_LEN}); the report says which was used")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and subsampling (default 0)")
+    p.add_argument("--include-training-stats", action="store_true",
+                   help="also report statistics of the private training records that the run's "
+                        "epsilon does not cover (train perplexity, final train loss, mean batch "
+                        "size), under a key that says so (default: left out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -120,14 +145,6 @@ def load_run(run_dir, model_override=None):
     return metrics, ft, base
 
 
-def _find(name, places):
-    for d in places:
-        p = os.path.join(d, name)
-        if os.path.isfile(p):
-            return p
-    return None
-
-
 def load_eval_data(data_path, canaries_path=None):
     from .data import DataError, load_records, pii_pairs, split_records
     from .evaluation import prepare
@@ -161,19 +178,14 @@ def load_eval_data(data_path, canaries_path=None):
     return data
 
 
-def sampler_audit(table_path, draws, seed):
+def sampler_audit(table, draws, seed):
     """Mechanism-level audit of the table's sampler against its certified one-release epsilon."""
     from accountant.certify import CertificationError, certify
     from accountant.mechanism import Mechanism
     from accountant.randomness import make_rng
-    from accountant.table import TableError, load_table
 
     from .evaluation.audit import audit_noise_sampler
 
-    try:
-        table = load_table(table_path)
-    except (TableError, OSError, ValueError) as e:
-        raise UserError(f"cannot use noise table {table_path}: {e}") from None
     try:
         cert = certify(Mechanism(table.noise), table.delta).epsilon
     except CertificationError as e:
@@ -186,7 +198,7 @@ def sampler_audit(table_path, draws, seed):
     if draws > 0:
         res.update(audit_noise_sampler(table.noise, draws, make_rng(seed=seed), delta=table.delta))
         res["below_certificate"] = None if cert is None else res["epsilon_lower_bound"] <= cert
-    return res, table
+    return res
 
 
 def file_sha256(path) -> str:
@@ -217,23 +229,133 @@ def resolve_corpus(run_dirs, data_arg=None) -> str:
     return path
 
 
-# ----------------------------------------------------------------------------------- main
-def evaluate_runs(args):
-    from tqdm import tqdm
+# ---------------------------------------------------------- the run's table and sequence length
+def _load_table(path):
+    from accountant.table import TableError, load_table
 
-    from .evaluation import plots, report
+    try:
+        return load_table(path)
+    except (TableError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot use noise table {path}: {e}") from None
+
+
+def _table_matches(path, table, want) -> bool:
+    """A run records its table as the file's sha256 (``python -m finetune``) or as the table's own
+    content checksum (its metadata ``sha256``, verified by ``load_table``); either identifies it."""
+    return want in (file_sha256(path), table.metadata.get("sha256"))
+
+
+def resolve_table(run_dir, metrics, table_arg=None):
+    """``(path, table, note)`` for the noise table ``run_dir`` was trained with.
+
+    ``--table`` is refused unless its sha256 is the one the run recorded (auditing another table
+    would certify nothing about the run). Without ``--table`` the recorded file is looked up at its
+    recorded path, next to the run directory and in the working directory, and only a file with the
+    recorded sha256 is used; when none is found, ``(None, None, note)`` says why there is no audit.
+    """
+    want = metrics.get("table_sha256")
+    name = metrics.get("table")
+    if table_arg is not None:
+        if want is None:
+            raise UserError(f"--table {table_arg}: {run_dir} records no noise table sha256 (trained "
+                            "without a table, or before runs recorded it), so no table can be tied "
+                            "to the run; leave --table out")
+        table = _load_table(table_arg)
+        if not _table_matches(table_arg, table, want):
+            raise UserError(f"--table {table_arg} is not the table {run_dir} was trained with (its "
+                            "sha256 differs from the one in metrics.json); pass the run's table or "
+                            "leave --table out")
+        return table_arg, table, None
+    if not name:
+        return None, None, "the run used no noise table"
+    if want is None:
+        return None, None, (f"no sampler audit: the run does not record the sha256 of its table "
+                            f"{name}, so no file can be tied to it")
+    recorded = (metrics.get("run_args") or {}).get("table")
+    places = ([recorded] if recorded else []) + [
+        os.path.join(d, name) for d in (run_dir, os.path.dirname(os.path.normpath(run_dir)),
+                                        os.getcwd())]
+    for path in places:
+        if os.path.isfile(path):
+            try:
+                table = _load_table(path)
+            except UserError:
+                continue
+            if _table_matches(path, table, want):
+                return path, table, None
+    return None, None, (f"no sampler audit: the run's table {name} (with the recorded sha256) was "
+                        "not found; pass --table")
+
+
+def _seq_len(args, metrics):
+    """``(tokens per scored text, where it came from)``: ``--seq-len``, else the run's training
+    ``--seq-len`` (so the validation perplexity is comparable with the run's), else the default."""
+    if args.seq_len is not None:
+        return args.seq_len, "--seq-len"
+    recorded = (metrics.get("run_args") or {}).get("seq_len")
+    if recorded:
+        return int(recorded), "the run's --seq-len"
+    return DEFAULT_SEQ_LEN, f"default {DEFAULT_SEQ_LEN} (the run records no --seq-len)"
+
+
+def make_scorers(ft, base, seq_len, max_new_tokens):
+    """``(fine-tuned, base)`` scorers of one run, after checking that ``seq_len`` and the longest
+    prompt plus ``max_new_tokens`` fit the model's positions."""
+    from .evaluation.report import NEUTRAL_PROMPTS, EvalOptions
     from .evaluation.scoring import LMScorer
     from .models.tokenizer import load_tokenizer
 
+    tok = load_tokenizer(ft.config.vocab_size)
+    n = ft.config.n_positions
+    if seq_len > n:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's n_positions {n}")
+    longest = max(len(tok.encode(p)) for p in NEUTRAL_PROMPTS)
+    new = max(max_new_tokens, EvalOptions.latency_new_tokens)
+    if longest + new > n:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) "
+                        f"plus {new} new tokens exceeds the model's n_positions {n}")
+    return (LMScorer(ft, tok, seq_len=seq_len, name="fine-tuned"),
+            LMScorer(base, tok, seq_len=seq_len, name="base"))
+
+
+def _run_fields(metrics, seq_len, seq_source, with_training_stats) -> dict:
+    """What the report says about the run itself: the sequence length it was scored at (and why),
+    the run's own validation perplexity at its own sequence length and, only on request, the
+    training-data statistics the run's epsilon does not cover."""
+    out = {"seq_len": seq_len, "seq_len_source": seq_source,
+           "run_val_perplexity": metrics.get("val_perplexity"),
+           "run_seq_len": (metrics.get("run_args") or {}).get("seq_len"),
+           "method": metrics.get("method"), "steps": metrics.get("steps"),
+           "certified_epsilon_of_table": metrics.get("certified_epsilon_of_table")}
+    if with_training_stats:
+        out["training_data_statistics_not_covered_by_epsilon"] = dict(
+            {k: metrics.get(k) for k in TRAINING_STATS},
+            note="statistics of the private training records that the run released beside its "
+                 "weights; the certified epsilon does not cover them (--include-training-stats)")
+    return out
+
+
+# ----------------------------------------------------------------------------------- main
+def evaluate_runs(args, out_dir=None):
+    """Evaluate ``args.run`` (and its baselines) and write the report files to ``out_dir``
+    (default ``args.out``); returns the summary dictionary. Everything that can be checked without
+    a model (runs, corpus, table, sequence length) is checked first."""
+    from tqdm import tqdm
+
+    from .evaluation import plots, report
+
+    out_dir = args.out if out_dir is None else out_dir
     runs = [args.run] + list(args.baseline)
     for run_dir in runs:
         if not os.path.isdir(run_dir):
             raise UserError(f"--run/--baseline: not a directory: {run_dir}")
     data_path = resolve_corpus(runs, args.data)
+    run_metrics = _read_json(os.path.join(args.run, "metrics.json"), "metrics.json of the run")
+    table_path, table, table_note = resolve_table(args.run, run_metrics, args.table)
     data = load_eval_data(data_path, args.canaries)
+    seq_len, seq_source = _seq_len(args, run_metrics)
     opts = report.EvalOptions(n_generate=args.n_generate, max_new_tokens=args.max_new_tokens,
                               top_k=args.top_k, mia_limit=args.mia_limit, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)  # checked before any work (main: check_output_dir)
 
     import mindspore as ms
 
@@ -244,9 +366,7 @@ def evaluate_runs(args):
         bar.set_postfix_str(f"load {os.path.basename(os.path.normpath(run_dir))}")
         metrics, ft, base = load_run(run_dir, args.model)
         bar.update(1)
-        tok = load_tokenizer(ft.config.vocab_size)
-        sc_ft = LMScorer(ft, tok, seq_len=args.seq_len, name="fine-tuned")
-        sc_base = LMScorer(base, tok, seq_len=args.seq_len, name="base")
+        sc_ft, sc_base = make_scorers(ft, base, seq_len, args.max_new_tokens)
         private = bool(metrics.get("private", metrics.get("epsilon_spent") is not None))
         eps = metrics.get("epsilon_spent") if private else None
         delta = metrics.get("delta") if private else None
@@ -254,29 +374,27 @@ def evaluate_runs(args):
         results[run_dir] = (metrics, eps, delta, res)
 
     metrics, eps, delta, res = results[args.run]
-    audit_res, table = None, None
-    table_path = args.table
-    if table_path is None and metrics.get("table"):
-        table_path = _find(metrics["table"], [args.run, os.path.dirname(os.path.normpath(args.run)),
-                                              os.getcwd()])
-    if table_path is not None and eps is not None:
+    audit_res = None
+    if table is not None and eps is not None:
         bar.set_postfix_str("sampler audit")
-        audit_res, table = sampler_audit(table_path, args.audit_draws, args.seed)
+        audit_res = sampler_audit(table, args.audit_draws, args.seed)
     bar.update(1)
     bar.close()
 
     summary = report.summarise(res, metrics, eps, delta, audit_res)
-    summary["run_val_perplexity"] = metrics.get("val_perplexity")
-    summary["method"] = metrics.get("method")
-    summary["steps"] = metrics.get("steps")
-    summary["certified_epsilon_of_table"] = metrics.get("certified_epsilon_of_table")
+    summary.update(_run_fields(metrics, seq_len, seq_source, args.include_training_stats))
+    summary["noise_table"] = os.path.basename(table_path) if table_path else None
+    if eps is not None and audit_res is None:
+        summary["sampler_audit_note"] = table_note
     summary["data"] = os.path.basename(data_path)
     summary["n_members"] = res["membership"]["n_members"]
     summary["n_nonmembers"] = res["membership"]["n_nonmembers"]
     baselines = {}
     for b in args.baseline:
         bm, be, bd, br = results[b]
-        baselines[os.path.basename(os.path.normpath(b))] = report.summarise(br, bm, be, bd, None)
+        bs = report.summarise(br, bm, be, bd, None)
+        bs.update(_run_fields(bm, seq_len, seq_source, args.include_training_stats))
+        baselines[os.path.basename(os.path.normpath(b))] = bs
     if baselines:
         summary["baselines"] = baselines
 
@@ -290,24 +408,25 @@ def evaluate_runs(args):
     for run_dir, (m, _, _, r) in results.items():
         for attack, (fpr, tpr) in r["membership"]["curves"].items():
             curves[f"{label(run_dir, m)}, {attack}"] = (fpr, tpr)
-    pngs = {"roc": plots.plot_roc(curves, os.path.join(args.out, "roc.png"), eps, delta or 0.0)}
+    pngs = {"roc": plots.plot_roc(curves, os.path.join(out_dir, "roc.png"), eps, delta or 0.0)}
     pts = [(label(r, m), (m.get("epsilon_spent") if m.get("private", True) else None),
             res_["utility"]["val_perplexity"]) for r, (m, _, _, res_) in results.items()]
     pngs["perplexity_vs_epsilon"] = plots.plot_perplexity_vs_epsilon(
-        pts, os.path.join(args.out, "perplexity_vs_epsilon.png"),
-        base_perplexity=res["utility"]["base_val_perplexity"])
+        pts, os.path.join(out_dir, "perplexity_vs_epsilon.png"),
+        base_perplexity=res["utility"]["base_val_perplexity"],
+        ylabel=f"validation perplexity (seq len {seq_len})")
     if table is not None:
         sigma = table.metadata.get("gaussian_sigma")
         pngs["noise_density"] = plots.plot_noise_density(
-            table.noise, os.path.join(args.out, "noise_density.png"), gaussian_sigma=sigma,
+            table.noise, os.path.join(out_dir, "noise_density.png"), gaussian_sigma=sigma,
             label=f"{table.metadata.get('family')} table (certified eps {table.certified_epsilon:.3g})")
     summary["plots"] = {k: os.path.basename(v) for k, v in pngs.items()}
 
     details = {os.path.basename(os.path.normpath(r)): _jsonable(v[3]) for r, v in results.items()}
     details["sampler_audit"] = audit_res
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(_jsonable(summary), f, indent=1)
-    with open(os.path.join(args.out, "details.json"), "w") as f:
+    with open(os.path.join(out_dir, "details.json"), "w") as f:
         json.dump(_jsonable(details), f, indent=1)
     return summary
 
@@ -330,6 +449,28 @@ def _jsonable(x):
     return x
 
 
+
+# ------------------------------------------------------------------- options, output, errors
+def _check_options(args) -> None:
+    """Every option that needs no model, checked in the first second (one line, exit code 2)."""
+    for name, low in (("n_generate", 1), ("max_new_tokens", 1), ("mia_limit", 10), ("top_k", 0),
+                      ("seed", 0)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UserError(f"--seq-len must be >= 2 (a text is scored on its next-token predictions), "
+                        f"got {args.seq_len}")
+    if args.audit_draws and args.audit_draws < 1000:
+        raise UserError(f"--audit-draws must be 0 (skip) or >= 1000, got {args.audit_draws}")
+    for flag, path in (("--data", args.data), ("--table", args.table), ("--canaries", args.canaries)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag}: no such file: {path}")
+    for flag, run_dir in [("--run", args.run)] + [("--baseline", b) for b in args.baseline]:
+        if not os.path.isdir(run_dir):
+            raise UserError(f"{flag}: not a run directory: {run_dir}")
+    _check_out(args)
+
+
 def _check_out(args) -> None:
     """--out: a folder that can be created (or, with --overwrite, an existing folder), checked
     before any work."""
@@ -341,26 +482,89 @@ def _check_out(args) -> None:
         raise UserError(str(e)) from None
 
 
+def _make_stage(out) -> str:
+    """A fresh hidden folder next to ``out`` (same file system, so publishing is a rename); it is
+    private to its owner (mode 0700), as the report is."""
+    out = os.path.abspath(out)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+
+
+def _publish(stage, out) -> None:
+    """Move the finished report into ``out``: a new ``out`` is the staging folder renamed; an
+    existing one (``--overwrite``) gets each report file replaced whole (``os.replace``) and the
+    report files this run did not write removed, so no file of an older report is left beside it."""
+    out = os.path.abspath(out)
+    if not os.path.exists(out):
+        os.rename(stage, out)
+        return
+    for name in REPORT_FILES:
+        src, dst = os.path.join(stage, name), os.path.join(out, name)
+        if os.path.exists(src):
+            os.replace(src, dst)
+        elif os.path.exists(dst):
+            os.remove(dst)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+_STAGE = []  # the staging folder of the evaluation under way, for the signal handler
+
+
+def _on_signal(signum, frame):
+    """SIGINT/SIGTERM: remove the staging folder, say so in one line and exit at once. Raising an
+    exception instead would surface inside MindSpore's graph compiler, which logs it with a stack
+    and leaves an analyze_fail.ir file in the working directory."""
+    for stage in _STAGE:
+        shutil.rmtree(stage, ignore_errors=True)
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+    os.write(2, f"{PROG}: interrupted by {name}; nothing was written to --out\n".encode())
+    os._exit(128 + signum)
+
+
+def _internal_error(e: BaseException) -> str:
+    """One line for an unexpected error: its type and where in this project's code it happened.
+    Its message is withheld: it may quote a record, a generated text or a PII value."""
+    import traceback
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = tuple(os.path.join(root, pkg) + os.sep for pkg in ("finetune", "accountant", "noise_search"))
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if os.path.abspath(f.filename).startswith(ours)]
+    where = ""
+    if mine:
+        f = mine[-1]
+        where = f" in {f.name} ({os.path.relpath(os.path.abspath(f.filename), root)}:{f.lineno})"
+    return (f"internal error: {type(e).__name__}{where}; its message is not shown because it may "
+            "quote private data")
+
+
 def main(argv=None) -> int:
+    import threading
+
     args = _parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main:
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stage = None
     try:
-        for name in ("n_generate", "max_new_tokens", "mia_limit", "seq_len"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-        if args.audit_draws and args.audit_draws < 1000:
-            raise UserError("--audit-draws must be 0 (skip) or >= 1000")
-        if args.data is not None and not os.path.isfile(args.data):
-            raise UserError(f"--data: no such file: {args.data}")
-        if args.table is not None and not os.path.isfile(args.table):
-            raise UserError(f"--table: no such file: {args.table}")
-        for flag, run_dir in [("--run", args.run)] + [("--baseline", b) for b in args.baseline]:
-            if not os.path.isdir(run_dir):
-                raise UserError(f"{flag}: not a run directory: {run_dir}")
-        _check_out(args)
-        s = evaluate_runs(args)
+        _check_options(args)
+        stage = _make_stage(args.out)
+        _STAGE.append(stage)
+        s = evaluate_runs(args, stage)
+        _publish(stage, args.out)
+        stage = None
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
+    except Exception as e:  # noqa: BLE001 - one line without data instead of a traceback
+        sys.stderr.write(f"{PROG}: {_internal_error(e)}\n")
+        return 1
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        _STAGE.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     from .evaluation.report import summary_text
 
     print(summary_text(s, args.out))

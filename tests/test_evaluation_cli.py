@@ -7,6 +7,7 @@ on a real tiny GPT-2 run is marked slow.
 import json
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,50 @@ def test_plots_write_png(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _drawn_figures(monkeypatch):
+    """The figures the plot functions close, kept open for inspection."""
+    figs = []
+    monkeypatch.setattr(plots.plt, "close", figs.append)
+    return figs
+
+
+def _labelled_ticks(ax, axis):
+    """Tick labels with text that lie inside the axis's visible range (after drawing)."""
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    get = ax.yaxis if axis == "y" else ax.xaxis
+    ticks = get.get_majorticklabels() + get.get_minorticklabels()
+    return [t.get_text() for t in ticks
+            if t.get_text() and lo <= (t.get_position()[1] if axis == "y" else t.get_position()[0]) <= hi]
+
+
+def test_every_plot_has_axis_labels_numbers_and_a_title(tmp_path, monkeypatch):
+    """The perplexity plot of a report at eps 2 (5069.3, base 5137.2: inside one decade) had a log y
+    axis with no labelled tick in view; every axis must say what it shows and where it is."""
+    from accountant.noise import Laplace
+
+    figs = _drawn_figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    fpr, tpr = np.sort(rng.random(50)), np.sort(rng.random(50))
+    plots.plot_roc({"loss attack": (fpr, tpr)}, tmp_path / "roc.png", 1.0, 1e-5)
+    plots.plot_perplexity_vs_epsilon([("dp (eps 2)", 2.0, 5069.3)], tmp_path / "p1.png",
+                                     base_perplexity=5137.2)
+    plots.plot_perplexity_vs_epsilon([("dp", 1.0, 300.0), ("non-private", None, 20.0)],
+                                     tmp_path / "p2.png", base_perplexity=900.0)
+    plots.plot_noise_density(Laplace(2.0), tmp_path / "noise.png", gaussian_sigma=3.0)
+    assert len(figs) == 4
+    for fig in figs:
+        fig.canvas.draw()
+        title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel()
+            assert ax.get_title() or title
+            assert len(_labelled_ticks(ax, "y")) >= 2, (ax.get_ylabel(), ax.get_ylim())
+            assert len(_labelled_ticks(ax, "x")) >= 1
+    # no "non-private" tick on a plot without a non-private run
+    assert "non-private" not in [t.get_text() for t in figs[1].axes[0].get_xticklabels()]
+    assert "non-private" in [t.get_text() for t in figs[2].axes[0].get_xticklabels()]
+
+
 class ByteTokenizer:
     """Stand-in tokenizer for the scorer test: one id per UTF-8 byte."""
 
@@ -147,6 +192,30 @@ def test_lm_scorer_matches_model_loss_and_generates():
     gen = sc.generate(["ab", "hello"], max_new_tokens=5, top_k=5, seed=1)
     assert len(gen) == 2 and all(isinstance(g, str) for g in gen)
     assert sc.generation_seconds(["ab", "cd"], max_new_tokens=3) > 0
+
+
+def test_lm_scorer_never_quotes_a_text_and_refuses_a_bad_seq_len():
+    """A text too short to score raised ValueError("text too short to score: '<the record>'"), and
+    seq_len 1 (or one above n_positions, silently shortened) was accepted."""
+    from finetune.evaluation.scoring import LMScorer
+    from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=256,
+                                       n_positions=64), seed=0)
+    for bad in (1, 0, 65):
+        with pytest.raises(ValueError, match="seq_len"):
+            LMScorer(model, ByteTokenizer(), seq_len=bad)
+    record = "Jane Roe lives at 12 Elm Street, phone (555) 010-2233"
+
+    class OneTokenForRecords(ByteTokenizer):  # a whole record as one token (a learned merge)
+        def encode(self, text):
+            return [7] if text == record else super().encode(text)
+
+    sc = LMScorer(model, OneTokenForRecords(), seq_len=8)
+    with pytest.raises(ValueError) as e:
+        sc.losses(["ok text", record, "more text"])
+    assert "text 1 of 3" in str(e.value)
+    assert not any(w in str(e.value) for w in ("Jane", "Elm", "555"))
 
 
 def test_prepare_inserts_canaries_with_fair_coins(tmp_path, capsys):
@@ -267,9 +336,10 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
                           sampling_rate=q, steps=steps, geometry="l2", family="gaussian",
                           params={"sigma": sigma})
     run("finetune", "--no-dp", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
-        "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet")
+        "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet",
+        "--seq-len", "32", "--seed", "0")
     run("finetune", "--table", "g.npz", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
-        "--out", "dp", "--quiet")
+        "--out", "dp", "--quiet", "--seq-len", "32", "--seed", "0")
     p = run("finetune.evaluate", "--run", "dp", "--baseline", "nodp", "--data", "dc.jsonl",
             "--table", "g.npz", "--out", "rep", "--n-generate", "16", "--mia-limit", "200",
             "--audit-draws", "200000", "--quiet")
@@ -283,6 +353,12 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
     assert s["baselines"]["nodp"]["val_perplexity"] < s["val_perplexity"]
     assert {"roc", "perplexity_vs_epsilon", "noise_density"} <= set(s["plots"])
     assert "epsilon" in p.stdout
+    # scored at the runs' --seq-len 32: the validation perplexity is the one each run reported
+    for r in (s, s["baselines"]["nodp"]):
+        assert r["seq_len"] == 32 and r["run_seq_len"] == 32
+        assert r["val_perplexity"] == pytest.approx(r["run_val_perplexity"], rel=1e-3)
+    assert "at seq len 32 (the run's --seq-len" in p.stdout
+    assert "train_perplexity" not in (tmp_path / "rep" / "summary.json").read_text()
 
 
 # ------------------------------------------------------------------ the run names its corpus
@@ -385,3 +461,212 @@ def test_prepare_refuses_to_overwrite_without_the_flag(tmp_path):
     r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert out.read_text() != "keep me\n" and (tmp_path / "c.jsonl.canaries.json").exists()
+
+
+# ------------------------------------------- the command on a stand-in run (no model, seconds)
+RUN_METRICS = {"private": True, "epsilon_spent": 0.9, "delta": 1e-5, "method": "lora",
+               "model": "tiny", "seed": 0, "steps": 4, "val_perplexity": 5069.3,
+               "seconds_per_step": 0.37, "train_perplexity": 4321.987654,
+               "final_train_loss": 8.371234, "mean_batch_size": 4.567891,
+               "run_args": {"seq_len": 32}}
+REAL_LOAD_RUN = __import__("finetune.evaluate", fromlist=["load_run"]).load_run
+FAST = ["--n-generate", "12", "--mia-limit", "500", "--audit-draws", "0", "--quiet"]
+
+
+def _table(path, scale):
+    from accountant.noise import Laplace
+    from accountant.table import write_certified_table
+
+    write_certified_table(path, Laplace(scale), eps_target=2.0, delta=1e-5, sampling_rate=1.0,
+                          steps=1, geometry="l1", family="laplace", gaussian_sigma=3.0)
+    return path
+
+
+@pytest.fixture
+def stub_run(tmp_path, monkeypatch):
+    """A run folder (metrics.json naming its corpus and table, both with their sha256) evaluated
+    with stand-in models: ``load_run`` and ``make_scorers`` are replaced, the rest is the command."""
+    from types import SimpleNamespace
+
+    from finetune import evaluate
+    from finetune.data import generate_records, write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate_records(60, seed=0, val_fraction=0.5), str(data))
+    table = _table(tmp_path / "t.npz", 2.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = dict(RUN_METRICS, data=str(data), data_sha256=evaluate.file_sha256(data),
+                   table="t.npz", table_sha256=evaluate.file_sha256(table))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    env = SimpleNamespace(dir=tmp_path, run=run, out=tmp_path / "rep", seq_lens=[],
+                          ft=StubScorer(), metrics=metrics)
+
+    def load_run(run_dir, model_override=None):
+        return json.loads((Path(run_dir) / "metrics.json").read_text()), "ft", "base"
+
+    def make_scorers(ft, base, seq_len, max_new_tokens):
+        env.seq_lens.append(seq_len)
+        return env.ft, StubScorer()
+
+    monkeypatch.setattr(evaluate, "load_run", load_run)
+    monkeypatch.setattr(evaluate, "make_scorers", make_scorers)
+    # figures are built but not rendered (rendering is most of a stand-in evaluation's time; the
+    # plots themselves are tested above)
+    monkeypatch.setattr(plots.plt.Figure, "savefig",
+                        lambda fig, path, **k: Path(path).write_bytes(b"png"))
+    return env
+
+
+def _nothing_left(env):
+    """No --out and no hidden staging folder next to it."""
+    return not env.out.exists() and not [p for p in env.dir.iterdir() if p.name.startswith(".rep")]
+
+
+def _one_line(err):
+    return err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_checks_every_option_before_any_work(stub_run, capsys, monkeypatch):
+    """--seq-len 1 was accepted and ended 40 s later in a traceback; every option is now checked
+    before a model is loaded, in one line, with nothing written."""
+    from finetune import evaluate
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(evaluate, "load_run", no_work)
+    monkeypatch.setattr(evaluate, "make_scorers", no_work)
+    _table(stub_run.dir / "other.npz", 2.5)
+    cases = {"--seq-len": ["--seq-len", "1"], "--top-k": ["--top-k", "-1"],
+             "--mia-limit": ["--mia-limit", "3"], "--seed": ["--seed", "-2"],
+             "--max-new-tokens": ["--max-new-tokens", "0"], "--audit-draws": ["--audit-draws", "10"],
+             "--canaries": ["--canaries", "missing.json"], "--table": ["--table", "other.npz"]}
+    for flag, bad in cases.items():
+        rc = _cli(["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST + bad)
+        err = capsys.readouterr().err
+        assert rc == 2 and _one_line(err) and flag in err, (flag, err)
+        assert _nothing_left(stub_run)
+
+
+def test_cli_error_shows_no_data_and_leaves_no_output(stub_run, capsys):
+    """An error inside the evaluation printed a traceback whose message was a whole record and left
+    an empty --out (the corrected rerun then needed --overwrite)."""
+    record = None
+
+    class FailsQuoting(StubScorer):
+        def losses(self, texts):
+            nonlocal record
+            record = texts[0]
+            raise ValueError(f"cannot score {record!r}")
+
+    stub_run.ft = FailsQuoting()
+    argv = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    assert _cli(argv) == 1
+    err = capsys.readouterr().err
+    assert _one_line(err) and "internal error: ValueError" in err
+    assert record and record not in err and record.split()[0] not in err
+    assert _nothing_left(stub_run)
+    stub_run.ft = StubScorer()  # the corrected rerun needs no --overwrite
+    assert _cli(argv) == 0
+    assert (stub_run.out / "summary.json").is_file() and _nothing_left(stub_run) is False
+    assert not [p for p in stub_run.dir.iterdir() if p.name.startswith(".rep")]
+
+
+def test_cli_missing_weights_or_model_typo_leaves_no_output(stub_run, capsys, monkeypatch):
+    """A missing adapter or a model-name typo exited 2 but left an empty --out behind."""
+    from finetune import evaluate
+
+    monkeypatch.setattr(evaluate, "load_run", REAL_LOAD_RUN)
+    for extra, says in (([], "adapter.safetensors not found"), (["--model", "tinyy"], "tinyy")):
+        assert _cli(["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST + extra) == 2
+        err = capsys.readouterr().err
+        assert _one_line(err) and says in err, err
+        assert _nothing_left(stub_run)
+
+
+def test_cli_refuses_a_table_the_run_did_not_use(stub_run, capsys):
+    """--table with another table was accepted and audited as if the run had used it."""
+    base = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    _table(stub_run.dir / "other.npz", 2.5)
+    assert _cli(base + ["--table", "other.npz"]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err) and "not the table" in err and _nothing_left(stub_run)
+    # the run's own table: accepted, audited and drawn
+    assert _cli(base + ["--table", "t.npz"]) == 0
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["noise_table"] == "t.npz" and s["sampler_certified_epsilon"] is not None
+    assert "noise_density" in s["plots"] and (stub_run.out / "noise_density.png").is_file()
+    (stub_run.out / "notes.txt").write_text("mine")
+    # looked up by name: a different file under the run's table name is not used (and --overwrite
+    # leaves no plot of the earlier report beside the new one, and no file of the user's removed)
+    (stub_run.dir / "t.npz").replace(stub_run.dir / "kept.npz")
+    (stub_run.dir / "other.npz").replace(stub_run.dir / "t.npz")
+    capsys.readouterr()
+    assert _cli(base + ["--overwrite"]) == 0
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["noise_table"] is None and "not found" in s["sampler_audit_note"]
+    assert "not found" in capsys.readouterr().out
+    assert "noise_density" not in s["plots"] and not (stub_run.out / "noise_density.png").exists()
+    assert (stub_run.out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_scores_at_the_runs_seq_len_and_leaves_out_training_statistics(stub_run, capsys):
+    """The run reported its validation perplexity at its --seq-len 32; evaluate scored at 64 and
+    printed a different number without a word. And summary.json carried the run's train
+    perplexity, a statistic of the private training records that the epsilon does not cover."""
+    base = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    assert _cli(base) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert stub_run.seq_lens == [32] and s["seq_len"] == 32 and s["run_seq_len"] == 32
+    assert s["seq_len_source"] == "the run's --seq-len" and s["run_val_perplexity"] == 5069.3
+    assert "at seq len 32 (the run's --seq-len; the run reported 5069.30)" in printed
+    for name in ("summary.json", "details.json"):
+        text = (stub_run.out / name).read_text()
+        for key in ("train_perplexity", "final_train_loss", "mean_batch_size", "mean_loss_members",
+                    "4321.98", "8.3712", "4.5678"):
+            assert key not in text and key not in printed, (name, key)
+    # another --seq-len on request, labelled; training statistics on request, labelled
+    assert _cli(base + ["--overwrite", "--seq-len", "48", "--include-training-stats"]) == 0
+    printed = capsys.readouterr().out
+    assert stub_run.seq_lens[-1] == 48
+    assert "at seq len 48 (--seq-len; the run reported 5069.30 at seq len 32)" in printed
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    stats = s["training_data_statistics_not_covered_by_epsilon"]
+    assert stats["train_perplexity"] == 4321.987654 and stats["mean_batch_size"] == 4.567891
+    assert "not cover" in stats["note"] and "NOT covered" in printed
+    # a run that does not record its --seq-len: the default, labelled as such
+    (stub_run.run / "metrics.json").write_text(json.dumps(
+        {k: v for k, v in stub_run.metrics.items() if k != "run_args"}))
+    assert _cli(base + ["--overwrite"]) == 0
+    assert stub_run.seq_lens[-1] == 64 and "records no --seq-len" in capsys.readouterr().out
+
+
+def test_cli_sigterm_leaves_no_output(stub_run):
+    """Killed (SIGTERM) during the evaluation: one line, exit code 143, no --out and no staging
+    folder left (the old command died with an empty --out behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import json, sys, time\n"
+             "from pathlib import Path\n"
+             "from finetune import evaluate\n"
+             "evaluate.load_run = lambda d, m=None: (json.loads((Path(d) / 'metrics.json')"
+             ".read_text()), 'ft', 'base')\n"
+             "evaluate.make_scorers = lambda *a: time.sleep(600)\n"
+             "sys.exit(evaluate.main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", child, "--run", "run", "--out", "rep"] + FAST,
+                         cwd=stub_run.dir, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [q for q in stub_run.dir.iterdir()
+                                          if q.name == "rep" or q.name.startswith(".rep")]:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143 and _one_line(err) and "interrupted" in err, (p.returncode, err)
+    assert _nothing_left(stub_run)

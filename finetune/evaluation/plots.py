@@ -6,6 +6,8 @@
 - ``plot_perplexity_vs_epsilon``: utility cost of privacy; the non-private run is drawn at the right
   edge (eps = infinity).
 - ``plot_noise_density``: the sampled noise density against the calibrated Gaussian.
+
+Every axis carries a label and every figure a title.
 """
 from __future__ import annotations
 
@@ -54,14 +56,18 @@ def plot_roc(curves: dict, path, epsilon: float | None = None, delta: float = 0.
 
 
 def plot_perplexity_vs_epsilon(points, path, base_perplexity: float | None = None,
-                               title: str = "Utility vs privacy") -> str:
+                               title: str = "Utility vs privacy",
+                               ylabel: str = "validation perplexity") -> str:
     """``points``: iterable of (label, epsilon or None/inf for non-private, perplexity).
 
-    Non-private runs are drawn at the right edge (tick "non-private"); ``base_perplexity`` (the
-    model before fine-tuning) is a dashed horizontal line.
+    Non-private runs are drawn at the right edge (tick "non-private", only when there is one);
+    ``base_perplexity`` (the model before fine-tuning) is a dashed horizontal line. The y axis is
+    logarithmic only when the values span more than a factor 10 (a log axis inside one decade has
+    no labelled tick).
     """
     pts = list(points)
     finite = [e for _, e, _ in pts if e is not None and math.isfinite(e)]
+    has_nonprivate = len(finite) < len(pts)
     right = (max(finite) * 3 if finite else 10.0)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, e, ppl in pts:
@@ -72,19 +78,25 @@ def plot_perplexity_vs_epsilon(points, path, base_perplexity: float | None = Non
     if base_perplexity is not None:
         ax.axhline(base_perplexity, color="0.4", ls="--", lw=1,
                    label=f"base model ({base_perplexity:.1f})")
+    ys = [p for _, _, p in pts] + ([base_perplexity] if base_perplexity is not None else [])
+    log_y = min(ys) > 0 and max(ys) / min(ys) > 10
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ticks = []
     for t in sorted(set(finite)):  # skip ticks that would overlap (within 15%)
         if not ticks or t > 1.15 * ticks[-1]:
             ticks.append(t)
-    ticks.append(right)
+    labels = [f"{t:.3g}" for t in ticks]
+    if has_nonprivate or not ticks:
+        ticks.append(right)
+        labels.append("non-private")
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{t:.3g}" for t in ticks[:-1]] + ["non-private"])
+    ax.set_xticklabels(labels)
     ax.minorticks_off()
-    ax.set_xlim(min(ticks) / 2, right * 2)
+    ax.set_xlim(min(ticks) / 2, max(ticks) * 2)
     ax.set_xlabel("certified epsilon")
-    ax.set_ylabel("validation perplexity (log)")
+    ax.set_ylabel(ylabel + (" (log scale)" if log_y else ""))
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(True, which="major", alpha=0.2)
@@ -95,16 +107,18 @@ def plot_perplexity_vs_epsilon(points, path, base_perplexity: float | None = Non
 
 
 def plot_noise_density(noise, path, gaussian_sigma: float | None = None, label: str | None = None,
-                       x_max: float | None = None) -> str:
+                       x_max: float | None = None, title: str | None = None) -> str:
     """Density of ``noise`` (any object with ``.pdf``) against N(0, gaussian_sigma^2), linear and log."""
     if x_max is None:
         s = gaussian_sigma or math.sqrt(float(noise.variance()))
         x_max = 4.0 * s
     x = np.linspace(-x_max, x_max, 2001)
     p = np.asarray(noise.pdf(x), dtype=float)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     name = label or f"{getattr(noise, 'family', 'noise')} (sampled)"
+    fig.suptitle(title or ("Noise density" + (" vs the Gaussian" if gaussian_sigma else "")))
     for ax, log in zip(axes, (False, True)):
+        ax.set_title("log scale" if log else "linear scale", fontsize=10)
         ax.plot(x, p, lw=1.6, label=name)
         if gaussian_sigma:
             g = np.exp(-0.5 * (x / gaussian_sigma) ** 2) / (gaussian_sigma * math.sqrt(2 * math.pi))

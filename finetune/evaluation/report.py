@@ -76,8 +76,6 @@ def membership_inference(ft, base, members, nonmembers, epsilon, delta, alpha=0.
         out["attacks"][name] = rep
         fpr, tpr, _ = membership.roc_curve(sm, sn)
         out["curves"][name] = (fpr, tpr)
-    out["mean_loss_members"] = float(np.mean(lm))
-    out["mean_loss_nonmembers"] = float(np.mean(ln))
     return out
 
 
@@ -164,7 +162,12 @@ def evaluate_model(ft, base, data: EvalData, opts: EvalOptions, epsilon=None, de
 
 
 def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: dict | None) -> dict:
-    """The flat ``summary.json`` dictionary (required keys always present, None when not measured)."""
+    """The flat ``summary.json`` dictionary (required keys always present, None when not measured).
+
+    From ``run_metrics`` it takes the run's cost (seconds per step, peak memory) only: statistics of
+    the training records (train perplexity, final train loss, mean batch size) are not covered by
+    the run's epsilon and stay out of the report (``finetune.evaluate --include-training-stats``
+    adds them under a key that says so)."""
     u, mia, p, c = result["utility"], result["membership"], result["pii"], result["canaries"]
     att = mia["attacks"]
     best = max(att, key=lambda k: att[k]["auc"])
@@ -174,7 +177,6 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
         "delta": delta,
         "val_perplexity": u["val_perplexity"],
         "base_val_perplexity": u["base_val_perplexity"],
-        "train_perplexity": run_metrics.get("train_perplexity"),
         "train_seconds_per_step": run_metrics.get("seconds_per_step"),
         "train_peak_rss_mb": run_metrics.get("peak_rss_mb"),
         "inference_overhead": u["inference_overhead"],
@@ -258,6 +260,18 @@ def _rounded(v, digits: int = 4, up: bool = True) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def _at_seq_len(s: dict) -> str:
+    """Which sequence length the perplexity was measured at, and what the run itself reported."""
+    if s.get("seq_len") is None:
+        return ""
+    text = f" at seq len {s['seq_len']} ({s.get('seq_len_source', '')}"
+    run_ppl, run_len = s.get("run_val_perplexity"), s.get("run_seq_len")
+    if run_ppl is not None:
+        at = "" if run_len in (None, s["seq_len"]) else f" at seq len {run_len}"
+        text += f"; the run reported {_num(run_ppl, '{:.2f}')}{at}"
+    return text + ")"
+
+
 def summary_text(s: dict, out_dir: str | None = None) -> str:
     """The summary printed by ``python -m finetune.evaluate``: numbers rounded for reading, then one
     line per term. ``s`` is the dictionary of ``summarise`` plus ``baselines`` (same keys)."""
@@ -265,7 +279,7 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     pct = lambda x: None if x is None else 100.0 * x
     lines = [f"epsilon {_rounded(eps)} (delta {_num(s['delta'], '{:g}')})"
              + ("" if eps is not None else " [non-private]"),
-             f"  utility   val perplexity {_num(s['val_perplexity'], '{:.2f}')} (base "
+             f"  utility   val perplexity {_num(s['val_perplexity'], '{:.2f}')}{_at_seq_len(s)} (base "
              f"{_num(s['base_val_perplexity'], '{:.2f}')}), "
              f"{_num(s.get('train_seconds_per_step'), '{:.3f}')} s/step, inference overhead "
              f"{_num(pct(s['inference_overhead']), '{:+.1f}')}%"]
@@ -279,6 +293,10 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     lines.append(f"  PII       precision {_num(s['pii_precision'])}, recall {_num(s['pii_recall'])} "
                  f"(held-out recall {_num(s['pii_holdout_recall'])}; {s['pii_extracted']} PII strings "
                  f"in the generations)")
+    stats = s.get("training_data_statistics_not_covered_by_epsilon")
+    if stats:
+        lines.append(f"  training  train perplexity {_num(stats.get('train_perplexity'), '{:.2f}')}: a "
+                     "statistic of the training records, NOT covered by the epsilon above")
     if s.get("canary_exposure_max") is not None:
         lines.append(f"  canaries  exposure mean {_num(s['canary_exposure_mean'], '{:.2f}')}, max "
                      f"{_num(s['canary_exposure_max'], '{:.2f}')} bits")
@@ -292,6 +310,8 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
         lines.append(f"  sampler   noise-table audit: empirical eps >= "
                      f"{_rounded(s['sampler_audit_epsilon_lower_bound'], 3, up=False)} (95%), certified for one "
                      f"release {_rounded(s['sampler_certified_epsilon'], 3)}")
+    elif s.get("sampler_audit_note"):
+        lines.append(f"  sampler   {s['sampler_audit_note']}")
     for name, b in (s.get("baselines") or {}).items():
         be = b.get("epsilon")
         lines.append(f"  baseline {name} ({'eps ' + _rounded(be) if be is not None else 'non-private'}):"

@@ -2,7 +2,10 @@
 
 ``LMScorer`` wraps a ``finetune.models.gpt2.GPT2LMHeadModel`` and a tokenizer with ``encode(text) ->
 list[int]`` and ``decode(ids) -> str``. Every batch is padded to one fixed shape [batch, seq_len]
-(MindSpore recompiles for each new input shape), and padding is masked out of the loss.
+(MindSpore recompiles for each new input shape), and padding is masked out of the loss. ``seq_len``
+must lie in [2, n_positions] (a text is scored on its next-token predictions); it is never
+shortened silently. Error messages name a text by its index, never by its content (it may be a
+private record).
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ import numpy as np
 class LMScorer:
     def __init__(self, model, tokenizer, seq_len: int = 64, batch_size: int = 32,
                  progress: bool = False, name: str = "model"):
+        if not 2 <= int(seq_len) <= model.config.n_positions:
+            raise ValueError(f"seq_len must be in [2, n_positions = {model.config.n_positions}], "
+                             f"got {seq_len}")
         self.model = model
         self.tokenizer = tokenizer
-        self.seq_len = int(min(seq_len, model.config.n_positions))
+        self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
         self.progress = progress
         self.name = name
@@ -26,11 +32,12 @@ class LMScorer:
     def _encode(self, texts):
         ids = []
         eos = getattr(self.tokenizer, "eos_id", None)  # training appends EOS (finetune.data)
-        for t in texts:
+        for i, t in enumerate(texts):
             x = list(self.tokenizer.encode(t)) + ([eos] if eos is not None else [])
             x = x[: self.seq_len]
-            if len(x) < 2:
-                raise ValueError(f"text too short to score: {t!r}")
+            if len(x) < 2:  # the text itself may be private: its index only, never its content
+                raise ValueError(f"text {i} of {len(texts)} is too short to score (fewer than 2 "
+                                 "tokens)")
             ids.append(x)
         return ids
 
