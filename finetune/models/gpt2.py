@@ -183,17 +183,20 @@ def _per_example(probe) -> bool:
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with W stored [out, in] (``ops.dense``); a book-keeping tap."""
+    """y = x W^T (+ b) with W stored [out, in] (``ops.dense``); a book-keeping tap.  GPT-2's layers all
+    have a bias; ``bias=False`` gives the bias-free projections of Llama-family models."""
 
-    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, std: float):
+    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, std: float, bias: bool = True):
         super().__init__()
         self.n_in, self.n_out = n_in, n_out
         self.weight = _param(rng.normal(0.0, std, (n_out, n_in)), "weight")
-        self.bias = _param(np.zeros(n_out), "bias")
+        self.bias = _param(np.zeros(n_out), "bias") if bias else None
 
     def construct(self, x, probe=None):
         if probe is None:
             return ops.dense(x, self.weight, self.bias)
+        if self.bias is None:
+            return ops.dense(x, self.weight) + probe
         if _per_example(probe):
             return ops.dense(x, self.weight) + (self.bias + probe)
         return ops.dense(x, self.weight, self.bias) + probe

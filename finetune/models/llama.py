@@ -40,7 +40,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .gpt2 import _NEG, Embedding, _masked_nll, _param, refresh_parameter_names
+from .gpt2 import _NEG, Embedding, Linear, _masked_nll, _param, refresh_parameter_names
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "MODEL_TYPES"]
 
@@ -169,19 +169,6 @@ class LlamaConfig:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
-
-
-class Linear(nn.Cell):
-    """y = x W^T (+ b), W stored [out, in] as in Hugging Face ``nn.Linear``."""
-
-    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, std: float, bias: bool):
-        super().__init__()
-        self.n_in, self.n_out = n_in, n_out
-        self.weight = _param(rng.normal(0.0, std, (n_out, n_in)), "weight")
-        self.bias = _param(np.zeros(n_out), "bias") if bias else None
-
-    def construct(self, x):
-        return ops.dense(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Cell):
