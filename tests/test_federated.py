@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,14 @@ from scipy import stats
 
 import flwr
 
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+from flwr.common import (Code, FitIns, FitRes, GetPropertiesRes, Status,  # noqa: E402
+                          ndarrays_to_parameters, parameters_to_ndarrays)
 
 from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
+from accountant.randomness import KnownSeedWarning, SecureRandom  # noqa: E402
 from accountant.table import load_table, save_table, write_certified_table  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 from finetune.federated.mechanism import clip_update, poisson_select  # noqa: E402
@@ -39,6 +42,8 @@ from finetune.federated.strategy import DPFedAvg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
+# most tests seed on purpose, to compare a release with its exact draw; the warning is tested below
+pytestmark = pytest.mark.filterwarnings("ignore::accountant.randomness.KnownSeedWarning")
 
 
 def _table(path, sigma, q, steps, geometry="l2"):
@@ -57,15 +62,21 @@ def tables(tmp_path_factory):
 
 # ------------------------------------------------------------------------- fakes for the strategy
 class _Proxy:
-    def __init__(self, cid):
-        self.cid = cid
+    """A connected organisation as the server sees it; it reports its index like the real client."""
+
+    def __init__(self, cid, index=None):
+        self.cid, self.index = cid, index
+
+    def get_properties(self, ins, timeout, group_id):
+        props = {} if self.index is None else {"organisation": self.index}
+        return GetPropertiesRes(Status(Code.OK, ""), props)
 
 
 class _Manager:
     """A Flower ClientManager stand-in holding ``n`` connected clients."""
 
     def __init__(self, n):
-        self.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}") for i in range(n)}
+        self.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}", i) for i in range(n)}
 
     def wait_for(self, n, timeout):
         return True
@@ -87,16 +98,20 @@ def _strategy(tmp_path, table, shapes, *, n_clients, seed=0, clip=1.0, config=No
                     seed=seed), state
 
 
-def _round(strategy, manager, updates=None):
-    """One round: configure, every sampled client returns sent + its update (default zero)."""
+def _round(strategy, manager, updates=None, fail=()):
+    """One round: configure, every sampled client returns sent + its update (default zero);
+    the sampled clients whose index is in ``fail`` send nothing (a Flower failure)."""
     ins = strategy.configure_fit(1, None, manager)
-    results = []
+    results, failures = [], []
     for j, (proxy, fit_ins) in enumerate(ins):
+        if proxy.index in fail:
+            failures.append(TimeoutError("no update"))
+            continue
         sent = parameters_to_ndarrays(fit_ins.parameters)
         upd = updates[j] if updates is not None else [np.zeros_like(a) for a in sent]
         results.append((proxy, _fit_res([a + u for a, u in zip(sent, upd)])))
     if ins:
-        strategy.aggregate_fit(1, results, [])
+        strategy.aggregate_fit(1, results, failures)
     return ins
 
 
@@ -252,6 +267,54 @@ def test_restarted_server_resumes_the_same_ledger(tmp_path, tables):
         FederationState.load(state.directory, table, cfg, 0.5)
 
 
+def test_default_randomness_is_fresh_and_a_seed_replays_with_a_warning(tmp_path, tables):
+    """The server's sampling and noise came from seed 0 by default, so anyone could replay them.
+    By default every round now draws from a new OS-keyed ChaCha20 generator: two federations on the
+    same updates release different adapters and sample differently. A seed reproduces a federation
+    exactly, and warns."""
+    table = tables["q05"]
+    assert isinstance(round_rng(None, 0, 1), SecureRandom)
+
+    def federation(name, **seed):
+        d = tmp_path / name
+        d.mkdir()
+        state = FederationState.create(d, table, {"p0": np.zeros(50)}, {"k": 1}, table.sampling_rate)
+        strategy = DPFedAvg(state, table, n_clients=8, clip_norm=1.0, max_releases=table.steps, **seed)
+        picks = [[p.cid for p, _ in _round(strategy, _Manager(8))] for _ in range(2)]
+        return state.global_params["p0"], picks
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KnownSeedWarning)          # no warning without a seed
+        (a, picks_a), (b, picks_b) = federation("a"), federation("b")
+    assert not np.array_equal(a, b)
+    assert picks_a != picks_b                  # 2 rounds of 8 Poisson(1/2) draws: equal w.p. 2^-16
+    with pytest.warns(KnownSeedWarning, match="seed 5 makes the sampling and the noise reproducible"):
+        c, picks_c = federation("c", seed=5)
+    with pytest.warns(KnownSeedWarning):
+        d, picks_d = federation("d", seed=5)
+    assert np.array_equal(c, d) and picks_c == picks_d
+
+
+def test_organisation_local_sampling_is_fresh_by_default():
+    """Each organisation's local Poisson sampling (and its DP-SGD noise, the same generator) came
+    from a seed derived from --seed 0. By default it is now OS-keyed: two organisations built alike
+    sample differently; a seed reproduces the draws, and warns."""
+    from finetune.federated.client import OrganisationClient, build_model
+
+    model = build_model("tiny", "lora", 0)
+    ids, mask = np.zeros((40, 8), np.int32), np.ones((40, 8), np.float32)
+
+    def draws(**seed):
+        client = OrganisationClient(model, ids, mask, local_steps=1, local_batch=16, **seed)
+        return [client.sampler.sample().tolist() for _ in range(5)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KnownSeedWarning)
+        assert draws() != draws()              # 200 Bernoulli(0.4) inclusions
+    with pytest.warns(KnownSeedWarning):
+        assert draws(seed=3) == draws(seed=3)
+
+
 STUB_CLIENT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
@@ -398,6 +461,81 @@ def test_cli_user_errors_are_one_line(tmp_path, tables, capsys):
     code, err = _main(capsys, *base, "--rounds", 0, "--out", tmp_path / "new")
     assert code == 2 and "--rounds must be >= 1" in err
     assert not (tmp_path / "new").exists()
+
+
+def _in_process(monkeypatch, script=None):
+    """Run ``python -m finetune.federated`` in this process without organisation processes: the
+    stubbed ``serve`` drives the real strategy for the requested rounds, with the organisations
+    ``script(round) -> (connected indices, failing indices)`` (default: all connected, none fail)
+    returning zero updates. Returns the list of client counts ``start_clients`` was called with."""
+    import finetune.federated.__main__ as cli
+
+    started = []
+    monkeypatch.setattr(cli, "start_clients", lambda address, n, cfg, logs: started.append(n) or [])
+
+    def serve(address, strategy, rounds, round_timeout):
+        for r in range(rounds):
+            connected, fail = script(r) if script else (range(strategy.n_clients), ())
+            manager = _Manager(0)
+            manager.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}", i) for i in connected}
+            _round(strategy, manager, fail=fail)
+
+    monkeypatch.setattr(cli, "serve", serve)
+    # no processes start here: no memory check
+    monkeypatch.setattr(cli, "available_memory", lambda: None, raising=False)
+    return started
+
+
+def _fed_args(tmp_path, tables, out, clients=3, rounds=2):
+    data = tmp_path / "d.jsonl"
+    if not data.exists():
+        write_jsonl(generate_records(150, seed=0, people=40), data)
+    return ["--clients", clients, "--rounds", rounds, "--table", tables["q1_path"], "--method", "lora",
+            "--model", "tiny", "--data", data, "--out", tmp_path / out, "--seq-len", 16, "--quiet"]
+
+
+def test_cli_default_run_is_not_the_public_seed_0_run(tmp_path, tables, capsys, monkeypatch):
+    """The replay attack of the issue: the old default was --seed 0, so anyone could regenerate a
+    default federation's noise by running --seed 0. Now a default run draws from the OS and differs
+    from it; --seed prints one warning line; the outputs record the seed only when one was given.
+    (Two default runs differing, and two seeded runs repeating, end to end: the slow test below.)"""
+    from safetensors.numpy import load_file
+
+    _in_process(monkeypatch)
+    err = {}
+    for name, extra in (("default", []), ("seed0", ["--seed", 0])):
+        code, err[name] = _main(capsys, *_fed_args(tmp_path, tables, name), *extra)
+        assert code == 0, err[name]
+    default, seed0 = (load_file(str(tmp_path / name / "adapter.safetensors")) for name in err)
+    assert default.keys() == seed0.keys()
+    assert any(not np.array_equal(default[k], seed0[k]) for k in seed0)
+    for name, want in (("default", (None, True)), ("seed0", (0, False))):
+        warned = [line for line in err[name].splitlines() if "--seed given" in line]
+        assert len(warned) == (name == "seed0"), err[name]
+        assert all("seed 0 makes the sampling and the noise reproducible" in w for w in warned)
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        cfg = json.loads((tmp_path / name / "federation.json").read_text())["config"]
+        assert (m["seed"], m["secure_rng"]) == want and (cfg["seed"], cfg["secure"]) == want
+        assert m["init_seed"] == 0             # public: the base model and the split can be rebuilt
+
+
+@pytest.mark.slow
+def test_cli_real_default_federations_differ_seeded_ones_repeat(tmp_path, tables):
+    """End to end with organisation processes: two default federations on the same data end with
+    different adapters; two with --seed 3 end with identical ones, and the warning is printed."""
+    from safetensors.numpy import load_file
+
+    write_jsonl(generate_records(60, seed=0, people=30), tmp_path / "d.jsonl")
+    got = {}
+    for name, extra in (("a", []), ("b", []), ("s1", ["--seed", 3]), ("s2", ["--seed", 3])):
+        r = _cli("--clients", 2, "--rounds", 1, "--table", tables["q1_path"], "--method", "lora",
+                 "--model", "tiny", "--data", tmp_path / "d.jsonl", "--out", tmp_path / name,
+                 "--local-steps", 1, "--seq-len", 16, "--quiet", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("warning: --seed given" in r.stderr) == bool(extra), r.stderr[-2000:]
+        got[name] = load_file(str(tmp_path / name / "adapter.safetensors"))
+    assert any(not np.array_equal(got["a"][k], got["b"][k]) for k in got["a"])
+    assert all(np.array_equal(got["s1"][k], got["s2"][k]) for k in got["s1"])
 
 
 @pytest.mark.slow

@@ -11,6 +11,11 @@ share of the training split (divided by person).  The work happens in a sibling 
 ``federation.json`` (round history) and, with ``--record-table``, each organisation's own ledger.
 A federation that was interrupted (server killed) is continued with ``--resume``: the ledger is
 read back, never restarted.  User mistakes end with a one-line error and exit code 2.
+
+Client sampling, the server's noise and each organisation's local sampling and DP-SGD noise come
+from fresh OS entropy (ChaCha20 keyed from ``os.urandom``) unless ``--seed`` is given, which prints
+a warning: a known seed lets anyone replay the noise.  Model initialisation, the validation split
+and the partition of the corpus across organisations use the public seed 0 (``--seed`` replaces it).
 """
 from __future__ import annotations
 
@@ -22,11 +27,14 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from ..cli import OneLineParser as _Parser, UserError
+from ..cli import OneLineParser as _Parser, UserError, warn_known_seed
 
 PROG = "python -m finetune.federated"
+#: model initialisation, validation split and partition without --seed (public: they hide nothing)
+PUBLIC_SEED = 0
 
 
 def _parser():
@@ -65,8 +73,15 @@ def _parser():
                    help="per-example clipping norm for --record-table (default 1.0)")
     p.add_argument("--round-timeout", type=float, default=600.0,
                    help="seconds a round waits for updates; late ones count as failed (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling, noise, init (default 0)")
-    p.add_argument("--secure", action="store_true", help="OS-keyed CSPRNG for sampling and noise")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for client sampling, noise and local sampling/DP-SGD, for experiments "
+                        "only: anyone who knows it can replay the noise (a warning is printed). "
+                        "Default: fresh OS entropy (ChaCha20) for all of them. Model init, the "
+                        "validation split and the partition across organisations always use a "
+                        "public seed: --seed, or 0 without it")
+    p.add_argument("--secure", action="store_true",
+                   help="fresh OS entropy for sampling and noise (the default; kept for old "
+                        "command lines; excludes --seed)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per example (default 64)")
     p.add_argument("--micro-batch", type=int, default=16, help="micro-batch size (default 16)")
     p.add_argument("--val-fraction", type=float, default=None,
@@ -97,7 +112,7 @@ def _check_args(args) -> None:
             raise UserError(f"--{name.replace('_', '-')}: no such file: {getattr(args, name)}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    if args.secure and args.seed != 0:
+    if args.secure and args.seed is not None:
         raise UserError("--secure draws from the OS; drop --seed")
 
 
@@ -113,6 +128,7 @@ def _free_port() -> int:
 
 def run(args) -> dict:
     _check_args(args)
+    init_seed = PUBLIC_SEED if args.seed is None else args.seed
     from accountant.output_path import OutputPathError, check_output_dir
     from accountant.table import TableError, load_table
 
@@ -160,25 +176,26 @@ def run(args) -> dict:
 
     targets = [t for t in args.lora_targets.split(",") if t]
     try:
-        model = build_model(args.model, args.method, args.seed, args.lora_r, args.lora_alpha, targets)
+        model = build_model(args.model, args.method, init_seed, args.lora_r, args.lora_alpha, targets)
         tok = load_tokenizer(model.config.vocab_size)
         data = load_dataset(args.data, tok, seq_len=args.seq_len, val_fraction=args.val_fraction,
-                            seed=args.seed)
+                            seed=init_seed)
     except (checkpoint.CheckpointError, peft.AdapterError, DataError, OSError, ValueError) as e:
         raise UserError(f"cannot set up the federation: {e}") from None
     if record_table is not None:
         from finetune.dp.guard import TableMismatchError, check_table
 
         from .partition import split_by_person
-        for i, rows in enumerate(split_by_person(data.train.records, args.clients, args.seed)):
+        for i, rows in enumerate(split_by_person(data.train.records, args.clients, init_seed)):
             try:
                 check_table(record_table, dataset_size=len(rows))
             except TableMismatchError as e:
                 raise UserError(f"--record-table does not fit organisation {i}: {e}") from None
 
+    # "seed" is None unless the user gave one: no seed is ever recorded that was not used
     config = {"clients": args.clients, "client_rate": q, "clip_norm": args.clip_norm,
               "table_sha256": table.metadata["sha256"], "method": args.method, "model": args.model,
-              "seed": None if args.secure else args.seed, "server_lr": args.server_lr,
+              "secure": args.seed is None, "seed": args.seed, "server_lr": args.server_lr,
               "local_steps": args.local_steps, "record_table": (record_table.metadata["sha256"]
                                                                 if record_table else None)}
     params = {n: p.asnumpy() for n, p in model.parameters_and_names() if p.requires_grad}
@@ -190,15 +207,18 @@ def run(args) -> dict:
             state = FederationState.create(work, table, params, config, q)
     except StateError as e:
         raise UserError(str(e)) from None
+    if args.seed is not None:                     # after every check that can refuse the run
+        warn_known_seed(PROG, args.seed)
     remaining = max(0, args.rounds - state.rounds_done)
     (work / "clients").mkdir(exist_ok=True)
-    client_cfg = {"model": args.model, "method": args.method, "seed": args.seed, "lora_r": args.lora_r,
+    client_cfg = {"model": args.model, "method": args.method, "seed": args.seed,
+                  "init_seed": init_seed, "lora_r": args.lora_r,
                   "lora_alpha": args.lora_alpha, "lora_targets": targets, "data": os.path.abspath(args.data),
                   "clients": args.clients, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
                   "record_table": os.path.abspath(args.record_table) if args.record_table else None,
                   "workdir": str(work), "local_steps": args.local_steps, "lr": args.lr,
                   "local_batch": args.local_batch, "micro_batch": args.micro_batch,
-                  "record_clip": args.record_clip, "secure": args.secure}
+                  "record_clip": args.record_clip}
     cfg_path = work / "clients" / "config.json"
     cfg_path.write_text(json.dumps(client_cfg, indent=1))
 
@@ -212,10 +232,13 @@ def run(args) -> dict:
             bar.set_postfix(eps=f"{rec['epsilon']:.3g}", got=f"{rec['received']}/{rec['sampled']}")
             bar.update(1)
 
-    strategy = DPFedAvg(state, table, n_clients=args.clients, clip_norm=args.clip_norm,
-                        max_releases=table.steps, seed=None if args.secure else args.seed,
-                        secure=args.secure, server_lr=args.server_lr, base_sha256=base_sha256(model),
-                        on_round=on_round)
+    from accountant.randomness import KnownSeedWarning
+
+    with warnings.catch_warnings():              # the one-line --seed warning is already printed
+        warnings.simplefilter("ignore", KnownSeedWarning)
+        strategy = DPFedAvg(state, table, n_clients=args.clients, clip_norm=args.clip_norm,
+                            max_releases=table.steps, seed=args.seed, server_lr=args.server_lr,
+                            base_sha256=base_sha256(model), on_round=on_round)
     started = time.perf_counter()
     if remaining:
         address = f"127.0.0.1:{args.port or _free_port()}"
@@ -305,7 +328,9 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
     metrics = {
         "private": True, "federated": True, "method": args.method, "model": args.model,
         "weights": "adapter.safetensors", "table": os.path.basename(args.table),
-        "seed": None if args.secure else args.seed, "steps": state.rounds_done,
+        "seed": args.seed, "secure_rng": args.seed is None, "steps": state.rounds_done,
+        # public: model init, validation split, partition (finetune.evaluate rebuilds the base)
+        "init_seed": PUBLIC_SEED if args.seed is None else args.seed,
         "epsilon_spent": state.epsilon(), "delta": table.delta,
         "certified_epsilon_of_table": table.certified_epsilon,
         "neighbouring_relation": "add or remove one organisation (all its records)",

@@ -6,7 +6,10 @@ steps and returns the trained tensors -- and nothing else: ``num_examples`` is t
 the metrics are empty, because a shard size or a local loss sent to the server would be a release
 that no certificate covers.  The server computes the update (returned minus sent) and clips it.
 
-Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  With a record-level
+Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  Sampling and the
+DP-SGD noise come from an OS-keyed ChaCha20 generator (``accountant.randomness.SecureRandom``, a new
+key in every process) unless a seed is given for an experiment (then ``KnownSeedWarning``).  With
+a record-level
 table (``record_table``) they are DP-SGD steps of the project's ``DPOptimizer`` (per-example
 clipping, noise from that table) charged to the organisation's own ``PrivacyGuard``: a guarantee for
 one record of this organisation, whatever the server does (docs/federated.md).  When that budget is
@@ -69,7 +72,7 @@ class OrganisationClient:
     def __init__(self, model, train_ids, train_mask, *, local_steps: int, lr: float = 1e-3,
                  local_batch: int = 16, micro_batch: int = 16, record_table=None,
                  record_clip: float = 1.0, record_ledger_path: str | None = None,
-                 seed: int | None = 0, secure: bool = False):
+                 seed: int | None = None, secure: bool = False):
         from mindspore import nn
 
         from accountant.randomness import make_rng
@@ -84,7 +87,12 @@ class OrganisationClient:
         self.params = dict((n, p) for n, p in model.parameters_and_names() if p.requires_grad)
         self.base = base_sha256(model)
         n = len(train_ids)
-        rng = make_rng(seed=None if secure else seed, secure=secure)
+        if secure and seed is not None:
+            raise ValueError("a secure generator cannot be seeded; drop the seed or secure=True")
+        if seed is not None:
+            from accountant.randomness import warn_known_seed
+            warn_known_seed(seed)
+        rng = make_rng(seed=seed, secure=seed is None)
         self.guard = None
         if record_table is not None:
             self.guard = PrivacyGuard(record_table, dataset_size=n)
@@ -198,11 +206,13 @@ def main(argv=None) -> int:
     from finetune.models.tokenizer import load_tokenizer
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    model = build_model(cfg["model"], cfg["method"], cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
+    # model init and the partition use the public seed; sampling and noise the secret source
+    model = build_model(cfg["model"], cfg["method"], cfg["init_seed"], cfg["lora_r"], cfg["lora_alpha"],
                         cfg["lora_targets"])
     tok = load_tokenizer(model.config.vocab_size)
     ids, mask = load_shard(cfg["data"], tok, index=args.index, clients=cfg["clients"],
-                           seq_len=cfg["seq_len"], val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+                           seq_len=cfg["seq_len"], val_fraction=cfg["val_fraction"],
+                           seed=cfg["init_seed"])
     record_table = load_table(cfg["record_table"]) if cfg.get("record_table") else None
     ledger_path = None
     if record_table is not None:
@@ -211,8 +221,7 @@ def main(argv=None) -> int:
                                 local_batch=cfg["local_batch"], micro_batch=cfg["micro_batch"],
                                 record_table=record_table, record_clip=cfg["record_clip"],
                                 record_ledger_path=ledger_path,
-                                seed=None if cfg["secure"] else cfg["seed"] * 1000 + 1 + args.index,
-                                secure=cfg["secure"])
+                                seed=None if cfg["seed"] is None else cfg["seed"] * 1000 + 1 + args.index)
     # (no shard size in the log: the log lands in the run folder, and a shard size is not released)
     print(f"organisation {args.index}: connecting to {args.server}", file=sys.stderr, flush=True)
     _exit_with_parent()

@@ -13,6 +13,9 @@ privacy (:mod:`finetune.federated.mechanism` has the formulas):
   that arrived, with the same noise and the same divisor (docs/federated.md explains why that is
   sound).
 
+Sampling and noise come from fresh OS-keyed ChaCha20 generators unless a seed is given (then
+``KnownSeedWarning``: anyone who knows it can replay the noise).
+
 The global adapter is held here in float64 (``FederationState``), not in Flower's ``Server``, so a
 noise-only round (no client sampled) updates it too; the state is charged and saved every round.
 """
@@ -35,14 +38,16 @@ class DPFedAvg(FedAvg):
 
     Parameters: ``state`` (ledger + global adapter, :class:`FederationState`), ``table`` (the
     certified noise table), ``n_clients`` K (the population; the divisor is ``q * K``),
-    ``clip_norm`` C, ``max_releases`` (the table's T), ``seed`` / ``secure`` (sampling and noise),
+    ``clip_norm`` C, ``max_releases`` (the table's T), ``seed`` (sampling and noise; default None:
+    fresh OS entropy every round, ``accountant.randomness.SecureRandom``; a seed warns
+    ``KnownSeedWarning``), ``secure`` (kept for compatibility: refuses a seed),
     ``server_lr`` (the global step on the noisy mean), ``wait_timeout`` (seconds to wait for all
     organisations to connect before the first round), ``base_sha256`` (sent to clients so that a
     client with a different frozen base model refuses to train).
     """
 
     def __init__(self, state: FederationState, table, *, n_clients: int, clip_norm: float,
-                 max_releases: int, seed: int | None = 0, secure: bool = False,
+                 max_releases: int, seed: int | None = None, secure: bool = False,
                  server_lr: float = 1.0, wait_timeout: float = 600.0, base_sha256: str = "",
                  add_noise: bool = True, on_round=None):
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1,
@@ -52,7 +57,12 @@ class DPFedAvg(FedAvg):
         self.n_clients, self.clip_norm = int(n_clients), float(clip_norm)
         self.q = float(state.mechanism.sampling_rate)
         self.max_releases = int(max_releases)
-        self.seed, self.secure, self.server_lr = seed, bool(secure), float(server_lr)
+        if secure and seed is not None:
+            raise ValueError("a secure generator cannot be seeded; drop the seed or secure=True")
+        if seed is not None:
+            from accountant.randomness import warn_known_seed
+            warn_known_seed(seed)
+        self.seed, self.secure, self.server_lr = seed, seed is None, float(server_lr)
         self.wait_timeout, self.base_sha256 = float(wait_timeout), str(base_sha256)
         self.add_noise = bool(add_noise)
         self.on_round = on_round
