@@ -519,6 +519,36 @@ def test_cli_default_run_is_not_the_public_seed_0_run(tmp_path, tables, capsys, 
         assert m["init_seed"] == 0             # public: the base model and the split can be rebuilt
 
 
+def test_cli_refuses_more_organisations_than_the_corpus_or_the_memory_holds(tmp_path, tables, capsys,
+                                                                           monkeypatch):
+    """--clients 500 on a 40-person corpus started one MindSpore process per client. Now a client
+    count is refused in one line before any process starts when some organisation would hold no
+    one, or when the processes would not fit in the available memory (numbers in the message)."""
+    import re
+
+    import finetune.federated.__main__ as cli
+    from finetune.data import load_records, split_records
+
+    started = _in_process(monkeypatch)
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", clients=500))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--clients 500" in err, err
+    assert started == [] and not (tmp_path / "fed").exists() and not (tmp_path / ".fed.partial").exists()
+    limit = int(re.search(r"use --clients (\d+) or fewer", err).group(1))
+    train, _ = split_records(load_records(tmp_path / "d.jsonl"), None, 0)
+    assert min(len(s) for s in split_by_person(train, limit, 0)) >= 1       # the limit is exact
+    assert min(len(s) for s in split_by_person(train, limit + 1, 0)) == 0
+    # memory: 3 tiny organisations do not fit in 2.5 GB (about 0.93 GB each); 2 do
+    each = cli.client_memory_bytes(1_077_760)
+    assert 2 * each <= 2.5e9 < 3 * each
+    monkeypatch.setattr(cli, "available_memory", lambda: int(2.5e9))
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", clients=3))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "2.5 GB is available" in err and "use --clients 2 or fewer" in err, err
+    assert started == [] and not (tmp_path / ".fed.partial").exists()
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", clients=2))
+    assert code == 0 and started == [2], err
+
+
 @pytest.mark.slow
 def test_cli_real_default_federations_differ_seeded_ones_repeat(tmp_path, tables):
     """End to end with organisation processes: two default federations on the same data end with

@@ -16,6 +16,8 @@ Client sampling, the server's noise and each organisation's local sampling and D
 from fresh OS entropy (ChaCha20 keyed from ``os.urandom``) unless ``--seed`` is given, which prints
 a warning: a known seed lets anyone replay the noise.  Model initialisation, the validation split
 and the partition of the corpus across organisations use the public seed 0 (``--seed`` replaces it).
+A client count that the corpus (each organisation needs at least one person) or the machine's
+memory (one MindSpore process per organisation) cannot hold is refused before any process starts.
 """
 from __future__ import annotations
 
@@ -126,6 +128,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Peak resident memory of one organisation process, measured with
+#: ``python benchmarks/federated_bench.py --client-memory`` (seq-len 32, micro-batch 16, LoRA):
+#: the MindSpore and Flower runtime, plus a cost per model parameter (weights, gradients, optimizer
+#: state, compiled graphs).  docs/federated.md lists the measurements.
+CLIENT_BASE_BYTES = 0.9e9
+CLIENT_BYTES_PER_PARAMETER = 30.0
+
+
+def client_memory_bytes(n_parameters: int) -> int:
+    """Estimated peak memory of one organisation process for a model of ``n_parameters``."""
+    return int(CLIENT_BASE_BYTES + CLIENT_BYTES_PER_PARAMETER * n_parameters)
+
+
+def available_memory() -> int | None:
+    """Bytes still available to new processes: the kernel's ``MemAvailable``, capped by a cgroup
+    v2 limit when one is set; None where neither can be read (the memory check is then skipped)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_capacity(clients: int, train_records, n_parameters: int, available: int | None) -> None:
+    """Refuse, in one line, a client count that the corpus or the machine cannot hold.
+
+    Corpus: records that share a person stay in one organisation (:mod:`.partition`), so the
+    training split can be divided into at most as many non-empty organisations as it has such
+    groups; every organisation must hold at least one.  Machine: one MindSpore process per
+    organisation, each needing about :func:`client_memory_bytes`; together they must fit in the
+    available memory."""
+    from .partition import person_components
+
+    groups = len(set(person_components(train_records).tolist()))
+    if clients > groups:
+        raise UserError(f"--clients {clients}: the training split divides into only {groups} groups of "
+                        "records that can be held apart (records sharing a person stay together) and "
+                        f"every organisation needs at least one; use --clients {groups} or fewer")
+    if available is None:
+        return
+    each = client_memory_bytes(n_parameters)
+    if clients * each > available:
+        fits = int(available // each)
+        advice = f"use --clients {fits} or fewer" if fits else "not even one organisation fits"
+        raise UserError(f"--clients {clients} needs about {clients * each / 1e9:.1f} GB ({clients} "
+                        f"organisation processes of about {each / 1e9:.2f} GB for this model) but "
+                        f"{available / 1e9:.1f} GB is available; {advice}")
+
+
 def run(args) -> dict:
     _check_args(args)
     init_seed = PUBLIC_SEED if args.seed is None else args.seed
@@ -182,6 +244,8 @@ def run(args) -> dict:
                             seed=init_seed)
     except (checkpoint.CheckpointError, peft.AdapterError, DataError, OSError, ValueError) as e:
         raise UserError(f"cannot set up the federation: {e}") from None
+    check_capacity(args.clients, data.train.records,
+                   sum(int(p.size) for p in model.get_parameters()), available_memory())
     if record_table is not None:
         from finetune.dp.guard import TableMismatchError, check_table
 
