@@ -322,6 +322,8 @@ STUB_CLIENT = textwrap.dedent("""
     index, address, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     class C(fl.client.NumPyClient):
         rounds = 0
+        def get_properties(self, config):
+            return {"organisation": index}
         def fit(self, parameters, config):
             C.rounds += 1
             if index == 2 and C.rounds == 1:      # the organisation that dies mid-round
@@ -368,6 +370,9 @@ def test_flower_federation_survives_a_client_killed_mid_round(tmp_path, tables):
     h1, h2 = state.history
     assert (h1["sampled"], h1["received"], h1["failed"]) == (3, 2, 1)
     assert (h2["connected"], h2["received"]) == (2, 2)
+    # and the record says which organisation: killed in round 1 (failed), gone in round 2 (absent)
+    assert (h1["failed_organisations"], h1["absent"]) == ([2], [])
+    assert (h2["failed_organisations"], h2["absent"]) == ([], [2])
     assert state.releases == 2
     # round 1 = (update of client 0 + client 1 + C Z) / (q K) with K = 3 (not 2)
     n = 50
@@ -517,6 +522,47 @@ def test_cli_default_run_is_not_the_public_seed_0_run(tmp_path, tables, capsys, 
         cfg = json.loads((tmp_path / name / "federation.json").read_text())["config"]
         assert (m["seed"], m["secure_rng"]) == want and (cfg["seed"], cfg["secure"]) == want
         assert m["init_seed"] == 0             # public: the base model and the split can be rebuilt
+
+
+def test_cli_reports_missing_organisations_and_no_gain_over_the_base(tmp_path, tables, capsys,
+                                                                      monkeypatch):
+    """A federation that lost an organisation never said so, nor that the adapter did not beat the
+    base model. Organisation 1 fails in round 1, organisation 2 is gone from round 2 on: the round
+    records, metrics.json and the closing summary name them with their rounds; the base model's
+    validation perplexity is the untuned model's, and no gain is flagged."""
+    from finetune.data import load_dataset
+    from finetune.federated.client import build_model
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.train import perplexity
+
+    _in_process(monkeypatch, lambda r: ([0, 1, 2], [1]) if r == 0 else ([0, 1], []))
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", rounds=3), "--seed", 1)
+    assert code == 0, err
+    hist = json.loads((tmp_path / "fed" / "federation.json").read_text())["history"]
+    assert [(h["absent"], h["failed_organisations"]) for h in hist] == [([], [1]), ([2], []), ([2], [])]
+    m = json.loads((tmp_path / "fed" / "metrics.json").read_text())
+    assert m["missing_organisations"] == {"1": {"rounds": 1, "absent": [], "failed": [1]},
+                                          "2": {"rounds": 2, "absent": [2, 3], "failed": []}}
+    assert "organisation 1 sent no update in 1 of 3 rounds (failed in round 1)" in err
+    assert "organisation 2 sent no update in 2 of 3 rounds (absent in rounds 2-3)" in err
+    # the base: the untuned model (as built, LoRA B = 0) on the held-out split
+    model = build_model("tiny", "lora", 1)
+    val = load_dataset(tmp_path / "d.jsonl", load_tokenizer(model.config.vocab_size), seq_len=16, seed=1).val
+    assert math.isclose(m["val_perplexity_base"], perplexity(model, val.ids, val.mask), rel_tol=1e-6)
+    assert m["improved_over_base"] == (m["val_perplexity"] < m["val_perplexity_base"])
+    assert m["val_split"].startswith("held-out")
+    flagged = "no improvement over the base model" in err
+    assert flagged == (not m["improved_over_base"])
+    # both verdicts, on their own
+    from finetune.federated.__main__ import warnings_for
+
+    quiet = dict(m, missing_organisations={})
+    assert warnings_for(dict(quiet, val_perplexity=5139.0, val_perplexity_base=5137.0,
+                             improved_over_base=False)) == [
+        "no improvement over the base model: validation perplexity 5139 against 5137 before the "
+        "federation (held-out split)"]
+    assert warnings_for(dict(quiet, val_perplexity=14.2, val_perplexity_base=15.0,
+                             improved_over_base=True)) == []
 
 
 def test_cli_refuses_more_organisations_than_the_corpus_or_the_memory_holds(tmp_path, tables, capsys,

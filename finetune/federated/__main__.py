@@ -377,10 +377,15 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
 
     from accountant.ledger import PrivacyLedger
 
+    # the model as built is the base model (LoRA B = 0, BiTFiT biases unchanged): measure it on the
+    # held-out split first, so the run says whether the federation improved on it
+    has_val = len(data.val) > 0
+    base_ppl = perplexity(model, data.val.ids, data.val.mask) if has_val else None
     params = dict(model.parameters_and_names())
     for name, value in state.global_params.items():
         assign_parameter(params[name], value.astype("float32"))
     peft.save_adapter(model, work / "adapter.safetensors")
+    val_ppl = perplexity(model, data.val.ids, data.val.mask) if has_val else None
     record = {}
     for i in range(args.clients):
         path = work / "clients" / f"client-{i}.ledger.json"
@@ -408,12 +413,17 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
                      (state.mechanism.sampling_rate * args.clients),
         "stopped_by_budget": bool(stopped_by_budget),
         "n_train": len(data.train), "n_val": len(data.val),
-        "val_perplexity": perplexity(model, data.val.ids, data.val.mask) if len(data.val) else None,
+        "val_split": "held-out validation records, never trained on",
+        "val_perplexity": val_ppl, "val_perplexity_base": base_ppl,
+        "improved_over_base": None if not has_val else bool(val_ppl < base_ppl),
         "train_perplexity": None,
         "seconds_per_round": sum(per_round) / len(per_round) if per_round else None,
         "bytes_up_per_round": sum(h["bytes_up"] for h in hist) / len(hist) if hist else None,
         "bytes_down_per_round": sum(h["bytes_down"] for h in hist) / len(hist) if hist else None,
         "failed_updates": sum(h["failed"] for h in hist), "wall_seconds": seconds,
+        # operator's record (like federation.json): it follows the client sampling, which the
+        # epsilon assumes secret when client_rate < 1 -- do not publish it with the adapter
+        "missing_organisations": missing_organisations(hist),
     }
     from .state import atomic_write
     atomic_write(work / "metrics.json", json.dumps(metrics, indent=1).encode())
@@ -422,6 +432,50 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(work, out)
     return metrics
+
+
+def missing_organisations(history) -> dict:
+    """Per organisation index, the rounds in which it sent no update: ``absent`` (not connected
+    when the round sampled) and ``failed`` (sampled; crashed, timed out or malformed), and how many
+    rounds that makes.  Organisations that did not report their index are counted under
+    ``"unidentified"``."""
+    report = {}
+    for h in history:
+        for kind, key in (("absent", "absent"), ("failed", "failed_organisations")):
+            for org in h.get(key) or ():
+                report.setdefault(org, {"rounds": 0, "absent": [], "failed": []})[kind].append(h["round"])
+    for entry in report.values():
+        entry["rounds"] = len(set(entry["absent"]) | set(entry["failed"]))
+    order = sorted(report, key=lambda org: (org is None, org or 0))
+    return {("unidentified" if org is None else str(org)): report[org] for org in order}
+
+
+def _spans(rounds) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    rounds, parts, start = sorted(set(rounds)), [], None
+    for i, r in enumerate(rounds):
+        if start is None:
+            start = r
+        if i + 1 == len(rounds) or rounds[i + 1] != r + 1:
+            parts.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(parts)
+
+
+def warnings_for(m: dict) -> list[str]:
+    """The summary's warnings: organisations that sent no update, and no gain over the base model."""
+    lines = []
+    for org, e in m["missing_organisations"].items():
+        what = "; ".join(f"{kind} in round{'s' if len(e[kind]) > 1 else ''} {_spans(e[kind])}"
+                         for kind in ("absent", "failed") if e[kind])
+        name = ("organisations that did not report their index" if org == "unidentified"
+                else f"organisation {org}")
+        lines.append(f"{name} sent no update in {e['rounds']} of {m['steps']} rounds ({what})")
+    if m["improved_over_base"] is False:
+        lines.append(f"no improvement over the base model: validation perplexity "
+                     f"{m['val_perplexity']:.4g} against {m['val_perplexity_base']:.4g} before the "
+                     "federation (held-out split)")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -435,10 +489,21 @@ def main(argv=None) -> int:
     if m["record_level"]:
         eps = [v["epsilon"] for v in m["record_level"]["per_client"].values()]
         rec = f"; record-level epsilon per organisation <= {max(eps):.4g}" if eps else ""
+    if m["val_perplexity"] is None:
+        ppl = "no validation split"
+    else:
+        verdict = "improved" if m["improved_over_base"] else "NO IMPROVEMENT"
+        ppl = (f"val perplexity {m['val_perplexity']:.3f} on the held-out split (base model "
+               f"{m['val_perplexity_base']:.3f}: {verdict})")
+    missing = m["missing_organisations"]
+    gaps = ("every organisation sent every update" if not missing else "organisations without an "
+            "update in some rounds: " + ", ".join(f"{org} ({e['rounds']} rounds)" for org, e in missing.items()))
+    speed = (f"{m['seconds_per_round']:.2f} s/round, {m['bytes_up_per_round'] / 1e3:.1f} kB up per round; "
+             if m["seconds_per_round"] is not None else "")
     print(f"{m['steps']} rounds, client-level epsilon {m['epsilon_spent']:.4g} (delta {m['delta']:g}, "
-          f"one organisation added or removed){rec}; val perplexity {m['val_perplexity']:.3f}, "
-          f"{m['seconds_per_round']:.2f} s/round, {m['bytes_up_per_round'] / 1e3:.1f} kB up per round; "
-          f"wrote {args.out}")
+          f"one organisation added or removed){rec}; {ppl}; {gaps}; {speed}wrote {args.out}")
+    for line in warnings_for(m):
+        sys.stderr.write(f"{PROG}: warning: {line}\n")
     return 0
 
 

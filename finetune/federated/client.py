@@ -8,8 +8,9 @@ that no certificate covers.  The server computes the update (returned minus sent
 
 Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  Sampling and the
 DP-SGD noise come from an OS-keyed ChaCha20 generator (``accountant.randomness.SecureRandom``, a new
-key in every process) unless a seed is given for an experiment (then ``KnownSeedWarning``).  With
-a record-level
+key in every process) unless a seed is given for an experiment (then ``KnownSeedWarning``).  The
+client answers Flower's ``get_properties`` with its organisation index (the operator's numbering,
+no data), so the server can say which organisation failed in which round.  With a record-level
 table (``record_table``) they are DP-SGD steps of the project's ``DPOptimizer`` (per-example
 clipping, noise from that table) charged to the organisation's own ``PrivacyGuard``: a guarantee for
 one record of this organisation, whatever the server does (docs/federated.md).  When that budget is
@@ -72,7 +73,7 @@ class OrganisationClient:
     def __init__(self, model, train_ids, train_mask, *, local_steps: int, lr: float = 1e-3,
                  local_batch: int = 16, micro_batch: int = 16, record_table=None,
                  record_clip: float = 1.0, record_ledger_path: str | None = None,
-                 seed: int | None = None, secure: bool = False):
+                 seed: int | None = None, secure: bool = False, index: int | None = None):
         from mindspore import nn
 
         from accountant.randomness import make_rng
@@ -105,6 +106,7 @@ class OrganisationClient:
                               rng=rng, guard=self.guard, private=record_table is not None)
         self.record_ledger_path = record_ledger_path
         self.rounds = 0
+        self.index = index
 
     def get_parameters(self) -> list:
         return [self.params[n].asnumpy().copy() for n in self.names]
@@ -147,6 +149,9 @@ class OrganisationClient:
         class _Client(fl.client.NumPyClient):
             def get_parameters(self, config):
                 return outer.get_parameters()
+
+            def get_properties(self, config):
+                return {} if outer.index is None else {"organisation": int(outer.index)}
 
             def fit(self, parameters, config):
                 return outer.fit(parameters, config)
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
     client = OrganisationClient(model, ids, mask, local_steps=cfg["local_steps"], lr=cfg["lr"],
                                 local_batch=cfg["local_batch"], micro_batch=cfg["micro_batch"],
                                 record_table=record_table, record_clip=cfg["record_clip"],
-                                record_ledger_path=ledger_path,
+                                record_ledger_path=ledger_path, index=args.index,
                                 seed=None if cfg["seed"] is None else cfg["seed"] * 1000 + 1 + args.index)
     # (no shard size in the log: the log lands in the run folder, and a shard size is not released)
     print(f"organisation {args.index}: connecting to {args.server}", file=sys.stderr, flush=True)
