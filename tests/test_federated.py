@@ -315,6 +315,32 @@ def test_organisation_local_sampling_is_fresh_by_default():
         assert draws(seed=3) == draws(seed=3)
 
 
+def test_restarted_organisation_continues_its_record_level_ledger(tmp_path):
+    """A resumed federation restarts the organisation processes; each one built a fresh
+    record-level guard and overwrote its saved ledger, so the record-level epsilon restarted from
+    zero (an under-count). Now the saved ledger is read back: 1 step spent of the table's 2
+    leaves 1, and the epsilon is the accountant's for 1 step, then 2."""
+    from finetune.federated.client import OrganisationClient, build_model
+    from finetune.federated.state import atomic_write
+
+    model = build_model("tiny", "lora", 0)
+    ids, mask = np.zeros((40, 8), np.int32), np.ones((40, 8), np.float32)
+    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 2)
+    path = str(tmp_path / "client-0.ledger.json")
+    first = OrganisationClient(model, ids, mask, local_steps=1, record_table=rec_table,
+                               record_ledger_path=path)
+    first.guard.record_step()
+    atomic_write(path, first.guard.ledger.to_json().encode())     # what fit() saves every round
+    again = OrganisationClient(model, ids, mask, local_steps=1, record_table=rec_table,
+                               record_ledger_path=path)
+    assert again.guard.ledger.steps == 1 and again.guard.remaining() == 1
+    eps = [certify(Mechanism(Gaussian(1.0), 1.0, "l2", 0.25, t), DELTA).epsilon for t in (1, 2)]
+    assert math.isclose(again.guard.epsilon_spent(), eps[0], rel_tol=1e-9)
+    again.guard.record_step()
+    assert again.guard.remaining() == 0
+    assert math.isclose(again.guard.epsilon_spent(), eps[1], rel_tol=1e-9)
+
+
 STUB_CLIENT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
@@ -406,7 +432,7 @@ def test_mindspore_client_reply_holds_only_the_trained_parameters(tmp_path, tabl
     tok = load_tokenizer(model.config.vocab_size)
     recs = generate_records(40, seed=1)
     ids, mask, _ = encode_texts(tok, [r["text"] for r in recs], 32)
-    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 4)
+    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 2)
     client = OrganisationClient(model, ids, mask, local_steps=2, micro_batch=16, record_table=rec_table,
                                 record_ledger_path=str(tmp_path / "rec_ledger.json"), seed=0)
     names = sorted(trainable_parameter_names(model))

@@ -14,7 +14,9 @@ no data), so the server can say which organisation failed in which round.  With 
 table (``record_table``) they are DP-SGD steps of the project's ``DPOptimizer`` (per-example
 clipping, noise from that table) charged to the organisation's own ``PrivacyGuard``: a guarantee for
 one record of this organisation, whatever the server does (docs/federated.md).  When that budget is
-spent the client returns the adapter it received unchanged (a zero update).
+spent the client returns the adapter it received unchanged (a zero update).  The guard's ledger is
+saved after every round to ``record_ledger_path`` and read back from there when the process starts
+again (a resumed federation), so the record-level account continues and never restarts.
 
 Run as a process by ``python -m finetune.federated`` (``python -m finetune.federated.client``).
 """
@@ -96,7 +98,16 @@ class OrganisationClient:
         rng = make_rng(seed=seed, secure=seed is None)
         self.guard = None
         if record_table is not None:
-            self.guard = PrivacyGuard(record_table, dataset_size=n)
+            saved = None
+            if record_ledger_path and os.path.exists(record_ledger_path):
+                from accountant.ledger import PrivacyLedger
+                with open(record_ledger_path) as f:
+                    saved = PrivacyLedger.from_json(f.read())
+            self.guard = PrivacyGuard(record_table, dataset_size=n, ledger=saved)
+            if saved is not None and (saved.delta, saved.epsilon_budget) != (self.guard.delta,
+                                                                             self.guard.budget):
+                raise ValueError(f"{record_ledger_path}: the saved record-level ledger belongs to "
+                                 "another table (delta or budget differ)")
             q = self.guard.sampling_rate
         else:
             q = min(1.0, local_batch / max(n, 1))
