@@ -19,6 +19,12 @@
 
 The two epsilons are the same number but not the same promise: client-level DP covers one whole
 organisation added or removed, record-level DP one record (docs/federated.md).
+
+    python benchmarks/federated_bench.py --client-memory tiny,small
+
+measures instead the peak resident memory (``VmHWM``, Linux) of one organisation process in a
+one-round federation (LoRA, seq-len 32, micro-batch 16) for each model, beside the estimate
+``python -m finetune.federated`` uses to refuse client counts the machine cannot hold.
 """
 from __future__ import annotations
 
@@ -117,8 +123,55 @@ def _base_perplexity(model_dir, data, seq_len):
     return perplexity(model, ds.val.ids, ds.val.mask)
 
 
+def _peak_kib(pid) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM")), 0)
+    except OSError:
+        return 0
+
+
+def client_memory(models) -> None:
+    """Peak memory of the organisation process of a one-round, one-organisation federation."""
+    from finetune.federated.__main__ import client_memory_bytes
+    from finetune.federated.client import build_model
+
+    work = tempfile.mkdtemp(prefix="fedmem_")
+    data, table = os.path.join(work, "d.jsonl"), os.path.join(work, "t.npz")
+    _run(["-m", "finetune.data", "--n", 200, "--out", data], "corpus")
+    _calibrate(table, 3.0, 1e-5, 1.0, 1)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print(f"{'model':8s} {'parameters':>11s} {'client peak':>12s} {'estimate':>9s} {'server peak':>12s}")
+    for model in models:
+        out = os.path.join(work, f"run_{model}")
+        server = subprocess.Popen([sys.executable, "-m", "finetune.federated", "--clients", "1", "--rounds", "1",
+                                   "--table", table, "--method", "lora", "--model", model, "--data", data,
+                                   "--out", out, "--local-steps", "1", "--seq-len", "32", "--quiet"],
+                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        client_kib, server_kib = 0, 0
+        while server.poll() is None:
+            server_kib = max(server_kib, _peak_kib(server.pid))
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read()
+                except OSError:
+                    continue
+                if pid.isdigit() and b"finetune.federated.client" in cmd:
+                    client_kib = max(client_kib, _peak_kib(pid))
+            time.sleep(0.2)
+        if server.returncode != 0:
+            sys.exit(f"federation on {model} failed:\n{server.stderr.read()[-3000:]}")
+        n = sum(int(p.size) for p in build_model(model, "lora", 0).get_parameters())
+        print(f"{model:8s} {n:11d} {client_kib * 1024 / 1e9:9.2f} GB {client_memory_bytes(n) / 1e9:6.2f} GB "
+              f"{server_kib * 1024 / 1e9:9.2f} GB", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--client-memory", default=None, metavar="MODELS",
+                   help="only measure one organisation process's peak memory for these comma-separated "
+                        "models (tiny, small or directories)")
     p.add_argument("--eps", type=float, default=3.0, help="target epsilon of both runs (default 3)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
     p.add_argument("--clients", type=int, default=3, help="organisations K (default 3)")
@@ -130,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=300,
                    help="non-private steps of the public base model (default 300)")
     args = p.parse_args(argv)
+    if args.client_memory:
+        client_memory([m for m in args.client_memory.split(",") if m])
+        return 0
 
     work = tempfile.mkdtemp(prefix="fedbench_")
     pub, priv = os.path.join(work, "public.jsonl"), os.path.join(work, "private.jsonl")

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,14 @@ from scipy import stats
 
 import flwr
 
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+from flwr.common import (Code, FitIns, FitRes, GetPropertiesRes, Status,  # noqa: E402
+                          ndarrays_to_parameters, parameters_to_ndarrays)
 
 from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
+from accountant.randomness import KnownSeedWarning, SecureRandom  # noqa: E402
 from accountant.table import load_table, save_table, write_certified_table  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 from finetune.federated.mechanism import clip_update, poisson_select  # noqa: E402
@@ -39,6 +42,8 @@ from finetune.federated.strategy import DPFedAvg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
+# most tests seed on purpose, to compare a release with its exact draw; the warning is tested below
+pytestmark = pytest.mark.filterwarnings("ignore::accountant.randomness.KnownSeedWarning")
 
 
 def _table(path, sigma, q, steps, geometry="l2"):
@@ -57,15 +62,21 @@ def tables(tmp_path_factory):
 
 # ------------------------------------------------------------------------- fakes for the strategy
 class _Proxy:
-    def __init__(self, cid):
-        self.cid = cid
+    """A connected organisation as the server sees it; it reports its index like the real client."""
+
+    def __init__(self, cid, index=None):
+        self.cid, self.index = cid, index
+
+    def get_properties(self, ins, timeout, group_id):
+        props = {} if self.index is None else {"organisation": self.index}
+        return GetPropertiesRes(Status(Code.OK, ""), props)
 
 
 class _Manager:
     """A Flower ClientManager stand-in holding ``n`` connected clients."""
 
     def __init__(self, n):
-        self.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}") for i in range(n)}
+        self.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}", i) for i in range(n)}
 
     def wait_for(self, n, timeout):
         return True
@@ -87,16 +98,20 @@ def _strategy(tmp_path, table, shapes, *, n_clients, seed=0, clip=1.0, config=No
                     seed=seed), state
 
 
-def _round(strategy, manager, updates=None):
-    """One round: configure, every sampled client returns sent + its update (default zero)."""
+def _round(strategy, manager, updates=None, fail=()):
+    """One round: configure, every sampled client returns sent + its update (default zero);
+    the sampled clients whose index is in ``fail`` send nothing (a Flower failure)."""
     ins = strategy.configure_fit(1, None, manager)
-    results = []
+    results, failures = [], []
     for j, (proxy, fit_ins) in enumerate(ins):
+        if proxy.index in fail:
+            failures.append(TimeoutError("no update"))
+            continue
         sent = parameters_to_ndarrays(fit_ins.parameters)
         upd = updates[j] if updates is not None else [np.zeros_like(a) for a in sent]
         results.append((proxy, _fit_res([a + u for a, u in zip(sent, upd)])))
     if ins:
-        strategy.aggregate_fit(1, results, [])
+        strategy.aggregate_fit(1, results, failures)
     return ins
 
 
@@ -252,6 +267,80 @@ def test_restarted_server_resumes_the_same_ledger(tmp_path, tables):
         FederationState.load(state.directory, table, cfg, 0.5)
 
 
+def test_default_randomness_is_fresh_and_a_seed_replays_with_a_warning(tmp_path, tables):
+    """The server's sampling and noise came from seed 0 by default, so anyone could replay them.
+    By default every round now draws from a new OS-keyed ChaCha20 generator: two federations on the
+    same updates release different adapters and sample differently. A seed reproduces a federation
+    exactly, and warns."""
+    table = tables["q05"]
+    assert isinstance(round_rng(None, 0, 1), SecureRandom)
+
+    def federation(name, **seed):
+        d = tmp_path / name
+        d.mkdir()
+        state = FederationState.create(d, table, {"p0": np.zeros(50)}, {"k": 1}, table.sampling_rate)
+        strategy = DPFedAvg(state, table, n_clients=8, clip_norm=1.0, max_releases=table.steps, **seed)
+        picks = [[p.cid for p, _ in _round(strategy, _Manager(8))] for _ in range(2)]
+        return state.global_params["p0"], picks
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KnownSeedWarning)          # no warning without a seed
+        (a, picks_a), (b, picks_b) = federation("a"), federation("b")
+    assert not np.array_equal(a, b)
+    assert picks_a != picks_b                  # 2 rounds of 8 Poisson(1/2) draws: equal w.p. 2^-16
+    with pytest.warns(KnownSeedWarning, match="seed 5 makes the sampling and the noise reproducible"):
+        c, picks_c = federation("c", seed=5)
+    with pytest.warns(KnownSeedWarning):
+        d, picks_d = federation("d", seed=5)
+    assert np.array_equal(c, d) and picks_c == picks_d
+
+
+def test_organisation_local_sampling_is_fresh_by_default():
+    """Each organisation's local Poisson sampling (and its DP-SGD noise, the same generator) came
+    from a seed derived from --seed 0. By default it is now OS-keyed: two organisations built alike
+    sample differently; a seed reproduces the draws, and warns."""
+    from finetune.federated.client import OrganisationClient, build_model
+
+    model = build_model("tiny", "lora", 0)
+    ids, mask = np.zeros((40, 8), np.int32), np.ones((40, 8), np.float32)
+
+    def draws(**seed):
+        client = OrganisationClient(model, ids, mask, local_steps=1, local_batch=16, **seed)
+        return [client.sampler.sample().tolist() for _ in range(5)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KnownSeedWarning)
+        assert draws() != draws()              # 200 Bernoulli(0.4) inclusions
+    with pytest.warns(KnownSeedWarning):
+        assert draws(seed=3) == draws(seed=3)
+
+
+def test_restarted_organisation_continues_its_record_level_ledger(tmp_path):
+    """A resumed federation restarts the organisation processes; each one built a fresh
+    record-level guard and overwrote its saved ledger, so the record-level epsilon restarted from
+    zero (an under-count). Now the saved ledger is read back: 1 step spent of the table's 2
+    leaves 1, and the epsilon is the accountant's for 1 step, then 2."""
+    from finetune.federated.client import OrganisationClient, build_model
+    from finetune.federated.state import atomic_write
+
+    model = build_model("tiny", "lora", 0)
+    ids, mask = np.zeros((40, 8), np.int32), np.ones((40, 8), np.float32)
+    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 2)
+    path = str(tmp_path / "client-0.ledger.json")
+    first = OrganisationClient(model, ids, mask, local_steps=1, record_table=rec_table,
+                               record_ledger_path=path)
+    first.guard.record_step()
+    atomic_write(path, first.guard.ledger.to_json().encode())     # what fit() saves every round
+    again = OrganisationClient(model, ids, mask, local_steps=1, record_table=rec_table,
+                               record_ledger_path=path)
+    assert again.guard.ledger.steps == 1 and again.guard.remaining() == 1
+    eps = [certify(Mechanism(Gaussian(1.0), 1.0, "l2", 0.25, t), DELTA).epsilon for t in (1, 2)]
+    assert math.isclose(again.guard.epsilon_spent(), eps[0], rel_tol=1e-9)
+    again.guard.record_step()
+    assert again.guard.remaining() == 0
+    assert math.isclose(again.guard.epsilon_spent(), eps[1], rel_tol=1e-9)
+
+
 STUB_CLIENT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
@@ -259,6 +348,8 @@ STUB_CLIENT = textwrap.dedent("""
     index, address, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     class C(fl.client.NumPyClient):
         rounds = 0
+        def get_properties(self, config):
+            return {"organisation": index}
         def fit(self, parameters, config):
             C.rounds += 1
             if index == 2 and C.rounds == 1:      # the organisation that dies mid-round
@@ -305,6 +396,9 @@ def test_flower_federation_survives_a_client_killed_mid_round(tmp_path, tables):
     h1, h2 = state.history
     assert (h1["sampled"], h1["received"], h1["failed"]) == (3, 2, 1)
     assert (h2["connected"], h2["received"]) == (2, 2)
+    # and the record says which organisation: killed in round 1 (failed), gone in round 2 (absent)
+    assert (h1["failed_organisations"], h1["absent"]) == ([2], [])
+    assert (h2["failed_organisations"], h2["absent"]) == ([], [2])
     assert state.releases == 2
     # round 1 = (update of client 0 + client 1 + C Z) / (q K) with K = 3 (not 2)
     n = 50
@@ -338,7 +432,7 @@ def test_mindspore_client_reply_holds_only_the_trained_parameters(tmp_path, tabl
     tok = load_tokenizer(model.config.vocab_size)
     recs = generate_records(40, seed=1)
     ids, mask, _ = encode_texts(tok, [r["text"] for r in recs], 32)
-    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 4)
+    rec_table = _table(tmp_path / "rec.npz", 1.0, 0.25, 2)
     client = OrganisationClient(model, ids, mask, local_steps=2, micro_batch=16, record_table=rec_table,
                                 record_ledger_path=str(tmp_path / "rec_ledger.json"), seed=0)
     names = sorted(trainable_parameter_names(model))
@@ -398,6 +492,182 @@ def test_cli_user_errors_are_one_line(tmp_path, tables, capsys):
     code, err = _main(capsys, *base, "--rounds", 0, "--out", tmp_path / "new")
     assert code == 2 and "--rounds must be >= 1" in err
     assert not (tmp_path / "new").exists()
+
+
+def _in_process(monkeypatch, script=None):
+    """Run ``python -m finetune.federated`` in this process without organisation processes: the
+    stubbed ``serve`` drives the real strategy for the requested rounds, with the organisations
+    ``script(round) -> (connected indices, failing indices)`` (default: all connected, none fail)
+    returning zero updates. Returns the list of client counts ``start_clients`` was called with."""
+    import finetune.federated.__main__ as cli
+
+    started = []
+    monkeypatch.setattr(cli, "start_clients", lambda address, n, cfg, logs: started.append(n) or [])
+
+    def serve(address, strategy, rounds, round_timeout):
+        for r in range(rounds):
+            connected, fail = script(r) if script else (range(strategy.n_clients), ())
+            manager = _Manager(0)
+            manager.clients = {f"node-{i:03d}": _Proxy(f"node-{i:03d}", i) for i in connected}
+            _round(strategy, manager, fail=fail)
+
+    monkeypatch.setattr(cli, "serve", serve)
+    # no processes start here: no memory check
+    monkeypatch.setattr(cli, "available_memory", lambda: None, raising=False)
+    return started
+
+
+def _fed_args(tmp_path, tables, out, clients=3, rounds=2):
+    data = tmp_path / "d.jsonl"
+    if not data.exists():
+        write_jsonl(generate_records(150, seed=0, people=40), data)
+    return ["--clients", clients, "--rounds", rounds, "--table", tables["q1_path"], "--method", "lora",
+            "--model", "tiny", "--data", data, "--out", tmp_path / out, "--seq-len", 16, "--quiet"]
+
+
+def _replayed_adapter(table, seed, rounds, k, clip=1.0):
+    """What anyone can compute for a federation of zero updates run with ``--seed seed`` (q = 1,
+    server lr 1): the initial tiny LoRA adapter plus, per round r, C * Z_r / (q K) with Z_r the
+    table's draw from the generator of release r."""
+    from finetune.federated.client import build_model
+
+    model = build_model("tiny", "lora", seed)
+    init = {n: p.asnumpy().astype(np.float64) for n, p in model.parameters_and_names() if p.requires_grad}
+    names = sorted(init)
+    flat = np.concatenate([init[n].reshape(-1) for n in names])
+    for r in range(rounds):
+        flat = flat + clip * table.noise.sample(flat.size, round_rng(seed, r, 1)) / k
+    bounds = np.cumsum([0] + [init[n].size for n in names])
+    return {n: flat[a:b].reshape(init[n].shape) for n, a, b in zip(names, bounds[:-1], bounds[1:])}
+
+
+def test_cli_default_run_cannot_be_replayed_from_the_old_default_seed(tmp_path, tables, capsys,
+                                                                      monkeypatch):
+    """The replay attack of the issue: the old default was --seed 0, so anyone could recompute a
+    default federation's noise. Now a default run draws from the OS: its adapter is not the one
+    that --seed 0 yields; the outputs record secure randomness and no seed; no warning."""
+    from safetensors.numpy import load_file
+
+    _in_process(monkeypatch)
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed"))
+    assert code == 0, err
+    got = load_file(str(tmp_path / "fed" / "adapter.safetensors"))
+    replay = _replayed_adapter(tables["q1"], 0, rounds=2, k=3)
+    assert got.keys() == replay.keys()
+    assert not any(np.allclose(got[n], replay[n], rtol=1e-5, atol=1e-6) for n in got)
+    assert "--seed given" not in err
+    m = json.loads((tmp_path / "fed" / "metrics.json").read_text())
+    cfg = json.loads((tmp_path / "fed" / "federation.json").read_text())["config"]
+    assert (m["seed"], m["secure_rng"], cfg["seed"], cfg["secure"]) == (None, True, None, True)
+    assert m["init_seed"] == 0                 # public: the base model and the split can be rebuilt
+
+
+def test_cli_seed_is_replayable_and_says_so(tmp_path, tables, capsys, monkeypatch):
+    """With --seed the federation is reproducible by anyone: its adapter is exactly the replay
+    computed from the seed alone. The run prints the one-line warning and records the seed."""
+    from safetensors.numpy import load_file
+
+    _in_process(monkeypatch)
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed"), "--seed", 4)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "--seed given" in line]
+    assert len(warned) == 1 and "seed 4 makes the sampling and the noise reproducible" in warned[0], err
+    got = load_file(str(tmp_path / "fed" / "adapter.safetensors"))
+    replay = _replayed_adapter(tables["q1"], 4, rounds=2, k=3)
+    assert all(np.allclose(got[n], replay[n], rtol=1e-5, atol=1e-6) for n in replay)
+    m = json.loads((tmp_path / "fed" / "metrics.json").read_text())
+    cfg = json.loads((tmp_path / "fed" / "federation.json").read_text())["config"]
+    assert (m["seed"], m["secure_rng"], cfg["seed"], cfg["secure"], m["init_seed"]) == (4, False, 4, False, 4)
+
+
+def test_cli_reports_missing_organisations_and_no_gain_over_the_base(tmp_path, tables, capsys,
+                                                                      monkeypatch):
+    """A federation that lost an organisation never said so, nor that the adapter did not beat the
+    base model. Organisation 1 fails in round 1, organisation 2 is gone from round 2 on: the round
+    records, metrics.json and the closing summary name them with their rounds; the base model's
+    validation perplexity is the untuned model's, and no gain is flagged."""
+    from finetune.data import load_dataset
+    from finetune.federated.client import build_model
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.train import perplexity
+
+    _in_process(monkeypatch, lambda r: ([0, 1, 2], [1]) if r == 0 else ([0, 1], []))
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", rounds=3), "--seed", 1)
+    assert code == 0, err
+    hist = json.loads((tmp_path / "fed" / "federation.json").read_text())["history"]
+    assert [(h["absent"], h["failed_organisations"]) for h in hist] == [([], [1]), ([2], []), ([2], [])]
+    m = json.loads((tmp_path / "fed" / "metrics.json").read_text())
+    assert m["missing_organisations"] == {"1": {"rounds": 1, "absent": [], "failed": [1]},
+                                          "2": {"rounds": 2, "absent": [2, 3], "failed": []}}
+    assert "organisation 1 sent no update in 1 of 3 rounds (failed in round 1)" in err
+    assert "organisation 2 sent no update in 2 of 3 rounds (absent in rounds 2-3)" in err
+    # the base: the untuned model (as built, LoRA B = 0) on the held-out split
+    model = build_model("tiny", "lora", 1)
+    val = load_dataset(tmp_path / "d.jsonl", load_tokenizer(model.config.vocab_size), seq_len=16, seed=1).val
+    assert math.isclose(m["val_perplexity_base"], perplexity(model, val.ids, val.mask), rel_tol=1e-6)
+    assert m["improved_over_base"] == (m["val_perplexity"] < m["val_perplexity_base"])
+    assert m["val_split"].startswith("held-out")
+    flagged = "no improvement over the base model" in err
+    assert flagged == (not m["improved_over_base"])
+    # both verdicts, on their own
+    from finetune.federated.__main__ import warnings_for
+
+    quiet = dict(m, missing_organisations={})
+    assert warnings_for(dict(quiet, val_perplexity=5139.0, val_perplexity_base=5137.0,
+                             improved_over_base=False)) == [
+        "no improvement over the base model: validation perplexity 5139 against 5137 before the "
+        "federation (held-out split)"]
+    assert warnings_for(dict(quiet, val_perplexity=14.2, val_perplexity_base=15.0,
+                             improved_over_base=True)) == []
+
+
+def test_cli_refuses_more_organisations_than_the_corpus_or_the_memory_holds(tmp_path, tables, capsys,
+                                                                           monkeypatch):
+    """--clients 500 on a 40-person corpus started one MindSpore process per client. Now a client
+    count is refused in one line before any process starts when some organisation would hold no
+    one, or when the processes would not fit in the available memory (numbers in the message)."""
+    import re
+
+    import finetune.federated.__main__ as cli
+    from finetune.data import load_records, split_records
+
+    started = _in_process(monkeypatch)
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", clients=500))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--clients 500" in err, err
+    assert started == [] and not (tmp_path / "fed").exists() and not (tmp_path / ".fed.partial").exists()
+    limit = int(re.search(r"use --clients (\d+) or fewer", err).group(1))
+    train, _ = split_records(load_records(tmp_path / "d.jsonl"), None, 0)
+    assert min(len(s) for s in split_by_person(train, limit, 0)) >= 1       # the limit is exact
+    assert min(len(s) for s in split_by_person(train, limit + 1, 0)) == 0
+    # memory: 3 tiny organisations do not fit in 2.5 GB (about 0.93 GB each); 2 do
+    each = cli.client_memory_bytes(1_077_760)
+    assert 2 * each <= 2.5e9 < 3 * each
+    monkeypatch.setattr(cli, "available_memory", lambda: int(2.5e9))
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", clients=3))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "2.5 GB is available" in err and "use --clients 2 or fewer" in err, err
+    assert started == [] and not (tmp_path / ".fed.partial").exists()
+    code, err = _main(capsys, *_fed_args(tmp_path, tables, "fed", clients=2))
+    assert code == 0 and started == [2], err
+
+
+@pytest.mark.slow
+def test_cli_real_default_federations_differ_seeded_ones_repeat(tmp_path, tables):
+    """End to end with organisation processes: two default federations on the same data end with
+    different adapters; two with --seed 3 end with identical ones, and the warning is printed."""
+    from safetensors.numpy import load_file
+
+    write_jsonl(generate_records(60, seed=0, people=30), tmp_path / "d.jsonl")
+    got = {}
+    for name, extra in (("a", []), ("b", []), ("s1", ["--seed", 3]), ("s2", ["--seed", 3])):
+        r = _cli("--clients", 2, "--rounds", 1, "--table", tables["q1_path"], "--method", "lora",
+                 "--model", "tiny", "--data", tmp_path / "d.jsonl", "--out", tmp_path / name,
+                 "--local-steps", 1, "--seq-len", 16, "--quiet", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("warning: --seed given" in r.stderr) == bool(extra), r.stderr[-2000:]
+        got[name] = load_file(str(tmp_path / name / "adapter.safetensors"))
+    assert any(not np.array_equal(got["a"][k], got["b"][k]) for k in got["a"])
+    assert all(np.array_equal(got["s1"][k], got["s2"][k]) for k in got["s1"])
 
 
 @pytest.mark.slow

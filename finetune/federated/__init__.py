@@ -13,7 +13,10 @@ Differentially Private Recurrent Language Models", ICLR 2018):
   is divided by the expected number of organisations ``q * K``;
 * one round is one Poisson-subsampled release: :mod:`finetune.federated.state` charges it to an
   ``accountant.ledger.PrivacyLedger``, refuses a round the certificate does not cover, and saves the
-  ledger atomically after every round so that a restarted server resumes the same privacy record.
+  ledger atomically after every round so that a restarted server resumes the same privacy record;
+* sampling and noise (the server's and every organisation's) come from fresh OS entropy
+  (``accountant.randomness.SecureRandom``, ChaCha20) unless a seed is given for an experiment,
+  which warns (``KnownSeedWarning``): the certificate assumes noise nobody can regenerate.
 
 Pieces: :mod:`.partition` (split a corpus across organisations by person), :mod:`.mechanism`
 (sampling, clipping, the noisy sum: pure numpy), :mod:`.state` (ledger + global adapter on disk),

@@ -11,6 +11,13 @@ share of the training split (divided by person).  The work happens in a sibling 
 ``federation.json`` (round history) and, with ``--record-table``, each organisation's own ledger.
 A federation that was interrupted (server killed) is continued with ``--resume``: the ledger is
 read back, never restarted.  User mistakes end with a one-line error and exit code 2.
+
+Client sampling, the server's noise and each organisation's local sampling and DP-SGD noise come
+from fresh OS entropy (ChaCha20 keyed from ``os.urandom``) unless ``--seed`` is given, which prints
+a warning: a known seed lets anyone replay the noise.  Model initialisation, the validation split
+and the partition of the corpus across organisations use the public seed 0 (``--seed`` replaces it).
+A client count that the corpus (each organisation needs at least one person) or the machine's
+memory (one MindSpore process per organisation) cannot hold is refused before any process starts.
 """
 from __future__ import annotations
 
@@ -22,11 +29,14 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from ..cli import OneLineParser as _Parser, UserError
+from ..cli import OneLineParser as _Parser, UserError, warn_known_seed
 
 PROG = "python -m finetune.federated"
+#: model initialisation, validation split and partition without --seed (public: they hide nothing)
+PUBLIC_SEED = 0
 
 
 def _parser():
@@ -65,8 +75,15 @@ def _parser():
                    help="per-example clipping norm for --record-table (default 1.0)")
     p.add_argument("--round-timeout", type=float, default=600.0,
                    help="seconds a round waits for updates; late ones count as failed (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling, noise, init (default 0)")
-    p.add_argument("--secure", action="store_true", help="OS-keyed CSPRNG for sampling and noise")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for client sampling, noise and local sampling/DP-SGD, for experiments "
+                        "only: anyone who knows it can replay the noise (a warning is printed). "
+                        "Default: fresh OS entropy (ChaCha20) for all of them. Model init, the "
+                        "validation split and the partition across organisations always use a "
+                        "public seed: --seed, or 0 without it")
+    p.add_argument("--secure", action="store_true",
+                   help="fresh OS entropy for sampling and noise (the default; kept for old "
+                        "command lines; excludes --seed)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per example (default 64)")
     p.add_argument("--micro-batch", type=int, default=16, help="micro-batch size (default 16)")
     p.add_argument("--val-fraction", type=float, default=None,
@@ -97,7 +114,7 @@ def _check_args(args) -> None:
             raise UserError(f"--{name.replace('_', '-')}: no such file: {getattr(args, name)}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    if args.secure and args.seed != 0:
+    if args.secure and args.seed is not None:
         raise UserError("--secure draws from the OS; drop --seed")
 
 
@@ -111,8 +128,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Peak resident memory of one organisation process, measured with
+#: ``python benchmarks/federated_bench.py --client-memory`` (seq-len 32, micro-batch 16, LoRA):
+#: the MindSpore and Flower runtime, plus a cost per model parameter (weights, gradients, optimizer
+#: state, compiled graphs).  docs/federated.md lists the measurements.
+CLIENT_BASE_BYTES = 0.9e9
+CLIENT_BYTES_PER_PARAMETER = 30.0
+
+
+def client_memory_bytes(n_parameters: int) -> int:
+    """Estimated peak memory of one organisation process for a model of ``n_parameters``."""
+    return int(CLIENT_BASE_BYTES + CLIENT_BYTES_PER_PARAMETER * n_parameters)
+
+
+def available_memory() -> int | None:
+    """Bytes still available to new processes: the kernel's ``MemAvailable``, capped by a cgroup
+    v2 limit when one is set; None where neither can be read (the memory check is then skipped)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_capacity(clients: int, train_records, n_parameters: int, available: int | None) -> None:
+    """Refuse, in one line, a client count that the corpus or the machine cannot hold.
+
+    Corpus: records that share a person stay in one organisation (:mod:`.partition`), so the
+    training split can be divided into at most as many non-empty organisations as it has such
+    groups; every organisation must hold at least one.  Machine: one MindSpore process per
+    organisation, each needing about :func:`client_memory_bytes`; together they must fit in the
+    available memory."""
+    from .partition import person_components
+
+    groups = len(set(person_components(train_records).tolist()))
+    if clients > groups:
+        raise UserError(f"--clients {clients}: the training split divides into only {groups} groups of "
+                        "records that can be held apart (records sharing a person stay together) and "
+                        f"every organisation needs at least one; use --clients {groups} or fewer")
+    if available is None:
+        return
+    each = client_memory_bytes(n_parameters)
+    if clients * each > available:
+        fits = int(available // each)
+        advice = f"use --clients {fits} or fewer" if fits else "not even one organisation fits"
+        raise UserError(f"--clients {clients} needs about {clients * each / 1e9:.1f} GB ({clients} "
+                        f"organisation processes of about {each / 1e9:.2f} GB for this model) but "
+                        f"{available / 1e9:.1f} GB is available; {advice}")
+
+
 def run(args) -> dict:
     _check_args(args)
+    init_seed = PUBLIC_SEED if args.seed is None else args.seed
     from accountant.output_path import OutputPathError, check_output_dir
     from accountant.table import TableError, load_table
 
@@ -160,25 +238,28 @@ def run(args) -> dict:
 
     targets = [t for t in args.lora_targets.split(",") if t]
     try:
-        model = build_model(args.model, args.method, args.seed, args.lora_r, args.lora_alpha, targets)
+        model = build_model(args.model, args.method, init_seed, args.lora_r, args.lora_alpha, targets)
         tok = load_tokenizer(model.config.vocab_size)
         data = load_dataset(args.data, tok, seq_len=args.seq_len, val_fraction=args.val_fraction,
-                            seed=args.seed)
+                            seed=init_seed)
     except (checkpoint.CheckpointError, peft.AdapterError, DataError, OSError, ValueError) as e:
         raise UserError(f"cannot set up the federation: {e}") from None
+    check_capacity(args.clients, data.train.records,
+                   sum(int(p.size) for p in model.get_parameters()), available_memory())
     if record_table is not None:
         from finetune.dp.guard import TableMismatchError, check_table
 
         from .partition import split_by_person
-        for i, rows in enumerate(split_by_person(data.train.records, args.clients, args.seed)):
+        for i, rows in enumerate(split_by_person(data.train.records, args.clients, init_seed)):
             try:
                 check_table(record_table, dataset_size=len(rows))
             except TableMismatchError as e:
                 raise UserError(f"--record-table does not fit organisation {i}: {e}") from None
 
+    # "seed" is None unless the user gave one: no seed is ever recorded that was not used
     config = {"clients": args.clients, "client_rate": q, "clip_norm": args.clip_norm,
               "table_sha256": table.metadata["sha256"], "method": args.method, "model": args.model,
-              "seed": None if args.secure else args.seed, "server_lr": args.server_lr,
+              "secure": args.seed is None, "seed": args.seed, "server_lr": args.server_lr,
               "local_steps": args.local_steps, "record_table": (record_table.metadata["sha256"]
                                                                 if record_table else None)}
     params = {n: p.asnumpy() for n, p in model.parameters_and_names() if p.requires_grad}
@@ -190,15 +271,18 @@ def run(args) -> dict:
             state = FederationState.create(work, table, params, config, q)
     except StateError as e:
         raise UserError(str(e)) from None
+    if args.seed is not None:                     # after every check that can refuse the run
+        warn_known_seed(PROG, args.seed)
     remaining = max(0, args.rounds - state.rounds_done)
     (work / "clients").mkdir(exist_ok=True)
-    client_cfg = {"model": args.model, "method": args.method, "seed": args.seed, "lora_r": args.lora_r,
+    client_cfg = {"model": args.model, "method": args.method, "seed": args.seed,
+                  "init_seed": init_seed, "lora_r": args.lora_r,
                   "lora_alpha": args.lora_alpha, "lora_targets": targets, "data": os.path.abspath(args.data),
                   "clients": args.clients, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
                   "record_table": os.path.abspath(args.record_table) if args.record_table else None,
                   "workdir": str(work), "local_steps": args.local_steps, "lr": args.lr,
                   "local_batch": args.local_batch, "micro_batch": args.micro_batch,
-                  "record_clip": args.record_clip, "secure": args.secure}
+                  "record_clip": args.record_clip}
     cfg_path = work / "clients" / "config.json"
     cfg_path.write_text(json.dumps(client_cfg, indent=1))
 
@@ -212,10 +296,13 @@ def run(args) -> dict:
             bar.set_postfix(eps=f"{rec['epsilon']:.3g}", got=f"{rec['received']}/{rec['sampled']}")
             bar.update(1)
 
-    strategy = DPFedAvg(state, table, n_clients=args.clients, clip_norm=args.clip_norm,
-                        max_releases=table.steps, seed=None if args.secure else args.seed,
-                        secure=args.secure, server_lr=args.server_lr, base_sha256=base_sha256(model),
-                        on_round=on_round)
+    from accountant.randomness import KnownSeedWarning
+
+    with warnings.catch_warnings():              # the one-line --seed warning is already printed
+        warnings.simplefilter("ignore", KnownSeedWarning)
+        strategy = DPFedAvg(state, table, n_clients=args.clients, clip_norm=args.clip_norm,
+                            max_releases=table.steps, seed=args.seed, server_lr=args.server_lr,
+                            base_sha256=base_sha256(model), on_round=on_round)
     started = time.perf_counter()
     if remaining:
         address = f"127.0.0.1:{args.port or _free_port()}"
@@ -290,10 +377,15 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
 
     from accountant.ledger import PrivacyLedger
 
+    # the model as built is the base model (LoRA B = 0, BiTFiT biases unchanged): measure it on the
+    # held-out split first, so the run says whether the federation improved on it
+    has_val = len(data.val) > 0
+    base_ppl = perplexity(model, data.val.ids, data.val.mask) if has_val else None
     params = dict(model.parameters_and_names())
     for name, value in state.global_params.items():
         assign_parameter(params[name], value.astype("float32"))
     peft.save_adapter(model, work / "adapter.safetensors")
+    val_ppl = perplexity(model, data.val.ids, data.val.mask) if has_val else None
     record = {}
     for i in range(args.clients):
         path = work / "clients" / f"client-{i}.ledger.json"
@@ -305,7 +397,9 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
     metrics = {
         "private": True, "federated": True, "method": args.method, "model": args.model,
         "weights": "adapter.safetensors", "table": os.path.basename(args.table),
-        "seed": None if args.secure else args.seed, "steps": state.rounds_done,
+        "seed": args.seed, "secure_rng": args.seed is None, "steps": state.rounds_done,
+        # public: model init, validation split, partition (finetune.evaluate rebuilds the base)
+        "init_seed": PUBLIC_SEED if args.seed is None else args.seed,
         "epsilon_spent": state.epsilon(), "delta": table.delta,
         "certified_epsilon_of_table": table.certified_epsilon,
         "neighbouring_relation": "add or remove one organisation (all its records)",
@@ -319,12 +413,17 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
                      (state.mechanism.sampling_rate * args.clients),
         "stopped_by_budget": bool(stopped_by_budget),
         "n_train": len(data.train), "n_val": len(data.val),
-        "val_perplexity": perplexity(model, data.val.ids, data.val.mask) if len(data.val) else None,
+        "val_split": "held-out validation records, never trained on",
+        "val_perplexity": val_ppl, "val_perplexity_base": base_ppl,
+        "improved_over_base": None if not has_val else bool(val_ppl < base_ppl),
         "train_perplexity": None,
         "seconds_per_round": sum(per_round) / len(per_round) if per_round else None,
         "bytes_up_per_round": sum(h["bytes_up"] for h in hist) / len(hist) if hist else None,
         "bytes_down_per_round": sum(h["bytes_down"] for h in hist) / len(hist) if hist else None,
         "failed_updates": sum(h["failed"] for h in hist), "wall_seconds": seconds,
+        # operator's record (like federation.json): it follows the client sampling, which the
+        # epsilon assumes secret when client_rate < 1 -- do not publish it with the adapter
+        "missing_organisations": missing_organisations(hist),
     }
     from .state import atomic_write
     atomic_write(work / "metrics.json", json.dumps(metrics, indent=1).encode())
@@ -333,6 +432,50 @@ def finish(args, model, data, state, table, record_table, work: Path, out: Path,
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(work, out)
     return metrics
+
+
+def missing_organisations(history) -> dict:
+    """Per organisation index, the rounds in which it sent no update: ``absent`` (not connected
+    when the round sampled) and ``failed`` (sampled; crashed, timed out or malformed), and how many
+    rounds that makes.  Organisations that did not report their index are counted under
+    ``"unidentified"``."""
+    report = {}
+    for h in history:
+        for kind, key in (("absent", "absent"), ("failed", "failed_organisations")):
+            for org in h.get(key) or ():
+                report.setdefault(org, {"rounds": 0, "absent": [], "failed": []})[kind].append(h["round"])
+    for entry in report.values():
+        entry["rounds"] = len(set(entry["absent"]) | set(entry["failed"]))
+    order = sorted(report, key=lambda org: (org is None, org or 0))
+    return {("unidentified" if org is None else str(org)): report[org] for org in order}
+
+
+def _spans(rounds) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    rounds, parts, start = sorted(set(rounds)), [], None
+    for i, r in enumerate(rounds):
+        if start is None:
+            start = r
+        if i + 1 == len(rounds) or rounds[i + 1] != r + 1:
+            parts.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(parts)
+
+
+def warnings_for(m: dict) -> list[str]:
+    """The summary's warnings: organisations that sent no update, and no gain over the base model."""
+    lines = []
+    for org, e in m["missing_organisations"].items():
+        what = "; ".join(f"{kind} in round{'s' if len(e[kind]) > 1 else ''} {_spans(e[kind])}"
+                         for kind in ("absent", "failed") if e[kind])
+        name = ("organisations that did not report their index" if org == "unidentified"
+                else f"organisation {org}")
+        lines.append(f"{name} sent no update in {e['rounds']} of {m['steps']} rounds ({what})")
+    if m["improved_over_base"] is False:
+        lines.append(f"no improvement over the base model: validation perplexity "
+                     f"{m['val_perplexity']:.4g} against {m['val_perplexity_base']:.4g} before the "
+                     "federation (held-out split)")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -346,10 +489,21 @@ def main(argv=None) -> int:
     if m["record_level"]:
         eps = [v["epsilon"] for v in m["record_level"]["per_client"].values()]
         rec = f"; record-level epsilon per organisation <= {max(eps):.4g}" if eps else ""
+    if m["val_perplexity"] is None:
+        ppl = "no validation split"
+    else:
+        verdict = "improved" if m["improved_over_base"] else "NO IMPROVEMENT"
+        ppl = (f"val perplexity {m['val_perplexity']:.3f} on the held-out split (base model "
+               f"{m['val_perplexity_base']:.3f}: {verdict})")
+    missing = m["missing_organisations"]
+    gaps = ("every organisation sent every update" if not missing else "organisations without an "
+            "update in some rounds: " + ", ".join(f"{org} ({e['rounds']} rounds)" for org, e in missing.items()))
+    speed = (f"{m['seconds_per_round']:.2f} s/round, {m['bytes_up_per_round'] / 1e3:.1f} kB up per round; "
+             if m["seconds_per_round"] is not None else "")
     print(f"{m['steps']} rounds, client-level epsilon {m['epsilon_spent']:.4g} (delta {m['delta']:g}, "
-          f"one organisation added or removed){rec}; val perplexity {m['val_perplexity']:.3f}, "
-          f"{m['seconds_per_round']:.2f} s/round, {m['bytes_up_per_round'] / 1e3:.1f} kB up per round; "
-          f"wrote {args.out}")
+          f"one organisation added or removed){rec}; {ppl}; {gaps}; {speed}wrote {args.out}")
+    for line in warnings_for(m):
+        sys.stderr.write(f"{PROG}: warning: {line}\n")
     return 0
 
 

@@ -6,11 +6,17 @@ steps and returns the trained tensors -- and nothing else: ``num_examples`` is t
 the metrics are empty, because a shard size or a local loss sent to the server would be a release
 that no certificate covers.  The server computes the update (returned minus sent) and clips it.
 
-Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  With a record-level
+Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  Sampling and the
+DP-SGD noise come from an OS-keyed ChaCha20 generator (``accountant.randomness.SecureRandom``, a new
+key in every process) unless a seed is given for an experiment (then ``KnownSeedWarning``).  The
+client answers Flower's ``get_properties`` with its organisation index (the operator's numbering,
+no data), so the server can say which organisation failed in which round.  With a record-level
 table (``record_table``) they are DP-SGD steps of the project's ``DPOptimizer`` (per-example
 clipping, noise from that table) charged to the organisation's own ``PrivacyGuard``: a guarantee for
 one record of this organisation, whatever the server does (docs/federated.md).  When that budget is
-spent the client returns the adapter it received unchanged (a zero update).
+spent the client returns the adapter it received unchanged (a zero update).  The guard's ledger is
+saved after every round to ``record_ledger_path`` and read back from there when the process starts
+again (a resumed federation), so the record-level account continues and never restarts.
 
 Run as a process by ``python -m finetune.federated`` (``python -m finetune.federated.client``).
 """
@@ -69,7 +75,7 @@ class OrganisationClient:
     def __init__(self, model, train_ids, train_mask, *, local_steps: int, lr: float = 1e-3,
                  local_batch: int = 16, micro_batch: int = 16, record_table=None,
                  record_clip: float = 1.0, record_ledger_path: str | None = None,
-                 seed: int | None = 0, secure: bool = False):
+                 seed: int | None = None, secure: bool = False, index: int | None = None):
         from mindspore import nn
 
         from accountant.randomness import make_rng
@@ -84,10 +90,24 @@ class OrganisationClient:
         self.params = dict((n, p) for n, p in model.parameters_and_names() if p.requires_grad)
         self.base = base_sha256(model)
         n = len(train_ids)
-        rng = make_rng(seed=None if secure else seed, secure=secure)
+        if secure and seed is not None:
+            raise ValueError("a secure generator cannot be seeded; drop the seed or secure=True")
+        if seed is not None:
+            from accountant.randomness import warn_known_seed
+            warn_known_seed(seed)
+        rng = make_rng(seed=seed, secure=seed is None)
         self.guard = None
         if record_table is not None:
-            self.guard = PrivacyGuard(record_table, dataset_size=n)
+            saved = None
+            if record_ledger_path and os.path.exists(record_ledger_path):
+                from accountant.ledger import PrivacyLedger
+                with open(record_ledger_path) as f:
+                    saved = PrivacyLedger.from_json(f.read())
+            self.guard = PrivacyGuard(record_table, dataset_size=n, ledger=saved)
+            if saved is not None and (saved.delta, saved.epsilon_budget) != (self.guard.delta,
+                                                                             self.guard.budget):
+                raise ValueError(f"{record_ledger_path}: the saved record-level ledger belongs to "
+                                 "another table (delta or budget differ)")
             q = self.guard.sampling_rate
         else:
             q = min(1.0, local_batch / max(n, 1))
@@ -97,6 +117,7 @@ class OrganisationClient:
                               rng=rng, guard=self.guard, private=record_table is not None)
         self.record_ledger_path = record_ledger_path
         self.rounds = 0
+        self.index = index
 
     def get_parameters(self) -> list:
         return [self.params[n].asnumpy().copy() for n in self.names]
@@ -139,6 +160,9 @@ class OrganisationClient:
         class _Client(fl.client.NumPyClient):
             def get_parameters(self, config):
                 return outer.get_parameters()
+
+            def get_properties(self, config):
+                return {} if outer.index is None else {"organisation": int(outer.index)}
 
             def fit(self, parameters, config):
                 return outer.fit(parameters, config)
@@ -198,11 +222,13 @@ def main(argv=None) -> int:
     from finetune.models.tokenizer import load_tokenizer
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    model = build_model(cfg["model"], cfg["method"], cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
+    # model init and the partition use the public seed; sampling and noise the secret source
+    model = build_model(cfg["model"], cfg["method"], cfg["init_seed"], cfg["lora_r"], cfg["lora_alpha"],
                         cfg["lora_targets"])
     tok = load_tokenizer(model.config.vocab_size)
     ids, mask = load_shard(cfg["data"], tok, index=args.index, clients=cfg["clients"],
-                           seq_len=cfg["seq_len"], val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+                           seq_len=cfg["seq_len"], val_fraction=cfg["val_fraction"],
+                           seed=cfg["init_seed"])
     record_table = load_table(cfg["record_table"]) if cfg.get("record_table") else None
     ledger_path = None
     if record_table is not None:
@@ -210,9 +236,8 @@ def main(argv=None) -> int:
     client = OrganisationClient(model, ids, mask, local_steps=cfg["local_steps"], lr=cfg["lr"],
                                 local_batch=cfg["local_batch"], micro_batch=cfg["micro_batch"],
                                 record_table=record_table, record_clip=cfg["record_clip"],
-                                record_ledger_path=ledger_path,
-                                seed=None if cfg["secure"] else cfg["seed"] * 1000 + 1 + args.index,
-                                secure=cfg["secure"])
+                                record_ledger_path=ledger_path, index=args.index,
+                                seed=None if cfg["seed"] is None else cfg["seed"] * 1000 + 1 + args.index)
     # (no shard size in the log: the log lands in the run folder, and a shard size is not released)
     print(f"organisation {args.index}: connecting to {args.server}", file=sys.stderr, flush=True)
     _exit_with_parent()

@@ -13,8 +13,15 @@ temporary sibling and renamed into place (``os.replace`` is atomic on POSIX):
 A crash between 1 and 3 leaves a ledger that has charged a round whose result was never published;
 the resumed server redoes the round and charges it again (over-counting is safe, under-counting is
 not).  A ledger that holds *fewer* releases than ``federation.json`` was tampered with or lost, and
-is refused.  Noise and client sampling for release number ``r`` come from a generator seeded with
-``(seed, r)`` (or the OS CSPRNG with ``secure``), so a redone round never reuses an earlier draw.
+is refused.
+
+Noise and client sampling come, by default, from a ChaCha20 generator keyed from the OS
+(``accountant.randomness.SecureRandom``) with a fresh key for every round: no key is ever written
+to disk, so a restarted server draws with new keys, never replays an earlier draw, and nobody can
+regenerate the noise from the run folder.  Only when the user gives a seed (experiments, with a
+warning) do release ``r``'s draws come from a generator seeded with ``(seed, r)``; a redone round
+then uses the next release number, so it never reuses an earlier draw either.  The configuration
+records ``secure`` (true/false) and the seed only when one was given.
 """
 from __future__ import annotations
 
@@ -60,8 +67,12 @@ def atomic_write(path, data: bytes) -> None:
 
 
 def round_rng(seed: int | None, release: int, stream: int, secure: bool = False):
-    """Generator for release number ``release`` (0-based) and ``stream`` (0 sampling, 1 noise)."""
-    if secure:
+    """Generator for release number ``release`` (0-based) and ``stream`` (0 sampling, 1 noise).
+
+    ``seed=None`` (or ``secure``): a new OS-keyed ChaCha20 generator, whatever the release number
+    (nothing about it is stored, so a resumed server re-keys).  A seed: PCG64 seeded with
+    ``(seed, release, stream)``, reproducible by anyone who knows the seed."""
+    if secure or seed is None:
         return make_rng(secure=True)
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(release),
                                                                         int(stream)])))
