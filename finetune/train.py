@@ -2,8 +2,9 @@
 
 ``train(...)`` is the functional loop the CLI (``python -m finetune``) runs; the pieces it wires are
 usable on their own (``finetune.dp.sampling``, ``finetune.dp.per_example``, ``finetune.dp.optimizer``,
-``finetune.dp.guard``).  ``DPModelStep`` plugs the same step into ``mindspore.train.Model`` (with
-``PrivacyBudgetCallback`` ending training before the budget is exceeded).
+``finetune.dp.guard``).  For ``mindspore.train.Model`` use ``make_private(...)``'s
+``engine.dataset(...)`` / ``engine.train_network()`` / ``engine.callback()``: its rows carry the
+sampler's ticket, so a pipeline the ledger does not describe is refused.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from .dp.optimizer import DPOptimizer
 from .dp.sampling import PoissonSampler, micro_batches
 from .dp.guard import PrivacyBudgetExceeded, PrivacyGuard, TableMismatchError, check_table
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train", "perplexity", "peak_rss_mb", "DPModelStep",
-           "loop_state", "DEFAULT_CHECKPOINT_SECONDS"]
+__all__ = ["TrainResult", "TrainingInterrupted", "train", "perplexity", "peak_rss_mb", "loop_state",
+           "DEFAULT_CHECKPOINT_SECONDS"]
 
 #: default wall time between two periodic checkpoints
 DEFAULT_CHECKPOINT_SECONDS = 300.0
@@ -298,38 +299,6 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
                           {"reason": stop_reason, "steps": dp.steps_taken, "planned_steps": t}),
     }
     return TrainResult(metrics, guard, dp)
-
-
-class DPModelStep(nn.Cell):
-    """One DP step as a Cell for ``mindspore.train.Model`` (``dataset_sink_mode=False``).
-
-    Each dataset row is one Poisson batch: the network's input arrays with a variable leading axis
-    (e.g. rows chosen by ``PoissonSampler``).  The step runs on the host (clipping and noise are not
-    traced), so ``__call__`` bypasses graph compilation; the per-example work inside is compiled.
-    Combine with ``finetune.dp.guard.PrivacyBudgetCallback(guard)``::
-
-        step = DPModelStep(dp_optimizer)
-        Model(step).train(1, poisson_dataset, callbacks=[PrivacyBudgetCallback(guard)],
-                          dataset_sink_mode=False)
-    """
-
-    def __init__(self, dp: DPOptimizer, micro_batch_size: int = 16):
-        super().__init__(auto_prefix=False)
-        self.dp = dp
-        self.micro_batch_size = int(micro_batch_size)
-
-    def __call__(self, *arrays):
-        arrays = [a.asnumpy() if isinstance(a, Tensor) else np.asarray(a) for a in arrays]
-        n = len(arrays[0])
-        mbs = []
-        if n:  # an empty Poisson batch still releases a noisy (zero) sum: no micro-batches
-            mbs = [([a[m.indices] for a in arrays], m.mask)
-                   for m in micro_batches(np.arange(n), self.micro_batch_size)]
-        stats = self.dp.step(mbs)
-        return Tensor(np.float32(stats.loss if stats.batch_size else 0.0))
-
-    def construct(self, *arrays):  # pragma: no cover - __call__ is used
-        raise RuntimeError("DPModelStep runs on the host; call it, do not compile it")
 
 
 def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *,

@@ -491,3 +491,50 @@ def test_sigkill_at_random_moments_leaves_a_consistent_checkpoint(files, referen
         assert r.returncode == 0, r.stderr[-3000:]
     assert not staging.exists()
     _same_run(reference, out)
+
+
+# ---------------------------------------------------------------------------- Model.train
+def test_model_train_after_the_budget_is_spent_is_one_clear_error():
+    """A second Model.train once every certified step was taken: PrivacyBudgetExceeded with one
+    line (MindSpore used to end in "Syntax error" on the empty dataset), both for a dataset built
+    afterwards and for one built earlier (the budget callback refuses to begin)."""
+    from mindspore import nn, ops
+    from mindspore.train import Model
+
+    from finetune import make_private
+    from finetune.dp.guard import PrivacyBudgetExceeded
+
+    class Clf(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
+
+        def construct(self, x, y):
+            return ops.cross_entropy(self.fc(x), y, reduction="none")
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = np.random.RandomState(0).randn(200, 4).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    net = Clf()
+    engine = make_private(net, nn.SGD(net.trainable_params(), learning_rate=0.5), dataset_size=200,
+                          batch_size=50, steps=2, noise_multiplier=1.0, target_delta=1e-5,
+                          micro_batch_size=16, verbose=False, compare_poisson=False)
+    model = Model(engine.train_network())
+    early = engine.dataset(x, y, column_names=["x", "y"])
+    model.train(1, early, callbacks=[engine.callback()], dataset_sink_mode=False)
+    assert engine.guard.steps_taken == 2
+    with pytest.raises(PrivacyBudgetExceeded, match="covers 2 steps") as info:
+        model.train(1, engine.dataset(x, y, column_names=["x", "y"]),
+                    callbacks=[engine.callback()], dataset_sink_mode=False)
+    assert "\n" not in str(info.value)
+    net2 = Clf()
+    again = make_private(net2, nn.SGD(net2.trainable_params(), learning_rate=0.5), dataset_size=200,
+                         batch_size=50, steps=2, noise_multiplier=1.0, target_delta=1e-5,
+                         micro_batch_size=16, verbose=False, compare_poisson=False)
+    ahead = again.dataset(x, y, column_names=["x", "y"])           # built before the budget is spent
+    for batch in again.batches(x, y):
+        again.step(batch)
+    with pytest.raises(PrivacyBudgetExceeded, match="covers 2 steps"):
+        Model(again.train_network()).train(1, ahead, callbacks=[again.callback()],
+                                           dataset_sink_mode=False)
+    assert again.guard.steps_taken == 2
