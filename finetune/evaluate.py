@@ -96,7 +96,7 @@ def load_run(run_dir, model_override=None):
     base_name = model_override or metrics.get("model")
     if base_name is None:
         raise UserError(f"{run_dir}/metrics.json does not name the base model; pass --model")
-    seed = metrics.get("seed")
+    seed = metrics.get("init_seed", metrics.get("seed"))  # the public initialisation seed
     if seed is None and base_name in ("tiny", "small"):
         raise UserError(f"{run_dir} was trained with --secure from a random-init '{base_name}' model; "
                         "its base weights cannot be rebuilt, pass --model DIR with the base weights")
