@@ -7,11 +7,20 @@ Writes to ``--out``: ``adapter.safetensors`` (LoRA / BiTFiT: only the trained te
 ``metrics.json`` and ``checkpoint.safetensors`` (the last training checkpoint).  User mistakes end
 with a one-line error and exit code 2.
 
+Randomness: the Poisson sampler and the noise come from ChaCha20 keyed with fresh OS entropy
+(``accountant.randomness.SecureRandom``; a resumed run is re-keyed).  ``--seed N`` makes them
+reproducible by anyone who knows ``N`` and prints a warning.  Model and LoRA initialisation and the
+train/validation split use ``--seed`` if given, else the fixed public seed :data:`INIT_SEED`.
+
+What a run writes and prints holds no statistic of the private data (loss, realised batch sizes,
+perplexities: the epsilon does not cover them) unless ``--log-private-stats`` is given.
+
 The run is a transaction (``finetune.run_dir``): it is staged in the hidden sibling
 ``.OUT.partial`` and renamed to ``--out`` when complete.  An existing ``--out`` is refused unless
-``--overwrite`` (cleared first) or ``--resume``.  Checkpoints (``finetune.checkpointing``) are written
-every ``--checkpoint-every`` steps (default: every ``--checkpoint-minutes`` 5 of wall time), at the
-end and on SIGINT/SIGTERM, which print how to continue and exit 130 / 143::
+``--overwrite`` (it is replaced only when the new run finishes) or ``--resume``.  Checkpoints
+(``finetune.checkpointing``) are written every ``--checkpoint-every`` steps (default: every
+``--checkpoint-minutes`` 5 of wall time), at the end and on SIGINT/SIGTERM, which leave the run in
+``.OUT.partial``, print how to continue and exit 130 / 143::
 
     python -m finetune --resume runs/x      # the saved arguments; the same table, data and method
 
@@ -35,10 +44,15 @@ import re
 import signal
 import sys
 import threading
+import warnings
 
 from .cli import OneLineParser as _Parser, UserError
 
 PROG = "python -m finetune"
+
+#: public seed of model / LoRA initialisation and of the train/validation split without --seed
+#: (they do not depend on the private data; the sampling and the noise never use it)
+INIT_SEED = 0
 
 #: flags that may be given again with --resume (everything else comes from the checkpoint)
 RESUME_FLAGS = {"resume", "quiet", "checkpoint_every", "checkpoint_minutes", "table", "data", "method"}
@@ -66,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "(python -m finetune.data writes one) (required)")
     p.add_argument("--out", help="output directory; must not exist unless --overwrite (required)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out (and an unfinished run into it)")
+                   help="replace an existing --out when this run finishes (kept until then; an "
+                        "unfinished run into it is discarded)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the interrupted run DIR with its saved arguments (no other flag "
                         "needed; --table/--data/--method, if given, must be the run's)")
@@ -79,10 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dp", action="store_true",
                    help="same pipeline without clipping and noise (non-private baseline)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed for sampling and noise (default 0; ignored with --secure)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="make sampling and noise reproducible from this seed (experiments only: "
+                        "anyone who knows it can replay the run, the epsilon then does not hold "
+                        "against them; prints a warning). Default: fresh OS entropy, noise and "
+                        "sampling from ChaCha20. Model/LoRA init and the train/validation split "
+                        f"use it too, else the fixed public seed {INIT_SEED} (not "
+                        "privacy-relevant)")
     p.add_argument("--secure", action="store_true",
-                   help="draw sampling and noise from a CSPRNG keyed by the OS (not reproducible)")
+                   help="sampling and noise from ChaCha20 keyed by the OS: the default; cannot be "
+                        "combined with --seed")
+    p.add_argument("--log-private-stats", action="store_true",
+                   help="also show and record statistics of the private data that the epsilon "
+                        "does not cover: per-step loss and batch size (progress bar, checkpoint), "
+                        "mean batch size, final train loss, train and validation perplexity "
+                        "(metrics.json); off by default")
     p.add_argument("--per-example", default="auto", choices=("auto", "vmap", "bookkeeping"),
                    help="per-example gradient method (default auto: book-keeping when every "
                         "trained parameter is in a Linear/LayerNorm/LoRA layer)")
@@ -119,6 +145,9 @@ def _check_args(args) -> None:
     if missing:
         raise UserError(f"the following arguments are required: {', '.join(missing)} "
                         "(or --resume DIR)")
+    if args.seed is not None and args.secure:
+        raise UserError("--seed and --secure exclude each other: the secure generator (the "
+                        "default) cannot be seeded")
     if args.lr <= 0 or not math.isfinite(args.lr):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     if args.max_grad_norm <= 0 or not math.isfinite(args.max_grad_norm):
@@ -169,6 +198,12 @@ def _prepare_resume(args, given):
     saved = dict(run.get("args") or {})
     if not saved:
         raise UserError(f"{run_dir.checkpoint_to_resume} does not record the run's arguments")
+    if saved.pop("secure", False):  # saved by an earlier version: --secure beside a default seed
+        saved["seed"] = None
+    if run_dir.overwrite and not run.get("overwrite"):
+        raise UserError(f"both {str(run_dir.out)!r} and the unfinished run {str(run_dir.staging)!r} "
+                        "exist and that run was not started with --overwrite; remove the one you "
+                        "do not want")
     fixed = sorted(k for k in given - RESUME_FLAGS)
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')} cannot change on --resume: the run "
@@ -192,7 +227,8 @@ def _prepare_resume(args, given):
             if _sha256(saved[what]) != want:
                 raise UserError(f"the run's {what} file {saved[what]} changed since the run "
                                 f"started (sha256 differs); a resumed run needs the same {what}")
-    saved.update(resume=args.resume, quiet=args.quiet, out=args.resume, overwrite=False)
+    saved.update(resume=args.resume, quiet=args.quiet, out=str(run_dir.out),
+                 overwrite=run_dir.overwrite)
     for k in ("checkpoint_every", "checkpoint_minutes"):
         if k in given:
             saved[k] = getattr(args, k)
@@ -319,6 +355,14 @@ def run(args, given=None, stopper=None) -> dict:
             raise UserError(str(e)) from None
     if resume is not None:
         _check_args(args)
+    if args.seed is not None:
+        from .cli import warn_known_seed
+        warn_known_seed(PROG, args.seed)
+    if args.log_private_stats:
+        sys.stderr.write(f"{PROG}: warning: --log-private-stats: the loss, batch sizes and "
+                         "perplexities shown and recorded are statistics of the private data that "
+                         "the epsilon does not cover\n")
+    init_seed = INIT_SEED if args.seed is None else args.seed
     stop = stopper.event if stopper is not None else None
     from .dp.distributed import Distributed, DistributedError
 
@@ -340,6 +384,7 @@ def run(args, given=None, stopper=None) -> dict:
     from .dp.guard import PrivacyBudgetExceeded, TableMismatchError
     from .models.tokenizer import load_tokenizer
     from .train import TrainingInterrupted, train
+    from accountant.randomness import KnownSeedWarning
 
     table = None
     if args.table is not None:
@@ -350,7 +395,7 @@ def run(args, given=None, stopper=None) -> dict:
         if not args.no_dp:
             _preflight_table(table)
     try:
-        model = checkpoint.from_pretrained(args.model, seed=args.seed)
+        model = checkpoint.from_pretrained(args.model, seed=init_seed)
     except (checkpoint.CheckpointError, OSError) as e:
         raise UserError(f"cannot load model {args.model}: {e}") from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # a malformed config.json
@@ -365,14 +410,14 @@ def run(args, given=None, stopper=None) -> dict:
                         f"{model.config.n_positions}")
     try:
         data = load_dataset(args.data, tokenizer, seq_len=args.seq_len,
-                            val_fraction=args.val_fraction, seed=args.seed)
+                            val_fraction=args.val_fraction, seed=init_seed)
     except (DataError, OSError, ValueError) as e:
         raise UserError(f"cannot load data {args.data}: {e}") from None
     try:
         if args.method == "lora":
             targets = tuple(t for t in args.lora_targets.split(",") if t)
             peft.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets,
-                            seed=args.seed)
+                            seed=init_seed)
         elif args.method == "bitfit":
             peft.apply_bitfit(model)
     except peft.AdapterError as e:
@@ -389,25 +434,26 @@ def run(args, given=None, stopper=None) -> dict:
 
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        result = train(model, data.train.ids, data.train.mask, data.val.ids, data.val.mask,
-                       table=table, private=not args.no_dp, lr=args.lr,
-                       max_grad_norm=args.max_grad_norm, sampling_rate=args.sampling_rate,
-                       steps=args.max_steps if table is not None else args.steps,
-                       micro_batch_size=args.micro_batch, per_example=args.per_example,
-                       seed=args.seed, secure=args.secure, progress=not args.quiet, dist=dist,
-                       resume=resume, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
-                       checkpoint_seconds=60.0 * args.checkpoint_minutes, stop_event=stop)
+        with warnings.catch_warnings():  # the --seed warning was printed above, in one line
+            warnings.simplefilter("ignore", KnownSeedWarning)
+            result = train(model, data.train.ids, data.train.mask, data.val.ids, data.val.mask,
+                           table=table, private=not args.no_dp, lr=args.lr,
+                           max_grad_norm=args.max_grad_norm, sampling_rate=args.sampling_rate,
+                           steps=args.max_steps if table is not None else args.steps,
+                           micro_batch_size=args.micro_batch, per_example=args.per_example,
+                           seed=args.seed, secure=args.seed is None, progress=not args.quiet,
+                           dist=dist, resume=resume, checkpoint=ckpt,
+                           checkpoint_every=args.checkpoint_every,
+                           checkpoint_seconds=60.0 * args.checkpoint_minutes, stop_event=stop,
+                           evaluate=args.log_private_stats,
+                           log_private_stats=args.log_private_stats)
     except TrainingInterrupted as e:
-        where = run_dir.staging
-        if write:
-            try:
-                where = run_dir.publish()
-            except RunDirError as err:
-                sys.stderr.write(f"{PROG}: {err}\n")
         eps = "not private" if e.epsilon is None else f"epsilon spent {e.epsilon:.4g}"
-        raise Interrupted(f"interrupted after {e.steps} steps, {eps}; resume with: "
-                          f"{PROG} --resume {args.out}" + ("" if where == run_dir.out else
-                                                           f" (the run is in {where})"),
+        kept = (f"; {run_dir.out} keeps the previous run until this one finishes"
+                if run_dir.out.exists() else "")
+        raise Interrupted(f"interrupted after {e.steps} steps, {eps}; the unfinished run (checkpoint "
+                          f"and ledger) is in {run_dir.staging}{kept}; resume with: "
+                          f"{PROG} --resume {run_dir.out}",
                           stopper.exit_code if stopper is not None else 130) from None
     except (TableMismatchError, GeometryError, DistributedError, PrivacyBudgetExceeded,
             ValueError) as e:
@@ -427,6 +473,7 @@ def run(args, given=None, stopper=None) -> dict:
             run_dir.publish()
         except RunDirError as e:
             raise UserError(str(e)) from None
+    metrics["_out"] = str(run_dir.out)
     return metrics
 
 
@@ -437,7 +484,7 @@ def _run_info(args, resume) -> dict:
         info = dict(resume[1]["run"])
         info["args"] = dict(info["args"], table=args.table, data=args.data)
         return info
-    saved = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "quiet")}
+    saved = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "quiet", "secure")}
     for k in ("table", "data"):
         if saved.get(k) is not None:
             saved[k] = os.path.abspath(saved[k])
@@ -445,7 +492,7 @@ def _run_info(args, resume) -> dict:
         saved["model"] = os.path.abspath(saved["model"])
     saved["out"] = os.path.abspath(args.out)
     return {"args": saved, "table_sha256": _sha256(args.table) if args.table else None,
-            "data_sha256": _sha256(args.data)}
+            "data_sha256": _sha256(args.data), "overwrite": bool(args.overwrite)}
 
 
 def _checkpoint_writer(run_dir, run_info):
@@ -473,13 +520,21 @@ def _write_outputs(args, model, data, result, run_dir, run_info, write: bool = T
     else:
         weights = os.path.join(run_dir.staging, "adapter.safetensors")
         peft.save_adapter(model, weights)
-    metrics = dict(result.metrics)
+    from .train import PRIVATE_STATS
+
+    metrics = {k: v for k, v in result.metrics.items()
+               if args.log_private_stats or k not in PRIVATE_STATS}
     metrics.update(method=args.method, per_example=result.optimizer.method, model=args.model,
                    table=os.path.basename(args.table) if args.table else None,
                    table_sha256=run_info["table_sha256"],
                    data=run_info["args"]["data"], data_sha256=run_info["data_sha256"],
-                   n_train=len(data.train), n_val=len(data.val), seed=None if args.secure else args.seed,
+                   n_train=len(data.train), n_val=len(data.val),
+                   init_seed=INIT_SEED if args.seed is None else args.seed,
                    weights=os.path.basename(weights), run_args=run_info["args"])
+    if args.seed is not None:  # only a seed that was given (the noise is then reproducible)
+        metrics["seed"] = args.seed
+    if args.log_private_stats:
+        metrics["private_stats_not_covered_by_epsilon"] = [k for k in PRIVATE_STATS if k in metrics]
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in metrics.items()}
     if write:
@@ -505,11 +560,13 @@ def main(argv=None) -> int:
         sys.stderr.write(f"{PROG}: {e}\n")
         return e.code
     except KeyboardInterrupt:
-        out = args.resume or args.out
-        sys.stderr.write(f"{PROG}: interrupted; the last checkpoint (if any) is kept: resume with: "
-                         f"{PROG} --resume {out}\n")
+        from .run_dir import out_of, staging_path
+
+        out = out_of(args.resume or args.out)
+        sys.stderr.write(f"{PROG}: interrupted; the last checkpoint (if any) is kept in "
+                         f"{staging_path(out)}: resume with: {PROG} --resume {out}\n")
         return 130
-    out = args.resume or args.out
+    out = metrics.pop("_out")
     eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
                if metrics["private"] else "non-private")
     where = f"wrote {out}" if metrics.pop("_wrote", True) else "rank 0 writes the outputs"
@@ -517,10 +574,13 @@ def main(argv=None) -> int:
     if stopped:
         print(f"stopped after {stopped['steps']} of {stopped['planned_steps']} steps: "
               f"{stopped['reason']}")
-    val = metrics["val_perplexity"]
-    print(f"{metrics['steps']} steps, {eps_txt}, train perplexity {metrics['train_perplexity']:.3f}, "
-          f"val perplexity {'n/a' if val is None else f'{val:.3f}'}, "
-          f"{metrics['seconds_per_step'] or 0:.3f} s/step; {where}")
+    stats = ""
+    if "train_perplexity" in metrics:
+        val = metrics["val_perplexity"]
+        stats = (f"train perplexity {metrics['train_perplexity']:.3f}, val perplexity "
+                 f"{'n/a' if val is None else f'{val:.3f}'} (not covered by epsilon), ")
+    print(f"{metrics['steps']} steps, {eps_txt}, {stats}{metrics['seconds_per_step'] or 0:.3f} "
+          f"s/step; {where}")
     return 0
 
 

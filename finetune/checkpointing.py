@@ -3,8 +3,10 @@
 A checkpoint holds what a resumed run needs to continue exactly where the saved one stopped
 (``finetune.train.train(resume=...)``): the trained weights and the wrapped optimizer's state
 (arrays), and a JSON state with the privacy ledger, the Poisson sampler's position and generator
-state, the noise generator state (seeded runs; a secure run's key is never stored), the loss
-history, the run's arguments and the sha256 of its table and data files.
+state, the noise generator state (seeded runs; a secure run's key is never stored), the mean step
+time (the per-step loss and batch size only with ``--log-private-stats``: statistics of the
+private data that the epsilon does not cover), the run's arguments and the sha256 of its table
+and data files.
 
 File layout (format version :data:`FORMAT_VERSION`): a safetensors file whose tensors are named
 ``<group>/<name>`` and whose string metadata holds ``format`` (``"finetune-checkpoint"``),

@@ -183,6 +183,7 @@ class PrivateEngine:
         """A ``mindspore.dataset`` of the remaining steps' micro-batches (``finetune.dp.dataset``)."""
         from .dp.dataset import MicroBatchRows, make_dataset
 
+        self.guard.check_next()  # no step left: one line, not MindSpore's error on an empty dataset
         data = self._check_arrays(arrays)
         names = list(column_names) if column_names is not None else [f"x{k}" for k in range(len(data))]
         if len(names) != len(data):

@@ -2,8 +2,17 @@
 
 ``train(...)`` is the functional loop the CLI (``python -m finetune``) runs; the pieces it wires are
 usable on their own (``finetune.dp.sampling``, ``finetune.dp.per_example``, ``finetune.dp.optimizer``,
-``finetune.dp.guard``).  ``DPModelStep`` plugs the same step into ``mindspore.train.Model`` (with
-``PrivacyBudgetCallback`` ending training before the budget is exceeded).
+``finetune.dp.guard``).  For ``mindspore.train.Model`` use ``make_private(...)``'s
+``engine.dataset(...)`` / ``engine.train_network()`` / ``engine.callback()``: its rows carry the
+sampler's ticket, so a pipeline the ledger does not describe is refused.
+
+Randomness (docs/finetune.md, "Randomness"): without a ``seed`` the Poisson sampler and the noise
+come from ChaCha20 keyed by the OS (``accountant.randomness.SecureRandom``); a ``seed`` makes both
+reproducible by anyone who knows it and warns (``accountant.randomness.KnownSeedWarning``).
+
+Statistics of the private data (losses, realised batch sizes, perplexities) are not covered by the
+epsilon: unless ``log_private_stats=True`` they are kept out of the progress bar, the checkpoint and
+the metrics (docs/privacy.md, section 8).
 """
 from __future__ import annotations
 
@@ -17,15 +26,19 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor, nn
 
-from accountant.randomness import make_rng
+from accountant.randomness import make_rng, warn_known_seed
 
 from .dp.distributed import Distributed, shard
 from .dp.optimizer import DPOptimizer
 from .dp.sampling import PoissonSampler, micro_batches
 from .dp.guard import PrivacyBudgetExceeded, PrivacyGuard, TableMismatchError, check_table
 
-__all__ = ["TrainResult", "TrainingInterrupted", "train", "perplexity", "peak_rss_mb", "DPModelStep",
-           "loop_state", "DEFAULT_CHECKPOINT_SECONDS"]
+__all__ = ["TrainResult", "TrainingInterrupted", "train", "perplexity", "peak_rss_mb", "loop_state",
+           "DEFAULT_CHECKPOINT_SECONDS", "PRIVATE_STATS"]
+
+#: metrics that are statistics of the private data, outside the certificate: recorded only with
+#: ``log_private_stats=True`` (``train_perplexity`` / ``val_perplexity`` only with ``evaluate=True``)
+PRIVATE_STATS = ("mean_batch_size", "final_train_loss", "train_perplexity", "val_perplexity")
 
 #: default wall time between two periodic checkpoints
 DEFAULT_CHECKPOINT_SECONDS = 300.0
@@ -96,6 +109,16 @@ class TrainResult:
     optimizer: DPOptimizer
 
 
+def _new_history(private_stats: bool) -> dict:
+    """What the loop keeps between steps (and a checkpoint stores): step timing as an aggregate and,
+    only with ``private_stats``, every step's loss and realised batch size (statistics of the
+    private data that the epsilon does not cover)."""
+    history = {"first_step_seconds": None, "later_seconds": 0.0, "later_steps": 0}
+    if private_stats:
+        history.update(losses=[], batch_sizes=[])
+    return history
+
+
 def loop_state(dp: DPOptimizer, sampler: PoissonSampler, history: dict, planned_steps: int):
     """``(arrays, state)`` of a training loop for ``finetune.checkpointing.save_checkpoint``:
     the optimizer's arrays under ``params/`` and ``optimizer/``, everything else as JSON."""
@@ -109,7 +132,7 @@ def loop_state(dp: DPOptimizer, sampler: PoissonSampler, history: dict, planned_
     return arrays, state
 
 
-def _restore(dp: DPOptimizer, sampler: PoissonSampler, resume) -> dict:
+def _restore(dp: DPOptimizer, sampler: PoissonSampler, resume, private_stats: bool = False) -> dict:
     arrays, state = resume
     dp_state = dict(state["dp"])
     dp_state["params"] = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
@@ -121,8 +144,18 @@ def _restore(dp: DPOptimizer, sampler: PoissonSampler, resume) -> dict:
         raise ValueError("inconsistent checkpoint: sampler, optimizer and step count disagree")
     if dp.guard is not None and dp.guard.steps_taken != dp.steps_taken:
         raise ValueError("inconsistent checkpoint: the ledger and the step count disagree")
-    history = {k: list(v) for k, v in state["history"].items()}
-    history["losses"] = [math.nan if v is None else v for v in history["losses"]]
+    saved = state["history"]
+    history = _new_history(private_stats)
+    if "times" in saved:  # checkpoint format of earlier versions: one time per step
+        times = [float(v) for v in saved["times"]]
+        saved = {"first_step_seconds": times[0] if times else None,
+                 "later_seconds": float(sum(times[1:])), "later_steps": max(0, len(times) - 1),
+                 **{k: saved[k] for k in ("losses", "batch_sizes") if k in saved}}
+    for key in ("first_step_seconds", "later_seconds", "later_steps"):
+        history[key] = saved[key]
+    if private_stats:
+        history["losses"] = [math.nan if v is None else v for v in saved.get("losses", [])]
+        history["batch_sizes"] = list(saved.get("batch_sizes", []))
     return history
 
 
@@ -130,12 +163,12 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
           val_mask: np.ndarray | None = None, *, table=None, private: bool = True,
           optimizer: nn.Optimizer | None = None, lr: float = 1e-3, max_grad_norm: float = 1.0,
           sampling_rate: float | None = None, steps: int | None = None,
-          micro_batch_size: int = 16, per_example: str = "auto", seed: int | None = 0,
-          secure: bool = False, progress: bool = True, eval_batch_size: int = 16,
+          micro_batch_size: int = 16, per_example: str = "auto", seed: int | None = None,
+          secure: bool | None = None, progress: bool = True, eval_batch_size: int = 16,
           evaluate: bool = True, dist=None, check_sync_every: int = 0, resume=None,
           checkpoint=None, checkpoint_every: int | None = None,
           checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
-          stop_event=None) -> TrainResult:
+          stop_event=None, log_private_stats: bool = False) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     The sampling rate and number of steps come from ``table`` (a run that does not match it is
@@ -143,7 +176,18 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     noisy sum is divided by the expected batch size ``q * N``.  Returns the metrics (``steps``,
     ``epsilon_spent``, ``delta``, ``train_perplexity``, ``val_perplexity``, ``seconds_per_step``,
     ``peak_rss_mb``, ...), the privacy guard (its ledger holds what was spent) and the optimizer.
-    ``evaluate=False`` skips the perplexity passes (they are then ``None``).
+    ``evaluate=False`` skips the perplexity passes (the keys are then absent).
+
+    Randomness: ``seed=None`` (default) draws the Poisson batches and the noise from ChaCha20 keyed
+    with fresh OS entropy (``secure`` defaults to ``seed is None``); ``secure=False`` without a seed
+    uses PCG64 seeded from the OS (fresh, not a CSPRNG).  A ``seed`` makes sampling and noise
+    reproducible by anyone who knows it, which voids the guarantee against such an adversary: it
+    warns (``KnownSeedWarning``) and ``metrics["randomness"]`` says ``"seeded"``.
+
+    Private statistics: the per-step loss and realised batch size (``mean_batch_size``,
+    ``final_train_loss``), shown in the progress bar and stored in checkpoints only with
+    ``log_private_stats=True``; they, and the perplexities (``evaluate``), describe the private
+    data and are not covered by the epsilon.
 
     Data parallel (``msrun``): pass ``dist=finetune.dp.distributed.Distributed.from_env()``. With more
     than one worker every rank draws the identical global Poisson batch (at the global rate ``q``,
@@ -191,20 +235,24 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     params = list(model.trainable_params())
     if optimizer is None:
         optimizer = nn.Adam(params, learning_rate=lr)
+    secure = seed is None if secure is None else bool(secure)
+    if secure and seed is not None:
+        raise ValueError("a secure generator cannot be seeded; drop the seed or pass secure=False")
+    if seed is not None:
+        warn_known_seed(seed)
     if dist is None:
-        rng, reduce_sum = make_rng(seed=None if secure else seed, secure=secure), None
+        rng, reduce_sum = make_rng(seed=seed, secure=secure), None
     else:  # one generator shared by all ranks: the same global batch and the same noise draw
         dist.assert_in_sync(model.get_parameters())
-        rng = dist.shared_rng(None if secure else seed, secure=secure)
+        rng = dist.shared_rng(seed, secure=secure)
         reduce_sum = dist.allreduce_sum_f64
     dp = DPOptimizer(optimizer, model, table if private else None, max_grad_norm=max_grad_norm,
                      expected_batch_size=q * n, per_example=per_example, rng=rng, guard=guard,
                      private=private, reduce_sum=reduce_sum)
     sampler = PoissonSampler(n, q, t, rng=rng)
-    history = {"times": [], "losses": [], "batch_sizes": []}
+    history = _new_history(log_private_stats)
     if resume is not None:
-        history = _restore(dp, sampler, resume)
-    times, losses, batch_sizes = history["times"], history["losses"], history["batch_sizes"]
+        history = _restore(dp, sampler, resume, log_private_stats)
     start_step = dp.steps_taken
     writes = checkpoint is not None and (dist is None or dist.is_main)
 
@@ -237,15 +285,22 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
             mbs = [([train_ids[m.indices], train_mask[m.indices]], m.mask)
                    for m in micro_batches(idx, micro_batch_size)]
             stats = dp.step(mbs)
-            times.append(time.perf_counter() - start)
-            losses.append(stats.loss)
-            batch_sizes.append(stats.batch_size)
+            seconds = time.perf_counter() - start
+            if history["first_step_seconds"] is None:
+                history["first_step_seconds"] = seconds
+            else:
+                history["later_seconds"] += seconds
+                history["later_steps"] += 1
+            if log_private_stats:
+                history["losses"].append(stats.loss)
+                history["batch_sizes"].append(stats.batch_size)
             if dist is not None and check_sync_every and (step + 1) % check_sync_every == 0:
                 dist.assert_in_sync(params)
             if bar is not None:
                 privacy = (f"eps<={trace.upper_bound(step + 1):.3g}" if trace is not None
                            else "non-private")
-                bar.set_postfix_str(f"loss={stats.loss:.3f}, {privacy}, batch={stats.batch_size}")
+                bar.set_postfix_str(f"loss={stats.loss:.3f}, {privacy}, batch={stats.batch_size}"
+                                    if log_private_stats else privacy)
                 bar.update(1)
             done = step + 1
             if hasattr(stop_event, "rearm"):
@@ -269,27 +324,23 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         dist.assert_in_sync(params)
     eps = guard.epsilon_spent() if guard is not None else 0.0
     stop_reason = guard.stop_reason() if guard is not None else None
+    first, later = history["first_step_seconds"], history["later_steps"]
     metrics = {
         "private": bool(private),
         "per_example": dp.method,
         "steps": dp.steps_taken,
         "sampling_rate": q,
         "expected_batch_size": q * n,
-        "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
         "epsilon_spent": float(eps) if private else math.inf,
         "delta": float(table.delta) if table is not None else None,
         "certified_epsilon_of_table": float(guard.budget) if guard is not None else None,
         "max_grad_norm": max_grad_norm if private else None,
         "noise_std": dp.noise_std,
-        "final_train_loss": float(np.nanmean(losses[-max(1, len(losses) // 10):])) if losses else None,
-        "train_perplexity": (perplexity(model, train_ids, train_mask, eval_batch_size)
-                             if evaluate else None),
-        "val_perplexity": (perplexity(model, val_ids, val_mask, eval_batch_size)
-                           if evaluate and val_ids is not None and len(val_ids) else None),
         # the first step includes graph compilation; report it separately
-        "first_step_seconds": times[0] if times else None,
-        "seconds_per_step": float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else None),
+        "first_step_seconds": first,
+        "seconds_per_step": history["later_seconds"] / later if later else first,
         "peak_rss_mb": peak_rss_mb(),
+        "randomness": "secure" if secure else ("seeded" if seed is not None else "os-seeded"),
         "secure_rng": bool(secure),
         "secure_rekeys": int(getattr(dp, "secure_rekeys", 0)),
         "workers": 1 if dist is None else dist.world_size,
@@ -297,39 +348,16 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         "stopped_early": (None if stop_reason is None else
                           {"reason": stop_reason, "steps": dp.steps_taken, "planned_steps": t}),
     }
+    if evaluate:  # statistics of the (private) training and validation data
+        metrics["train_perplexity"] = perplexity(model, train_ids, train_mask, eval_batch_size)
+        metrics["val_perplexity"] = (perplexity(model, val_ids, val_mask, eval_batch_size)
+                                     if val_ids is not None and len(val_ids) else None)
+    if log_private_stats:
+        losses, sizes = history["losses"], history["batch_sizes"]
+        metrics["mean_batch_size"] = float(np.mean(sizes)) if sizes else 0.0
+        metrics["final_train_loss"] = (float(np.nanmean(losses[-max(1, len(losses) // 10):]))
+                                       if losses else None)
     return TrainResult(metrics, guard, dp)
-
-
-class DPModelStep(nn.Cell):
-    """One DP step as a Cell for ``mindspore.train.Model`` (``dataset_sink_mode=False``).
-
-    Each dataset row is one Poisson batch: the network's input arrays with a variable leading axis
-    (e.g. rows chosen by ``PoissonSampler``).  The step runs on the host (clipping and noise are not
-    traced), so ``__call__`` bypasses graph compilation; the per-example work inside is compiled.
-    Combine with ``finetune.dp.guard.PrivacyBudgetCallback(guard)``::
-
-        step = DPModelStep(dp_optimizer)
-        Model(step).train(1, poisson_dataset, callbacks=[PrivacyBudgetCallback(guard)],
-                          dataset_sink_mode=False)
-    """
-
-    def __init__(self, dp: DPOptimizer, micro_batch_size: int = 16):
-        super().__init__(auto_prefix=False)
-        self.dp = dp
-        self.micro_batch_size = int(micro_batch_size)
-
-    def __call__(self, *arrays):
-        arrays = [a.asnumpy() if isinstance(a, Tensor) else np.asarray(a) for a in arrays]
-        n = len(arrays[0])
-        mbs = []
-        if n:  # an empty Poisson batch still releases a noisy (zero) sum: no micro-batches
-            mbs = [([a[m.indices] for a in arrays], m.mask)
-                   for m in micro_batches(np.arange(n), self.micro_batch_size)]
-        stats = self.dp.step(mbs)
-        return Tensor(np.float32(stats.loss if stats.batch_size else 0.0))
-
-    def construct(self, *arrays):  # pragma: no cover - __call__ is used
-        raise RuntimeError("DPModelStep runs on the host; call it, do not compile it")
 
 
 def train_distributed(model, train_ids, train_mask, val_ids=None, val_mask=None, *,

@@ -348,7 +348,8 @@ print(run("finetune.evaluation.prepare", "--data", "private.jsonl", "--out", "pr
 def train(out, *args):
     \"\"\"python -m finetune ... --out OUT, skipped when OUT already holds a finished run (resumable).\"\"\"
     if not os.path.exists(os.path.join(out, "metrics.json")):
-        p = run("finetune", *args, "--out", out, "--quiet", check=False)
+        # synthetic data: record the loss and perplexities the epsilon does not cover
+        p = run("finetune", *args, "--out", out, "--quiet", "--log-private-stats", check=False)
         if p.returncode != 0:
             print(f"{out:9s} failed: {p.stderr.strip().splitlines()[-1]}")
             return None

@@ -3,6 +3,7 @@ user-error handling (one line, exit code 2)."""
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ from accountant.table import write_certified_table  # noqa: E402
 from finetune.__main__ import main  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 
-METRIC_KEYS = {"steps", "epsilon_spent", "delta", "train_perplexity", "val_perplexity",
-               "seconds_per_step", "peak_rss_mb"}
+METRIC_KEYS = {"steps", "epsilon_spent", "delta", "seconds_per_step", "peak_rss_mb", "randomness"}
+#: statistics of the private data, recorded only with --log-private-stats
+PRIVATE_KEYS = {"train_perplexity", "val_perplexity", "final_train_loss", "mean_batch_size"}
 
 
 def _table(path, sigma, geometry, q, steps, delta=1e-5):
@@ -44,9 +46,10 @@ def _run(files, out, *extra):
 
 def test_cli_dp_lora_writes_adapter_ledger_and_metrics(files, tmp_path):
     out = tmp_path / "run"
-    assert _run(files, out, "--method", "lora", "--lr", "0.01") == 0
+    assert _run(files, out, "--method", "lora", "--lr", "0.01", "--log-private-stats") == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(metrics)
+    assert METRIC_KEYS | PRIVATE_KEYS <= set(metrics)
+    assert set(metrics["private_stats_not_covered_by_epsilon"]) == PRIVATE_KEYS
     assert metrics["steps"] == 4 and metrics["private"] and metrics["per_example"] == "bookkeeping"
     assert metrics["expected_batch_size"] == pytest.approx(0.1 * metrics["n_train"])
     ledger = PrivacyLedger.from_json((out / "ledger.json").read_text())
@@ -73,7 +76,7 @@ def test_cli_no_dp_bitfit_baseline(files, tmp_path):
     out = tmp_path / "base"
     assert _run(files, out, "--method", "bitfit", "--no-dp", "--max-steps", "2") == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(metrics)
+    assert METRIC_KEYS <= set(metrics) and not PRIVATE_KEYS & set(metrics)
     assert metrics["private"] is False and metrics["epsilon_spent"] is None
     assert metrics["steps"] == 2 and metrics["per_example"] == "none"
     assert not (out / "ledger.json").exists()
@@ -84,6 +87,7 @@ def test_cli_no_dp_bitfit_baseline(files, tmp_path):
     (["--sampling-rate", "0.2"], "does not match the table's certified rate"),
     (["--max-steps", "5"], "certifies only 4 steps"),
     (["--lr", "-1"], "--lr must be a positive number"),
+    (["--seed", "1", "--secure"], "--seed and --secure exclude each other"),
 ])
 def test_cli_user_errors_are_one_line_exit_2(files, tmp_path, capsys, args, message):
     argv = list(args) + ([] if "--method" in args else ["--method", "lora"])
@@ -113,6 +117,8 @@ def test_cli_process_exit_code_and_help(files, tmp_path):
     h = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True,
                        timeout=300)
     assert h.returncode == 0 and "--no-dp" in h.stdout and "--per-example" in h.stdout
+    text = " ".join(h.stdout.split())
+    assert "fresh OS entropy" in text and "public seed" in text and "--log-private-stats" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,3 +198,29 @@ def test_msrun_leaves_every_finetune_flag_to_the_script(monkeypatch):
     assert "--table" in flags and "--max-grad-norm" in flags
     for flag in flags:
         assert script_args(flag) == ["python", "-m", "finetune", flag, "1"], flag
+
+
+def test_train_api_draws_secure_randomness_unless_seeded_and_warns_on_a_seed(files):
+    """train(): no default seed (secure ChaCha20); a given seed warns and is recorded as seeded."""
+    from accountant.randomness import KnownSeedWarning
+    from finetune.models.peft import apply_bitfit
+    from finetune.train import train
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ids = np.random.RandomState(0).randint(0, 61, (40, 12)).astype(np.int32)
+    mask = np.ones_like(ids, np.float32)
+    table = _table(files / "t_api.npz", 1.0, "l2", 0.1, 1)
+    results = []
+    for seed in (None, 3):
+        model = _small_model()
+        apply_bitfit(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results.append(train(model, ids, mask, table=table, seed=seed, micro_batch_size=8,
+                                 progress=False, evaluate=False))
+        seed_warnings = [w for w in caught if issubclass(w.category, KnownSeedWarning)]
+        assert len(seed_warnings) == (0 if seed is None else 1)
+    default, seeded = (r.metrics for r in results)
+    assert default["randomness"] == "secure" and default["secure_rng"] is True
+    assert seeded["randomness"] == "seeded" and seeded["secure_rng"] is False
+    assert not {"mean_batch_size", "final_train_loss"} & set(default)

@@ -324,7 +324,8 @@ def test_cli_under_msrun_releases_once_and_matches_one_process(tmp_path):
                           gaussian_sigma=sigma)
     write_jsonl(generate_records(120, seed=0), tmp_path / "data.jsonl")
     flags = ["--table", "g.npz", "--method", "lora", "--model", "tiny", "--data", "data.jsonl",
-             "--seq-len", "24", "--micro-batch", "8", "--lr", "0.01", "--seed", "3", "--quiet"]
+             "--seq-len", "24", "--micro-batch", "8", "--lr", "0.01", "--seed", "3", "--quiet",
+             "--log-private-stats"]
 
     one = subprocess.run([sys.executable, "-m", "finetune", *flags, "--out", "one"], env=_env(),
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)

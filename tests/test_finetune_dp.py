@@ -19,7 +19,7 @@ from accountant.table import write_certified_table  # noqa: E402
 from finetune.dp.optimizer import DPOptimizer, GeometryError  # noqa: E402
 from finetune.dp.per_example import PerExampleGradients, SummedGradients  # noqa: E402
 from finetune.dp.sampling import PoissonSampler, micro_batches  # noqa: E402
-from finetune.dp.guard import (PrivacyBudgetCallback, PrivacyBudgetExceeded, PrivacyGuard,  # noqa: E402
+from finetune.dp.guard import (PrivacyBudgetExceeded, PrivacyGuard,  # noqa: E402
                               TableMismatchError, check_table)
 
 B, T, D, H, K = 4, 5, 6, 7, 3
@@ -390,32 +390,6 @@ def test_guard_stops_before_the_budget(tables):
     assert g2.epsilon_spent() <= 0.6 * table.certified_epsilon
     with pytest.raises(PrivacyBudgetExceeded):
         g2.check_next()
-
-
-def test_model_callback_ends_training_at_the_budget(tables):
-    """mindspore.train.Model with the DP step as its network and the budget callback."""
-    import mindspore.dataset as mds
-    from mindspore.train import Model
-
-    from finetune.train import DPModelStep
-
-    table = tables["l2"]
-    n = 40
-    guard = PrivacyGuard(table, dataset_size=n, steps=4)
-    net = Wide()
-    dp = DPOptimizer(nn.SGD(net.trainable_params(), learning_rate=0.1), net, table,
-                     expected_batch_size=guard.expected_batch_size, seed=0, guard=guard)
-    sampler = PoissonSampler(n, guard.sampling_rate, 100, seed=0)
-    data = np.random.RandomState(0).randn(n, 100).astype(np.float32)
-
-    def batches():
-        for idx in sampler:
-            yield (data[idx],)
-
-    ds = mds.GeneratorDataset(batches, ["x"], shuffle=False)
-    cb = PrivacyBudgetCallback(guard)
-    Model(DPModelStep(dp, micro_batch_size=16)).train(1, ds, callbacks=[cb], dataset_sink_mode=False)
-    assert cb.stopped and guard.steps_taken == 4 and guard.ledger.steps == 4
 
 
 def test_readme_example_in_docs_runs(tmp_path):

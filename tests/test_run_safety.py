@@ -7,6 +7,7 @@ model; the SIGKILL fault-injection test is marked slow, one interrupt/resume tes
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from finetune.__main__ import main  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 
 STEPS = 8
+#: runs compared with the reference run must replay it: a known seed (experiments only)
+SEEDED = ("--seed", "0")
 
 
 def _table(path, sigma=1.0, q=0.1, steps=STEPS, delta=1e-5):
@@ -136,7 +139,39 @@ def test_overwrite_replaces_the_previous_run_without_mixing(files, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"] == str((files / "data.jsonl").resolve())
     assert metrics["data_sha256"] == checkpointing.file_sha256(files / "data.jsonl")
-    assert not run_dir.staging_path(out).exists()
+    assert not run_dir.staging_path(out).exists() and not run_dir.replaced_path(out).exists()
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_is_published(tmp_path, monkeypatch):
+    """--overwrite: the previous run stays in place while the new one trains (and after it is
+    interrupted); the interrupted run resumes from its staging sibling, named either way, and
+    replaces the previous run only when it is published; a failed rename puts the old run back."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+    new = run_dir.RunDirectory.for_new_run(out, overwrite=True)
+    new.begin()
+    assert (out / "metrics.json").read_text() == "old"
+    (new.staging / run_dir.CHECKPOINT_NAME).write_bytes(b"interrupted")
+    for name in (out, new.staging):
+        again = run_dir.RunDirectory.for_resume(name)
+        assert again.out == out and again.resume_from == new.staging and again.overwrite
+    assert again.begin() == new.staging and (out / "metrics.json").read_text() == "old"
+    (new.staging / "metrics.json").write_text("new")
+    real_rename = os.rename
+
+    def fail_second(src, dst):
+        if str(src) == str(new.staging):
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", fail_second)
+    with pytest.raises(OSError):
+        again.publish()
+    assert (out / "metrics.json").read_text() == "old" and new.staging.is_dir()
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert again.publish() == out
+    assert (out / "metrics.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_cli_tracebacks_become_one_line_errors(files, tmp_path, capsys, no_mindspore_work):
@@ -359,7 +394,8 @@ def test_progress_bar_says_non_private_or_epsilon_after_every_step(files, capsys
     table = load_table(files / "t.npz")
     res = train(_small_model(), ids, mask, table=table, steps=3, micro_batch_size=8, evaluate=False)
     err = capsys.readouterr().err
-    shown = [float(x.split(",")[0]) for x in err.split("eps<=")[1:]]
+    shown = [float(x) for x in re.findall(r"eps<=([0-9.]+(?:e[-+]?[0-9]+)?)", err)]
+    assert "loss=" not in err and "batch=" not in err     # statistics of the private data
     assert len(shown) >= 3 and shown[0] > 0                      # a value from the first step on
     assert all(b >= a for a, b in zip(shown, shown[1:]))
     assert shown[-1] >= res.metrics["epsilon_spent"] * (1 - 1e-3)  # an upper bound (3 digits)
@@ -402,27 +438,30 @@ def _same_run(ref, out):
 @pytest.fixture(scope="module")
 def reference(files):
     out = files / "reference"
-    r = subprocess.run(_cli(files, out), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cli(files, out, *SEEDED), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
 def test_sigint_checkpoints_and_resume_matches_the_uninterrupted_run(files, reference, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(files, out, "--checkpoint-every", "1"), stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    _wait_for(run_dir.staging_path(out) / run_dir.CHECKPOINT_NAME, proc)
+    staging = run_dir.staging_path(out)
+    proc = subprocess.Popen(_cli(files, out, "--checkpoint-every", "1", *SEEDED),
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _wait_for(staging / run_dir.CHECKPOINT_NAME, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     line = [x for x in err.splitlines() if "interrupted after" in x]
     assert len(line) == 1 and f"resume with: python -m finetune --resume {out}" in line[0]
+    assert f"is in {staging}" in line[0]
     steps = int(line[0].split("interrupted after ")[1].split()[0])
     assert 1 <= steps < STEPS
-    ledger = PrivacyLedger.from_json((out / "ledger.json").read_text())   # the record is there
+    assert not out.exists()                    # OUT appears only when the run finishes
+    ledger = PrivacyLedger.from_json((staging / "ledger.json").read_text())   # the record is there
     assert ledger.steps == steps
     assert f"epsilon spent {ledger.epsilon():.4g}" in line[0]
-    assert not (out / "metrics.json").exists()
+    assert not (staging / "metrics.json").exists()
 
     # refusals: another method, another data file, a changed saved data file, a changed flag
     data_copy = tmp_path / "other.jsonl"
@@ -456,7 +495,7 @@ def test_sigkill_at_random_moments_leaves_a_consistent_checkpoint(files, referen
     out = tmp_path / "run"
     staging = run_dir.staging_path(out)
     rnd = random.Random(0)
-    cmd = _cli(files, out, "--checkpoint-every", "1")
+    cmd = _cli(files, out, "--checkpoint-every", "1", *SEEDED)
     kills = 0
     for attempt in range(6):
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -484,10 +523,91 @@ def test_sigkill_at_random_moments_leaves_a_consistent_checkpoint(files, referen
             cmd = [sys.executable, "-m", "finetune", "--resume", str(out), "--quiet"]
         else:  # killed before the first checkpoint: nothing but perhaps an empty staging folder
             assert not out.exists()
-            cmd = _cli(files, out, "--checkpoint-every", "1", "--overwrite")
+            cmd = _cli(files, out, "--checkpoint-every", "1", "--overwrite", *SEEDED)
     assert kills >= 2
     if not (out / "metrics.json").exists():
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     assert not staging.exists()
     _same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_sigterm_during_overwrite_keeps_the_old_run_and_resume_replaces_it(files, reference,
+                                                                          tmp_path):
+    """A default (secure) run with --overwrite over a finished run, killed by SIGTERM: the old run
+    is untouched, the new one waits in .OUT.partial; --resume .OUT.partial finishes it (re-keyed)
+    and only then replaces the old run."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    staging = run_dir.staging_path(out)
+    proc = subprocess.Popen(_cli(files, out, "--checkpoint-every", "1", "--overwrite"),
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _wait_for(staging / run_dir.CHECKPOINT_NAME, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "keeps the previous run" in err and f"is in {staging}" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    steps = PrivacyLedger.from_json((staging / "ledger.json").read_text()).steps
+    assert 1 <= steps < STEPS
+    r = subprocess.run([sys.executable, "-m", "finetune", "--resume", str(staging), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and metrics["randomness"] == "secure"
+    assert metrics["secure_rekeys"] == 1 and "seed" not in metrics
+    assert PrivacyLedger.from_json((out / "ledger.json").read_text()).steps == STEPS
+    assert _weights(out).keys() == _weights(reference).keys()
+    assert any(not np.array_equal(_weights(out)[k], _weights(reference)[k]) for k in _weights(out))
+
+
+# ---------------------------------------------------------------------------- Model.train
+def test_model_train_after_the_budget_is_spent_is_one_clear_error():
+    """A second Model.train once every certified step was taken: PrivacyBudgetExceeded with one
+    line (MindSpore used to end in "Syntax error" on the empty dataset), both for a dataset built
+    afterwards and for one built earlier (the budget callback refuses to begin)."""
+    from mindspore import nn, ops
+    from mindspore.train import Model
+
+    from finetune import make_private
+    from finetune.dp.guard import PrivacyBudgetExceeded
+
+    class Clf(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
+
+        def construct(self, x, y):
+            return ops.cross_entropy(self.fc(x), y, reduction="none")
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = np.random.RandomState(0).randn(200, 4).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    net = Clf()
+    engine = make_private(net, nn.SGD(net.trainable_params(), learning_rate=0.5), dataset_size=200,
+                          batch_size=50, steps=2, noise_multiplier=1.0, target_delta=1e-5,
+                          micro_batch_size=16, verbose=False, compare_poisson=False)
+    model = Model(engine.train_network())
+    early = engine.dataset(x, y, column_names=["x", "y"])
+    model.train(1, early, callbacks=[engine.callback()], dataset_sink_mode=False)
+    assert engine.guard.steps_taken == 2
+    with pytest.raises(PrivacyBudgetExceeded, match="covers 2 steps") as info:
+        model.train(1, engine.dataset(x, y, column_names=["x", "y"]),
+                    callbacks=[engine.callback()], dataset_sink_mode=False)
+    assert "\n" not in str(info.value)
+    net2 = Clf()
+    again = make_private(net2, nn.SGD(net2.trainable_params(), learning_rate=0.5), dataset_size=200,
+                         batch_size=50, steps=2, noise_multiplier=1.0, target_delta=1e-5,
+                         micro_batch_size=16, verbose=False, compare_poisson=False)
+    ahead = again.dataset(x, y, column_names=["x", "y"])           # built before the budget is spent
+    for batch in again.batches(x, y):
+        again.step(batch)
+    with pytest.raises(PrivacyBudgetExceeded, match="covers 2 steps"):
+        Model(again.train_network()).train(1, ahead, callbacks=[again.callback()],
+                                           dataset_sink_mode=False)
+    assert again.guard.steps_taken == 2

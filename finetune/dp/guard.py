@@ -168,9 +168,10 @@ except Exception:  # pragma: no cover - mindspore missing
 class PrivacyBudgetCallback(_Callback):
     """``mindspore.train.Model`` callback: ends training when no further step is covered.
 
-    Checked at the end of every step (and before the first), so the step that would exceed the
-    certificate never starts.  Keep the guard on the optimizer too: it raises if a step is tried
-    anyway.
+    Checked at the end of every step, so the step that would exceed the certificate never starts.
+    A ``Model.train`` that begins with no step left (the budget was spent by an earlier call) raises
+    :class:`PrivacyBudgetExceeded` at once.  Keep the guard on the optimizer too: it raises if a
+    step is tried anyway.
     """
 
     def __init__(self, guard: PrivacyGuard):
@@ -184,7 +185,9 @@ class PrivacyBudgetCallback(_Callback):
             run_context.request_stop()
 
     def on_train_begin(self, run_context):
-        self._maybe_stop(run_context)
+        if self.guard.remaining() == 0:
+            self.stopped = True
+            self.guard.check_next()         # raises PrivacyBudgetExceeded: nothing left to train
 
     def on_train_step_end(self, run_context):
         self._maybe_stop(run_context)

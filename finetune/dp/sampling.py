@@ -40,13 +40,16 @@ class PoissonSampler:
     """Yields, for each step, the sorted indices of the examples sampled with probability ``q``.
 
     ``rng`` may be a seeded numpy Generator or the secure generator from
-    ``accountant.randomness.make_rng(secure=True)``; ``seed`` / ``secure`` build one for you.
+    ``accountant.randomness.make_rng(secure=True)``; ``seed`` / ``secure`` build one for you.  Without
+    ``rng`` and ``seed`` the coins come from ChaCha20 keyed by the OS (``secure`` defaults to ``seed
+    is None``): batch membership must be unpredictable to the adversary, and a known seed makes it
+    public (docs/privacy.md, section 8).
     Inclusion uses 53-bit uniform integers: example ``i`` is in the batch iff ``U_i < round(q 2^53)``,
     so the inclusion probability is ``q`` up to 2^-53 (exact whenever ``q`` is a dyadic rational).
     """
 
     def __init__(self, dataset_size: int, sampling_rate: float, steps: int, *, rng=None,
-                 seed: int | None = None, secure: bool = False):
+                 seed: int | None = None, secure: bool | None = None):
         if int(dataset_size) < 1:
             raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
         if not 0.0 < float(sampling_rate) <= 1.0:
@@ -56,7 +59,9 @@ class PoissonSampler:
         self.dataset_size = int(dataset_size)
         self.sampling_rate = float(sampling_rate)
         self.steps = int(steps)
-        self.rng = rng if rng is not None else make_rng(seed=seed, secure=secure)
+        if rng is None:
+            rng = make_rng(seed=seed, secure=seed is None if secure is None else bool(secure))
+        self.rng = rng
         self._threshold = np.uint64(round(self.sampling_rate * 2.0 ** 53))
         self.position = 0  # batches drawn so far
 
