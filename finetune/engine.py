@@ -338,7 +338,7 @@ def _check_delta(delta: float, n: int) -> None:
     therefore be well below 1/N: here ``N delta <= 0.1``."""
     if delta * n > MAX_DELTA_TIMES_N:
         raise EngineConfigError(
-            f"target_delta {delta:g} is not well below 1/dataset_size = {1 / n:.3g}: (epsilon, delta)-DP "
+            f"delta {delta:g} is not well below 1/dataset_size = {1 / n:.3g}: (epsilon, delta)-DP "
             f"allows publishing each example in full with probability delta, {delta * n:.3g} of the "
             f"{n} examples on average; use delta <= {MAX_DELTA_TIMES_N / n:.3g} (e.g. 1e-5)")
 
