@@ -174,6 +174,16 @@ class PrivateEngine:
                                    "each batch is used once, in order")
         return self.optimizer.step(batch.micro)
 
+    @property
+    def per_example_method(self) -> str:
+        """``"bookkeeping"`` or ``"vmap"``; :attr:`per_example_reason` says why."""
+        return self.optimizer.grads.method
+
+    @property
+    def per_example_reason(self) -> str:
+        """Why this per-example method runs (book-keeping only where it is exact)."""
+        return self.optimizer.grads.method_reason
+
     def epsilon(self) -> float:
         """Certified epsilon (at ``delta``, under ``relation``) of the steps taken so far."""
         return self.guard.epsilon_spent()
@@ -318,6 +328,35 @@ def _check_save_path(path, table) -> None:
         raise EngineConfigError(str(exc)) from None
 
 
+# delta * N must stay at or below this: see _check_delta.
+MAX_DELTA_TIMES_N = 0.1
+
+
+def _check_delta(delta: float, n: int) -> None:
+    """Refuse a delta that is not well below 1/N.  A mechanism that publishes each example in full
+    with probability delta is (0, delta)-DP (Dwork & Roth, "The Algorithmic Foundations of
+    Differential Privacy", 2014, Section 2.3) and publishes N delta examples on average; delta must
+    therefore be well below 1/N: here ``N delta <= 0.1``."""
+    if delta * n > MAX_DELTA_TIMES_N:
+        raise EngineConfigError(
+            f"delta {delta:g} is not well below 1/dataset_size = {1 / n:.3g}: (epsilon, delta)-DP "
+            f"allows publishing each example in full with probability delta, {delta * n:.3g} of the "
+            f"{n} examples on average; use delta <= {MAX_DELTA_TIMES_N / n:.3g} (e.g. 1e-5)")
+
+
+def _check_optimizer_params(net, optimizer) -> None:
+    """The optimizer must update the network's own Parameters: one built over another network's
+    would apply pure noise to those while ``net`` never changes, and the run would still certify."""
+    mine = {id(p) for p in net.get_parameters()}
+    foreign = [p.name for p in getattr(optimizer, "parameters", ()) if id(p) not in mine]
+    if foreign:
+        raise EngineConfigError(
+            f"the optimizer updates {len(foreign)} parameter(s) that are not the network's (e.g. "
+            f"{foreign[0]!r}); build it over net.trainable_params() of the network you pass")
+    if not list(getattr(optimizer, "parameters", ())):
+        raise EngineConfigError("the optimizer has no parameters to update")
+
+
 def _positive_int(name, value):
     if value is None:
         return None
@@ -428,7 +467,9 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
                  verbose: bool = True) -> PrivateEngine:
     """Make ``optimizer`` (any MindSpore optimizer over the parameters to train) private for ``net``.
 
-    ``net(*inputs)`` returns per-example losses (shape [B]).  Give exactly one noise source:
+    ``net(*inputs)`` returns per-example losses (shape [B]; a mean loss is refused at the first
+    step, before any gradient, by a set-up forward on zeros of the batch's shapes) and
+    ``optimizer`` updates ``net``'s own Parameters.  Give exactly one noise source:
 
     * ``target_epsilon`` (with ``target_delta``): calibrate Gaussian noise (l2 clipping) to it;
     * ``noise_multiplier`` (with ``target_delta``): Gaussian sigma in units of ``max_grad_norm``; the
@@ -442,6 +483,9 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     Length: ``epochs`` (``ceil(N / batch_size)`` steps each) or ``steps``.  ``sampling`` is
     ``"poisson"`` or ``"shuffle"``; ``relation`` (shuffle only) ``"zero-out"`` or ``"substitution"``.
     ``micro_batch_size`` is the fixed shape of one compiled call (default ``min(batch_size, 32)``).
+    ``target_delta`` must be well below ``1 / dataset_size`` (``delta * N <= 0.1``).
+    ``per_example``: ``"auto"`` (book-keeping where it is exact, else vmap; the reason is
+    ``engine.per_example_reason`` and a line of the summary), ``"vmap"`` or ``"bookkeeping"``.
     ``save_table=PATH`` writes the calibrated table (refuses an existing file).  Prints a summary
     unless ``verbose=False``; the numbers are attributes of the returned :class:`PrivateEngine`.
     """
@@ -490,6 +534,8 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
         delta = float(target_delta)
         if not 0 < delta < 1:
             raise EngineConfigError(f"target_delta must lie in (0, 1), got {target_delta!r}")
+    _check_delta(delta, n)
+    _check_optimizer_params(net, optimizer)
 
     micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
     sample_rng, noise_rng = _rng_pair(seed, bool(secure))
@@ -543,6 +589,7 @@ def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
     target = f" (target {e.epsilon_target:g})" if e.epsilon_target is not None else ""
     lines.append(f"  certificate: epsilon {e.certificate.epsilon:.4f}{target} at delta {e.delta:g}, "
                  f"relation {RELATION_TEXT[e.relation]}; accountants {_fmt_routes(e.certificate)}")
+    lines.append(f"  per-example gradients: {e.optimizer.grads.method_reason}")
     if e.poisson_epsilon is not None:
         lines.append(f"  Poisson sampling at q = {e.sampling_rate:.6g} for {e.steps} steps with the same "
                      "noise "

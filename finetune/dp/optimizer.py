@@ -38,11 +38,16 @@ from accountant.randomness import make_rng
 
 from .per_example import PerExampleGradients, SummedGradients
 
-__all__ = ["DPOptimizer", "StepStats", "GeometryError", "clip_geometry"]
+__all__ = ["DPOptimizer", "StepStats", "GeometryError", "ZeroGradientError", "clip_geometry"]
 
 
 class GeometryError(ValueError):
     """The table's certificate does not cover the query being released."""
+
+
+class ZeroGradientError(RuntimeError):
+    """Every per-example gradient of a step was zero while the losses differ: the gradients do not
+    reach the trained parameters, and the run would train on noise alone."""
 
 
 def clip_geometry(table_geometry: str, n_coordinates: int) -> str:
@@ -163,14 +168,19 @@ class DPOptimizer:
         self.secure = bool(secure)
         self._apply = _Apply(optimizer)
         self._add = _AddTuple()
-        self._sum = None
-        self._stats = [0.0, 0, 0]  # loss sum, examples, clipped examples
+        self._reset_step()
         self.steps_taken = 0
         self.prefetch_noise = bool(prefetch_noise)
         self._noise_future = None
         self._rng_state = None
         self._pool = None
         self.last_timings: dict = {}
+
+    def _reset_step(self) -> None:
+        """Forget the current step's accumulation (after it was applied, or when it failed)."""
+        self._sum = None
+        self._stats = [0.0, 0, 0]                  # loss sum, examples, clipped examples
+        self._zero = [False, math.inf, -math.inf]  # any nonzero norm, lowest and highest loss
         self._t_clip = 0.0
 
     @property
@@ -197,8 +207,32 @@ class DPOptimizer:
         self._stats[0] += float(losses.asnumpy()[real].astype(np.float64).sum())
         self._stats[1] += int(real.sum())
         if self.private:
-            self._stats[2] += int((norms.asnumpy()[real] > self.max_grad_norm * (1 - 1e-4)).sum())
+            norms = norms.asnumpy()[real]
+            self._stats[2] += int((norms > self.max_grad_norm * (1 - 1e-4)).sum())
+            self._track_zero_norms(norms, losses.asnumpy()[real])
         self._t_clip += time.perf_counter() - start
+
+    def _track_zero_norms(self, norms, losses) -> None:
+        """Run-time guard state: any nonzero norm this step, and the range of the losses."""
+        if norms.size:
+            nonzero, lo, hi = self._zero
+            self._zero = [nonzero or bool((norms != 0).any()), min(lo, float(losses.min())),
+                          max(hi, float(losses.max()))]
+
+    def _check_zero_gradients(self) -> None:
+        """Stop (before any noise is added) when every per-example norm of the step is 0 while the
+        per-example losses differ: the loss is not constant, so a zero gradient for every example
+        means the gradients do not reach the trained parameters (an optimizer over parameters the
+        loss does not use, or a per-example method that returns nothing).  One process only: with
+        ``reduce_sum`` the workers would not agree on stopping."""
+        nonzero, lo, hi = self._zero
+        if self.private and self.reduce_sum is None and self._stats[1] and not nonzero and hi > lo:
+            self._cancel_noise()
+            self._reset_step()
+            raise ZeroGradientError(
+                f"step {self.steps_taken}: every per-example gradient norm is 0 while the per-example "
+                f"losses differ; the gradients do not reach the trained parameters ({self.method}), "
+                "so the run would train on noise alone: stopped before the noisy update")
 
     # ---- noise ----------------------------------------------------------------------------------
     NOISE_CHUNK = 1 << 22
@@ -254,6 +288,7 @@ class DPOptimizer:
         With no accumulated micro-batch (an empty Poisson batch) the sum is zero and the noise is
         still added: every step of the certified mechanism releases a noisy sum.
         """
+        self._check_zero_gradients()
         if self.guard is not None:
             try:
                 self.guard.check_next()
@@ -315,9 +350,7 @@ class DPOptimizer:
         loss_sum, n, clipped = self._stats
         stats = StepStats(loss=loss_sum / n if n else float("nan"), batch_size=n,
                           clipped_fraction=clipped / n if n else 0.0, noise_std=self.noise_std)
-        self._sum = None
-        self._stats = [0.0, 0, 0]
-        self._t_clip = 0.0
+        self._reset_step()
         self.last_timings = timings
         self.steps_taken += 1
         return stats
@@ -352,7 +385,7 @@ class DPOptimizer:
                 self.accumulate(inputs, mask)
         except BaseException:
             self._cancel_noise()
-            self._sum, self._stats, self._t_clip = None, [0.0, 0, 0], 0.0
+            self._reset_step()
             raise
         return self.apply()
 

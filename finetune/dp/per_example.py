@@ -1,4 +1,4 @@
-"""Per-example gradients, clipped and summed, in MindSpore graph mode.
+"""Per-example gradients, clipped and summed, in MindSpore graph and PyNative mode.
 
 DP-SGD (Abadi et al. 2016, Algorithm 1) needs every example's gradient ``g_i``, clipped to norm at
 most ``C`` (``g_i * min(1, C / ||g_i||)``) and summed.  Two ways, same result:
@@ -15,9 +15,11 @@ most ``C`` (``g_i * min(1, C / ||g_i||)``) and summed.  Two ways, same result:
     ``||G_i||_F^2 = sum_{t,t'} (a_it . a_it')(g_it . g_it')`` (ghost norm), and the clipped sum is
     ``sum_i c_i G_i = (c * g)^T a``, a single matmul.  Per layer the cheaper of the ghost norm
     (``~T^2 (in + out)`` per example) and the materialised per-layer gradient (``~T in out``) is used
-    (MixOpt, Bu et al. 2023).  ``g`` is obtained in graph mode (hooks are ignored there) by adding a
-    zero "probe" tensor to each layer output and differentiating the summed loss with respect to
-    the probes; the layer input is kept during the forward pass.  Covered layers: ``nn.Dense`` (no
+    (MixOpt, Bu et al. 2023).  ``g`` is obtained (in both modes; hooks are ignored in graph mode) by
+    adding a zero "probe" tensor to each layer output and differentiating the summed loss with
+    respect to the probes; the layer input is kept during the forward pass.  A probe is a
+    Parameter with ``requires_grad=True``: PyNative mode returns a zero gradient for one with
+    ``requires_grad=False``.  Covered layers: ``nn.Dense`` (no
     activation), ``nn.LayerNorm`` over the last axis, any layer registered with
     :func:`register_dense`, and in a tapped model (``finetune.models.gpt2``) also the token and
     position embeddings, the token embedding tied to the output head counted once (its per-example
@@ -28,7 +30,13 @@ most ``C`` (``g_i * min(1, C / ||g_i||)``) and summed.  Two ways, same result:
     belong to an engine-owned structural copy that shares the user's Parameters
     (:func:`_shadow_network`); a tapped model gets its probes as inputs and returns what it keeps.
 
-``auto`` picks book-keeping when every trainable parameter sits in a covered layer, ``vmap`` otherwise.
+Book-keeping keeps one input per layer, so it is exact only for a layer that runs once per
+forward.  ``auto`` picks book-keeping when every trainable parameter sits in a covered layer, no
+trained parameter is held by two layers (tied weights) and, found at the first micro-batch by a
+set-up forward on zeros (no data), every covered layer runs exactly once; ``vmap`` otherwise (with a
+warning when found at the first micro-batch).  ``method="bookkeeping"`` refuses those networks
+(:class:`SharedLayerError`).  ``method_reason`` says which method runs and why.  The set-up forward
+also checks that the network returns per-example losses of shape [B] (:class:`LossShapeError`).
 
 Geometry: ``l2`` clips the Euclidean norm of the concatenated per-example gradient (Gaussian tables),
 ``l1`` the sum of absolute values (Laplace-type tables, docs/soundness.md rule 2).  Norms are computed in
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -49,7 +58,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 __all__ = ["PerExampleGradients", "SummedGradients", "register_dense", "bookkeeping_coverage", "CLIP_MARGIN",
-           "GEOMETRIES", "METHODS"]
+           "GEOMETRIES", "METHODS", "SharedLayerError", "LossShapeError"]
 
 CLIP_MARGIN = 1e-4
 GEOMETRIES = ("l1", "l2")
@@ -94,32 +103,46 @@ def _is_layernorm(cell: nn.Cell) -> bool:
             and cell.begin_norm_axis in (-1,) and cell.begin_params_axis in (-1,))
 
 
+class _Recorder(nn.Cell):
+    """A covered layer run unchanged, recording ``(input shape, output shape)`` per call.
+
+    The set-up forward runs in the current execution mode: in PyNative the attribute is set as
+    the call runs, in graph mode when the compiled forward runs (shapes are static there)."""
+
+    def __init__(self, layer: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.layer = layer
+        self.calls = ()
+
+    def construct(self, x):
+        y = self.layer(x)
+        self.calls = self.calls + ((x.shape, y.shape),)
+        return y
+
+
+def _probe(shape, tag):
+    # requires_grad=True: PyNative mode returns a zero gradient for a Parameter with
+    # requires_grad=False (graph mode does not), which made book-keeping sum to zero there.
+    return Parameter(ops.zeros(shape, ms.float32), name=f"_bk.{tag}.probe", requires_grad=True)
+
+
+def _buffer(shape, tag):
+    return Parameter(ops.zeros(shape, ms.float32), name=f"_bk.{tag}.act", requires_grad=False)
+
+
 class _ProbedDense(nn.Cell):
     """Dense layer with a zero probe on its output and its input saved for book-keeping."""
 
-    def __init__(self, weight: Parameter, bias: Parameter | None, tag: str):
+    def __init__(self, weight: Parameter, bias: Parameter | None, tag: str, in_shape, out_shape):
         super().__init__(auto_prefix=False)
         self.weight = weight
         self.bias = bias
         self.has_bias = bias is not None
-        self.tag = tag
-        self.recording = True
-        self.in_shape = None
-        self.out_shape = None
-
-    def allocate(self):
-        self.probe = Parameter(ops.zeros(self.out_shape, ms.float32), name=f"_bk.{self.tag}.probe",
-                               requires_grad=False)
-        self.act = Parameter(ops.zeros(self.in_shape, ms.float32), name=f"_bk.{self.tag}.act",
-                             requires_grad=False)
-        self.recording = False
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.probe = _probe(self.out_shape, tag)
+        self.act = _buffer(self.in_shape, tag)
 
     def construct(self, x):
-        if self.recording:
-            y = ops.dense(x, self.weight, self.bias) if self.has_bias else ops.dense(x, self.weight)
-            self.in_shape = x.shape
-            self.out_shape = y.shape
-            return y
         ops.assign(self.act, x)
         if self.has_bias:
             return ops.dense(x, self.weight, self.bias) + self.probe
@@ -129,21 +152,14 @@ class _ProbedDense(nn.Cell):
 class _ProbedLayerNorm(nn.Cell):
     """LayerNorm over the last axis, ``xhat * gamma + beta``; saves ``xhat`` and probes the output."""
 
-    def __init__(self, gamma: Parameter, beta: Parameter, eps: float, tag: str):
+    def __init__(self, gamma: Parameter, beta: Parameter, eps: float, tag: str, in_shape, out_shape=None):
         super().__init__(auto_prefix=False)
         self.gamma = gamma
         self.beta = beta
         self.eps = float(eps)
-        self.tag = tag
-        self.recording = True
-        self.in_shape = None
-
-    def allocate(self):
-        self.probe = Parameter(ops.zeros(self.in_shape, ms.float32), name=f"_bk.{self.tag}.probe",
-                               requires_grad=False)
-        self.act = Parameter(ops.zeros(self.in_shape, ms.float32), name=f"_bk.{self.tag}.act",
-                             requires_grad=False)
-        self.recording = False
+        self.in_shape = self.out_shape = tuple(in_shape)
+        self.probe = _probe(self.in_shape, tag)
+        self.act = _buffer(self.in_shape, tag)
 
     def _normalise(self, x):
         mean = x.mean(-1, keep_dims=True)
@@ -152,9 +168,6 @@ class _ProbedLayerNorm(nn.Cell):
 
     def construct(self, x):
         xhat = self._normalise(x)
-        if self.recording:
-            self.in_shape = x.shape
-            return xhat * self.gamma + self.beta
         ops.assign(self.act, xhat)
         return xhat * self.gamma + self.beta + self.probe
 
@@ -217,6 +230,44 @@ def _shadow_network(network: nn.Cell, replacements: dict) -> nn.Cell:
         return memo[id(cell)]
 
     return visit(network)
+
+
+class SharedLayerError(ValueError):
+    """Book-keeping was asked for a network whose weights are used by more than one layer call."""
+
+
+class LossShapeError(ValueError):
+    """The network does not return per-example losses of shape [B]."""
+
+
+def _shown(names, k=5) -> str:
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
+
+
+def _zeros_like(inputs) -> list:
+    """Zeros of the inputs' shapes and dtypes: set-up forwards never see the data."""
+    return [ops.zeros(tuple(x.shape), x.dtype) for x in inputs]
+
+
+def _check_losses(out, inputs) -> None:
+    """The network's contract: per-example losses, shape [B] (not a mean, not a tuple)."""
+    batch = int(inputs[0].shape[0])
+    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    if shape != (batch,):
+        raise LossShapeError(
+            f"the network returned {shape} for a micro-batch of {batch} examples; DP-SGD clips each "
+            f"example's gradient and needs the per-example losses, shape [{batch}] (e.g. "
+            "ops.cross_entropy(..., reduction='none'), not a mean loss)")
+
+
+def _shared_parameters(network: nn.Cell, params) -> list[str]:
+    """Names of ``params`` held by more than one cell (weights shared between layers)."""
+    owners: dict[int, set] = {}
+    for _, cell in network.cells_and_names():
+        for q in cell._params.values():  # pylint: disable=protected-access
+            if q is not None:
+                owners.setdefault(id(q), set()).add(id(cell))
+    return [p.name for p in params if len(owners.get(id(p), ())) > 1]
 
 
 def bookkeeping_coverage(network: nn.Cell, params: Sequence[Parameter]) -> list[str]:
@@ -663,18 +714,34 @@ class PerExampleGradients:
         self.geometry = geometry
         self.tapped = _is_tapped(network)
         self.loss_network = _LossOf(network) if self.tapped else network
-        uncovered = self.uncovered()
-        if method == "auto":
-            method = "bookkeeping" if not uncovered else "vmap"
-        elif method == "bookkeeping" and uncovered:
-            shown = ", ".join(uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
-            raise ValueError("book-keeping covers Dense/Linear, LoRA, LayerNorm and (GPT-2) embedding "
-                             "parameters only; "
-                             f"not covered: {shown} (use method='vmap')")
-        self.method = method
+        self.requested = method
+        self.method, self.method_reason = self._choose(method)
         self._cell = None
         self._shapes = None
         self._probes = None
+
+    def _choose(self, method):
+        """(method, reason): book-keeping only where it is exact, else vmap (never silently)."""
+        if method == "vmap":
+            return "vmap", "vmap: requested"
+        uncovered = self.uncovered()
+        shared = [] if self.tapped else _shared_parameters(self.network, self.params)
+        if method == "bookkeeping":
+            if uncovered:
+                raise ValueError("book-keeping covers Dense/Linear, LoRA, LayerNorm and (GPT-2) embedding "
+                                 f"parameters only; not covered: {_shown(uncovered)} (use method='vmap')")
+            if shared:
+                raise SharedLayerError(f"book-keeping is not exact for shared weights: {_shown(shared)} "
+                                       "held by more than one layer (use method='vmap')")
+            return "bookkeeping", "book-keeping: requested"
+        if uncovered:
+            return "vmap", f"vmap: book-keeping does not cover {_shown(uncovered)}"
+        if shared:
+            return "vmap", f"vmap: shared weights ({_shown(shared)} held by more than one layer)"
+        if self.tapped:
+            return "bookkeeping", "book-keeping: every trained parameter sits in a tap of the model"
+        return "bookkeeping", ("book-keeping: every trained parameter sits in a covered layer "
+                               "(one not run exactly once per forward switches the run to vmap)")
 
     def uncovered(self) -> list[str]:
         """Names of trainable parameters book-keeping cannot handle."""
@@ -685,43 +752,58 @@ class PerExampleGradients:
         return [p.name for p in self.params if id(p) not in covered]
 
     # ---- set-up ---------------------------------------------------------------------------
-    def _install_probes(self, example_inputs):
-        ids = {id(p): k for k, p in enumerate(self.params)}
-        layers, slots, replacements = [], [None] * len(self.params), {}
+    def _covered_layers(self):
+        """[(path, layer, [(parameter, role)], probed-layer factory)] of the covered layers holding a
+        trained parameter, each layer once (a cell reachable by two paths is one layer)."""
+        ids = {id(p) for p in self.params}
+        seen, out = set(), []
         for _, _, child, path in list(_walk_replaceable(self.network)):
+            if id(child) in seen:
+                continue
             rule = _dense_rule(child)
             if rule is not None:
                 w = getattr(child, rule.weight)
                 b = getattr(child, rule.bias) if rule.bias is not None else None
                 roles = [(w, "weight"), (b, "bias")]
-                new = _ProbedDense(w, b, path)
+                make = (lambda w, b, t: lambda i, o: _ProbedDense(w, b, t, i, o))(w, b, path)
             elif _is_layernorm(child):
                 roles = [(child.gamma, "gamma"), (child.beta, "beta")]
-                new = _ProbedLayerNorm(child.gamma, child.beta, child.epsilon, path)
+                make = (lambda c, t: lambda i, o: _ProbedLayerNorm(c.gamma, c.beta, c.epsilon, t, i))(
+                    child, path)
             else:
                 continue
             wanted = [(p, kind) for p, kind in roles if p is not None and id(p) in ids]
-            if not wanted:
-                continue  # frozen layer: leave it alone
-            if id(child) in replacements:
-                continue  # one cell reachable by two paths: probe it once
+            if wanted:  # a frozen layer is left alone
+                seen.add(id(child))
+                out.append((path, child, wanted, make))
+        return out
+
+    def _install_probes(self, example_inputs):
+        """The book-keeping cell for a plain Cell, or the names of covered layers that do not run
+        exactly once per forward (book-keeping keeps one input per layer: not exact for those).
+
+        One set-up forward on zeros of the micro-batch's shapes and dtypes (no data), in the
+        current execution mode (the global mode is never switched), through an engine-owned copy
+        whose covered layers record their calls' shapes; it also checks the loss contract."""
+        layers = self._covered_layers()
+        recorders = {id(child): _Recorder(child) for _, child, _, _ in layers}
+        out = _shadow_network(self.network, recorders)(*_zeros_like(example_inputs))
+        _check_losses(out, example_inputs)
+        calls = [recorders[id(child)].calls for _, child, _, _ in layers]
+        reused = [f"{path} ({len(c)} calls)" for (path, *_), c in zip(layers, calls) if len(c) != 1]
+        if reused:
+            return reused
+        ids = {id(p): k for k, p in enumerate(self.params)}
+        slots, probed, replacements = [None] * len(self.params), [], {}
+        for (_, child, wanted, make), ((in_shape, out_shape),) in zip(layers, calls):
             for p, kind in wanted:
-                slots[ids[id(p)]] = _Slot(len(layers), kind)
-            replacements[id(child)] = new
-            layers.append(new)
+                slots[ids[id(p)]] = _Slot(len(probed), kind)
+            replacements[id(child)] = make(in_shape, out_shape)
+            probed.append(replacements[id(child)])
         # The probed layers go into an engine-owned copy of the network; the user's Cell is never
         # modified (docs/privacy.md: nothing data-derived in the user's objects).
         shadow = _shadow_network(self.network, replacements)
-        # one eager pass records the activation shapes, then the buffers are allocated
-        mode = ms.get_context("mode")
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-        try:
-            shadow(*example_inputs)
-        finally:
-            ms.set_context(mode=mode)
-        for layer in layers:
-            layer.allocate()
-        return _ProbedClipSum(shadow, layers, slots, self.geometry)
+        return _ProbedClipSum(shadow, probed, slots, self.geometry)
 
     def _tapped_cell(self, inputs):
         ids = {id(p): k for k, p in enumerate(self.params)}
@@ -772,15 +854,23 @@ class PerExampleGradients:
                                  "pad every micro-batch to one shape (finetune.dp.sampling)")
             return
         self._shapes = shapes
-        if self.method == "vmap":
-            self._cell = _VmapClipSum(self.loss_network, self.params, self.geometry, len(inputs))
-        elif self.tapped:
+        if self.method == "bookkeeping" and self.tapped:
             self._cell = self._tapped_cell(inputs)
-        else:
-            self._cell = self._install_probes(inputs)
-        names = [p.name for p in self.params]
-        if names != self.param_names:  # pragma: no cover - defensive
-            raise RuntimeError(f"installing probes renamed parameters: {self.param_names} -> {names}")
+            return
+        if self.method == "bookkeeping":
+            cell = self._install_probes(inputs)
+            if not isinstance(cell, list):
+                self._cell = cell
+                return
+            why = (f"layers not run exactly once per forward (shared or unused): {_shown(cell)}; "
+                   "book-keeping keeps one input per layer and is exact only for a layer run once")
+            if self.requested == "bookkeeping":
+                raise SharedLayerError(f"{why} (use method='vmap')")
+            self.method, self.method_reason = "vmap", f"vmap: {why}"
+            warnings.warn(f"per-example gradients: {self.method_reason}", stacklevel=3)
+        elif not self.tapped:
+            _check_losses(self.network(*_zeros_like(inputs)), inputs)
+        self._cell = _VmapClipSum(self.loss_network, self.params, self.geometry, len(inputs))
 
     # ---- use --------------------------------------------------------------------------------
     def clipped_sum(self, inputs: Sequence, mask, clip: float):
