@@ -120,6 +120,9 @@ def _add_mechanism_args(p: argparse.ArgumentParser):
     a.add_argument("--prv-eps-error", type=_positive(float),
                    help="prv-accountant eps_error (default: 1e-3 x epsilon, raised only as far as the "
                         "PRV grid limit requires)")
+    a.add_argument("--memory-budget", type=_positive(float), default=4.0, metavar="GIB",
+                   help="memory the grids of one certificate may use, in GiB (default 4); grids are "
+                        "coarsened (soundly) to fit it, and a certificate that cannot fit is refused")
 
 
 def _refuse_irrelevant(args) -> None:
@@ -206,7 +209,8 @@ def _describe(mech: Mechanism, sources: dict | None = None, scale_up: bool = Fal
 
 
 def _accuracy(args) -> Accuracy:
-    return Accuracy(pld_step=args.pld_step, prv_eps_error=args.prv_eps_error)
+    return Accuracy(pld_step=args.pld_step, prv_eps_error=args.prv_eps_error,
+                    memory_budget=args.memory_budget * 2 ** 30)
 
 
 def cmd_epsilon(args) -> dict:
@@ -242,9 +246,11 @@ def cmd_epsilon(args) -> dict:
             print(f"table claims     : epsilon {round_up(c['epsilon'])} at delta {c['delta']:g} (target {c['eps_target']:g}, "
                   f"q = {c['sampling_rate']:g}, T = {c['steps']}, {c['geometry']}, sensitivity 1)")
         print(f"certified epsilon: {round_up(cert.epsilon)}   [{out['seconds']:.1f} s]")
-        if math.isinf(cert.epsilon):
+        if math.isinf(cert.epsilon) and "pld" in cert.routes:
             print(f"(no finite epsilon: the privacy loss is +inf with probability "
                   f"{cert.routes['pld']['infinite_loss_mass']:.4g} > delta; docs/privacy.md section 4)")
+        elif "closed_form" in cert.routes:
+            print(f"({cert.routes['closed_form']['note']}; docs/privacy.md section 6)")
         if "table" in defaults and check is None:
             print("(not compared with the claim: the mechanism or delta differs from the table's)")
     return out

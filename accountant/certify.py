@@ -17,8 +17,8 @@ from scipy import special
 
 from accountant import routes
 from accountant.mechanism import Mechanism, UnsupportedMechanism, step_pair
-from accountant.noise import Noise
-from accountant.privacy_loss import RandomizedResponsePair
+from accountant.noise import Gaussian, Noise
+from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
 
 
 class CertificationError(ValueError):
@@ -27,6 +27,11 @@ class CertificationError(ValueError):
 
 class RouteDisagreement(CertificationError):
     pass
+
+
+class MemoryBudgetExceeded(CertificationError):
+    """The certificate's grids do not fit the memory budget even at their coarsest sound setting;
+    raised before the memory is allocated.  The message names the option that raises the budget."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Accuracy:
     prv_eps_error: float | None = None
     pld_relative_error: float = 1e-4
     prv_relative_error: float = 1e-3
+    #: bytes the grids of one certificate may use (``--memory-budget``, in GiB on the command line)
+    memory_budget: float = routes.DEFAULT_MEMORY_BUDGET
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,14 @@ def _pld_step(groups, delta: float, accuracy: Accuracy) -> float:
     sd = math.sqrt(max(var, 1e-300))
     guess = max(mean + z * sd, 1e-3)
     step = math.sqrt(8 * accuracy.pld_relative_error * guess / (total * (1 + z / sd)))
-    floor = 1.05 * max(width, 20 * sd) / routes.MAX_PLD_POINTS
+    points = min(routes.grid_limit(accuracy.memory_budget, routes.PLD_BYTES_PER_POINT, routes.MAX_PLD_POINTS),
+                 routes.work_points(groups))
+    floor = 1.05 * max(width, 20 * sd) / max(points, 1)
+    if floor > routes.MAX_PLD_STEP:
+        raise routes.GridBudgetExceeded(
+            f"the privacy-loss range {width:.3g} needs {width / routes.MAX_PLD_STEP:.3g} PLD grid points "
+            f"at the coarsest step {routes.MAX_PLD_STEP:g} (limit {points})",
+            width / routes.MAX_PLD_STEP, points)
     return float(max(min(step, 1e-4), floor))
 
 
@@ -144,29 +158,180 @@ def certify(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> Certif
     """Certified epsilon at ``delta`` for the composition of ``mechanisms`` (a Mechanism or a list).
 
     ``epsilon`` is ``math.inf`` when the mass of an infinite privacy loss (a table without tails
-    whose support does not cover its shift) exceeds ``delta``: no finite epsilon holds then."""
+    whose support does not cover its shift) exceeds ``delta``: no finite epsilon holds then.
+
+    Every grid is sized from the law and ``accuracy.memory_budget`` and refused before it is
+    allocated if it does not fit; the routes then coarsen (sound, looser).  Where the numerical
+    routes cannot run at all (a privacy loss far beyond what a grid resolves: tiny noise, huge
+    sensitivity), the closed-form bound of :func:`closed_form_bound` is the certificate, or ``inf``
+    when there is none; :class:`MemoryBudgetExceeded` when a larger budget would have helped."""
     _check_delta(delta)
     mechs = _as_list(mechanisms)
     groups = _groups(mechs)
+    described = [m.describe() for m in mechs]
+    bound = closed_form_bound(groups, delta)
+    if bound is not None and bound["upper"] == 0.0:      # nothing to refine: epsilon 0 holds exactly
+        return Certificate(0.0, delta, {"closed_form": bound}, described)
+    try:
+        _loss_ranges(groups)
+        return _certify_numerically(groups, delta, accuracy, bound, described)
+    except (routes.GridBudgetExceeded, routes.RouteFailure) as exc:
+        return _without_grids(exc, groups, delta, accuracy, bound, described)
+
+
+def _certify_numerically(groups, delta, accuracy, bound, described) -> Certificate:
     step = _pld_step(groups, delta, accuracy)
-    pld = routes.pld_route(groups, delta, step)
+    pld = routes.pld_route(groups, delta, step, memory_budget=accuracy.memory_budget,
+                           coarsen=accuracy.pld_step is None)
     if math.isinf(pld.lower):
         info = {"pld": pld.as_dict()}
-        info["pld"].update(step=step, infinite_loss_mass=_infinite_loss_mass(groups))
-        return Certificate(math.inf, delta, info, [m.describe() for m in mechs])
+        info["pld"].update(step=pld.step, infinite_loss_mass=_infinite_loss_mass(groups))
+        return Certificate(math.inf, delta, info, described)
     span = _prv_span(pld, delta)
     eps_error = _prv_eps_error(groups, pld.upper, span, delta, accuracy)
-    prv = routes.prv_route(groups, delta, eps_error, span)
+    prv = routes.prv_route(groups, delta, eps_error, span, memory_budget=accuracy.memory_budget,
+                           coarsen=accuracy.prv_eps_error is None)
     results = {"pld": pld, "prv": prv}
     exact = _exact_rr(groups, delta)
+    if exact is None and bound is not None and bound["exact"]:
+        exact = routes.RouteResult(bound["lower"], bound["upper"], bound["upper"], {"note": bound["note"]})
     if exact is not None:
         results["exact"] = exact
     _check_agreement(results)
     epsilon = max(r.upper for r in results.values())
     info = {name: r.as_dict() for name, r in results.items()}
-    info["pld"]["step"] = step
-    info["prv"]["eps_error"] = eps_error
-    return Certificate(epsilon, delta, info, [m.describe() for m in mechs])
+    info["pld"]["step"] = pld.step
+    info["prv"]["eps_error"] = prv.step
+    if bound is not None and bound["upper"] < epsilon:
+        # a theorem's bound below the grids' (a pure epsilon, or the exact Gaussian at q 1): both are
+        # upper bounds, so the smaller one holds
+        info["closed_form"] = bound
+        epsilon = bound["upper"]
+    return Certificate(epsilon, delta, info, described)
+
+
+#: grids beyond this many bytes are not worth suggesting a larger budget for (about 1 TiB)
+_LARGEST_SENSIBLE_BUDGET = 2.0 ** 40
+
+
+def _without_grids(exc, groups, delta, accuracy, bound, described) -> Certificate:
+    """The certificate when no grid route can run within the budget (see :func:`certify`)."""
+    reason = str(exc)
+    if isinstance(exc, routes.GridBudgetExceeded) and (accuracy.pld_step is not None
+                                                       or accuracy.prv_eps_error is not None):
+        raise CertificationError(reason) from None      # an explicit setting the grid cannot honour
+    if bound is not None:
+        info = dict(bound, note=bound["note"] + f"; the grid routes could not run ({reason})")
+        return Certificate(bound["upper"], delta, {"closed_form": info}, described)
+    needed = getattr(exc, "points", math.inf) * routes.PLD_BYTES_PER_POINT
+    if (isinstance(exc, routes.GridBudgetExceeded) and accuracy.memory_budget < needed <= _LARGEST_SENSIBLE_BUDGET):
+        raise MemoryBudgetExceeded(
+            f"this certificate needs about {needed / 2 ** 30:.3g} GiB of grids at its coarsest sound "
+            f"setting, more than the memory budget of {accuracy.memory_budget / 2 ** 30:.3g} GiB; "
+            f"raise --memory-budget (Accuracy(memory_budget=...))") from None
+    info = {"epsilon": math.inf, "note": "the privacy loss reaches beyond what any grid resolves and "
+                                         f"no closed form applies, so no finite epsilon is certified ({reason})"}
+    return Certificate(math.inf, delta, {"closed_form": {"lower": 0.0, "upper": math.inf, **info}}, described)
+
+
+def _loss_ranges(groups):
+    """Each step's privacy-loss range (cached by the pairs); a loss too large for its tail bound
+    to be found is a :class:`routes.RouteFailure`."""
+    try:
+        with np.errstate(all="ignore"):
+            for pair, _ in groups:
+                for direction in routes.DIRECTIONS:
+                    lo, hi = pair.loss_range(direction)
+                    if not (math.isfinite(lo) and math.isfinite(hi)):
+                        raise ValueError(f"privacy-loss range [{lo}, {hi}] is not finite")
+    except (ValueError, OverflowError, FloatingPointError) as exc:
+        raise routes.RouteFailure(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed forms: analytic Gaussian and pure-DP composition
+# ----------------------------------------------------------------------------------------------
+def gaussian_delta(mu: float, epsilon: float) -> float:
+    """delta(epsilon) of the Gaussian mechanism with mu = sensitivity / sigma (Balle & Wang 2018,
+    Thm. 8): Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu), in 50-digit arithmetic."""
+    import mpmath
+    with mpmath.workdps(50):
+        mu, eps = mpmath.mpf(mu), mpmath.mpf(epsilon)
+        if mu == 0:
+            return 0.0
+        value = mpmath.ncdf(mu / 2 - eps / mu) - mpmath.exp(eps) * mpmath.ncdf(-mu / 2 - eps / mu)
+        return float(max(value, 0))
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Smallest epsilon >= 0 with :func:`gaussian_delta` <= ``delta``, by bisection in 50-digit
+    arithmetic to 1e-12 relative and rounded up (``inf`` beyond the float range)."""
+    import mpmath
+    with mpmath.workdps(50):
+        mu, target = mpmath.mpf(mu), mpmath.mpf(delta)
+
+        def excess(eps):
+            return mpmath.ncdf(mu / 2 - eps / mu) - mpmath.exp(eps) * mpmath.ncdf(-mu / 2 - eps / mu) - target
+
+        if mu == 0 or excess(mpmath.mpf(0)) <= 0:
+            return 0.0
+        lo, hi = mpmath.mpf(0), mu * mu / 2 + mu * mpmath.sqrt(2 * mpmath.log(1 / target)) + 1
+        while excess(hi) > 0:
+            lo, hi = hi, 2 * hi
+        while hi - lo > mpmath.mpf(10) ** -12 * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+        return math.nextafter(float(hi), math.inf) if hi < mpmath.mpf(np.finfo(float).max) else math.inf
+
+
+def _pure_epsilon(pair) -> float | None:
+    """Pure epsilon of one Poisson-subsampled step whose log-density has a finite Lipschitz bound:
+    eps0 = sensitivity x slope, amplified by Poisson subsampling to log(1 + q (e^eps0 - 1)) (Li, Qardaji & Su
+    2012; Balle, Barthe & Gaboardi 2018), in a form that does not overflow."""
+    if isinstance(pair, RandomizedResponsePair):
+        eps0, q = pair.eps0, pair.q
+    elif isinstance(pair, ShiftPair) and not isinstance(pair.noise, Gaussian):
+        try:
+            slope = float(pair.noise.log_lipschitz())
+        except (NotImplementedError, AttributeError):
+            return None
+        eps0, q = pair.shift * slope, pair.q
+    else:
+        return None
+    if not math.isfinite(eps0):             # no finite slope (tables, generalised Gaussians)
+        return None
+    return eps0 + math.log(q + (1 - q) * math.exp(-eps0))
+
+
+def closed_form_bound(groups, delta: float) -> dict | None:
+    """A closed-form upper bound on epsilon at ``delta``, or None when some step has none.
+
+    Gaussian steps compose to a Gaussian mechanism with mu^2 = sum T (C / sigma)^2 (Dong, Roth & Su
+    2022, Cor. 3.3); Poisson subsampling never increases a hockey-stick divergence (joint convexity),
+    so its analytic epsilon (Balle & Wang 2018) bounds every q, and is exact when every q is 1.  Steps
+    with a pure epsilon add it (basic composition with delta 0, Dwork & Roth 2014, Thm. 3.16)."""
+    mu2, pure, exact, gaussian = 0.0, 0.0, True, False
+    for pair, count in groups:
+        if isinstance(pair, ShiftPair) and isinstance(pair.noise, Gaussian):
+            ratio = pair.shift / pair.noise.sigma
+            mu2 += count * ratio * ratio
+            exact, gaussian = exact and pair.q == 1, True
+            continue
+        eps = _pure_epsilon(pair)
+        if eps is None:
+            return None
+        pure += count * eps
+        exact = False
+    gauss = gaussian_epsilon(math.sqrt(mu2), delta) if math.isfinite(mu2) else math.inf
+    upper = gauss + pure
+    if not math.isfinite(upper):            # no information: the grids (or a refusal) decide
+        return None
+    note = ("pure-DP composition" if not gaussian else "analytic Gaussian (Balle & Wang 2018) of the "
+            "composition" + (" plus pure-DP composition" if pure > 0 else ""))
+    if gaussian and not exact:
+        note += ", without the amplification by subsampling"
+    exact = exact and gaussian
+    return {"lower": upper if exact else 0.0, "upper": upper, "exact": exact, "note": note}
 
 
 def _infinite_loss_mass(groups) -> float:
@@ -185,7 +350,7 @@ def _prv_eps_error(groups, epsilon: float, span: float, delta: float, accuracy: 
     needed for the PRV grid (mesh = eps_error / sqrt(T/2 log(12/delta_error))) to fit its limit."""
     if accuracy.prv_eps_error is not None:
         return accuracy.prv_eps_error
-    floor = routes.smallest_eps_error(groups, span, delta * 1e-3)
+    floor = routes.smallest_eps_error(groups, span, delta * 1e-3, accuracy.memory_budget)
     return float(max(accuracy.prv_relative_error * epsilon, floor, 1e-9))
 
 
@@ -223,7 +388,13 @@ def pld_epsilon(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> fl
     calibration), never printed as the certificate."""
     _check_delta(delta)
     groups = _groups(_as_list(mechanisms))
-    return routes.pld_route(groups, delta, _pld_step(groups, delta, accuracy)).upper
+    bound = closed_form_bound(groups, delta)
+    try:
+        _loss_ranges(groups)
+        return routes.pld_route(groups, delta, _pld_step(groups, delta, accuracy),
+                                memory_budget=accuracy.memory_budget, coarsen=accuracy.pld_step is None).upper
+    except (routes.GridBudgetExceeded, routes.RouteFailure):
+        return math.inf if bound is None else bound["upper"]
 
 
 #: delta that the step sizing assumes when the delta is the unknown (a small one: finer grid)
@@ -241,7 +412,33 @@ def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy(
     if not (epsilon >= 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a finite non-negative number, got {epsilon}")
     groups = _groups(_as_list(mechanisms))
-    pld = routes.pld_route(groups, 0.5, _pld_step(groups, _DELTA_FOR_SIZING, accuracy), roundoff_budget=0.0)
+    try:
+        _loss_ranges(groups)
+        return _delta_numerically(groups, epsilon, accuracy)
+    except (routes.GridBudgetExceeded, routes.RouteFailure):
+        return closed_form_delta(groups, epsilon)
+
+
+def closed_form_delta(groups, epsilon: float) -> float:
+    """Delta at ``epsilon`` from the closed forms of :func:`closed_form_bound` (1 where none applies):
+    the Gaussian part's analytic delta at epsilon minus the pure part's epsilon."""
+    mu2, pure = 0.0, 0.0
+    for pair, count in groups:
+        if isinstance(pair, ShiftPair) and isinstance(pair.noise, Gaussian):
+            mu2 += count * (pair.shift / pair.noise.sigma) ** 2
+            continue
+        eps = _pure_epsilon(pair)
+        if eps is None:
+            return 1.0
+        pure += count * eps
+    if not (epsilon >= pure and math.isfinite(mu2)):
+        return 1.0
+    return min(1.0, gaussian_delta(math.sqrt(mu2), epsilon - pure))
+
+
+def _delta_numerically(groups, epsilon: float, accuracy: Accuracy) -> float:
+    pld = routes.pld_route(groups, 0.5, _pld_step(groups, _DELTA_FOR_SIZING, accuracy), roundoff_budget=0.0,
+                           memory_budget=accuracy.memory_budget, coarsen=accuracy.pld_step is None)
     pld_up, pld_low = pld.delta_at(epsilon), pld.delta_lower_at(epsilon)
     if pld_low >= 1.0:
         return 1.0
@@ -249,14 +446,14 @@ def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy(
     span = max(1.2 * epsilon, 0.01)
     while max(pld.finite_tail(span), pld.lower_tail(-span)) > 1e-2 * delta_error and span < 1e4:
         span *= 1.2
-    floor = routes.smallest_eps_error(groups, span, delta_error)
+    floor = routes.smallest_eps_error(groups, span, delta_error, accuracy.memory_budget)
     if accuracy.prv_eps_error is not None:
         eps_error, shrink = accuracy.prv_eps_error, False
     else:
         eps_error, shrink = max(accuracy.prv_relative_error * max(epsilon, 0.01), floor), True
     best = None
     while True:
-        bounds = routes.prv_delta(groups, epsilon, delta_error, eps_error, span)
+        bounds = routes.prv_delta(groups, epsilon, delta_error, eps_error, span, accuracy.memory_budget)
         if best is not None and bounds[2] >= best[2]:
             break                      # the grid's float floor now outweighs the smaller eps_error
         best = bounds
@@ -296,11 +493,15 @@ def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float
 
     def pld_eps(s, coarse):
         groups = _groups([mech(s)])
-        step = _pld_step(groups, delta, accuracy) * (10 if coarse else 1)
         try:
-            return routes.pld_route(groups, delta, step).upper
-        except ValueError:          # loss range too wide for a grid: far too little noise
-            return math.inf
+            _loss_ranges(groups)
+            step = _pld_step(groups, delta, accuracy) * (10 if coarse else 1)
+            return routes.pld_route(groups, delta, step, memory_budget=accuracy.memory_budget,
+                                    coarsen=True).upper
+        except (routes.GridBudgetExceeded, routes.RouteFailure):
+            # loss range too wide for a grid (far too little noise): the closed form, if any
+            bound = closed_form_bound(groups, delta)
+            return math.inf if bound is None else bound["upper"]
 
     lo = hi = 1.0
     if pld_eps(1.0, True) > epsilon:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from accountant.certify import certify, pld_epsilon
+from accountant.certify import Accuracy, certify, pld_epsilon
 from accountant.mechanism import Mechanism
 from accountant.noise import Noise, Tabulated, from_name
 from accountant.shuffle import check_sampling
@@ -38,7 +38,10 @@ def _noise_from_json(data: dict) -> Noise:
 
 class PrivacyLedger:
     def __init__(self, delta: float, epsilon_budget: float | None = None, *,
-                 sampling: str = "poisson", relation: str | None = None):
+                 sampling: str = "poisson", relation: str | None = None, accuracy: Accuracy = Accuracy()):
+        """``accuracy`` holds the numerical settings of every certificate, among them the memory
+        budget of its grids (``Accuracy(memory_budget=...)``)."""
+        self.accuracy = accuracy
         self.relation = check_sampling(sampling, relation)
         self.sampling = sampling
         if not 0 < delta < 1:
@@ -78,7 +81,7 @@ class PrivacyLedger:
         if not self._entries:
             return 0.0
         if "epsilon" not in self._cache:
-            self._cache["epsilon"] = certify(self.mechanisms(), self.delta).epsilon
+            self._cache["epsilon"] = certify(self.mechanisms(), self.delta, self.accuracy).epsilon
         return self._cache["epsilon"]
 
     def _split(self, mechanism: Mechanism):
@@ -91,7 +94,7 @@ class PrivacyLedger:
     def epsilon_after(self, n: int, mechanism: Mechanism) -> float:
         """Certified epsilon if ``n`` more steps of ``mechanism`` were taken."""
         prefix, run = self._split(mechanism)
-        return certify(prefix + [mechanism.with_steps(run + n)], self.delta).epsilon
+        return certify(prefix + [mechanism.with_steps(run + n)], self.delta, self.accuracy).epsilon
 
     def steps_remaining(self, mechanism: Mechanism) -> int:
         """Largest n with certified epsilon after n more steps <= budget.  The longest affordable run
@@ -105,7 +108,8 @@ class PrivacyLedger:
         if key not in self._cache:
             def fits(n, quick):
                 mechs = prefix + [mechanism.with_steps(n)]
-                eps = pld_epsilon(mechs, self.delta) if quick else certify(mechs, self.delta).epsilon
+                eps = (pld_epsilon(mechs, self.delta, self.accuracy) if quick
+                       else certify(mechs, self.delta, self.accuracy).epsilon)
                 return eps <= self.epsilon_budget
 
             def longest_run(lo, hi, quick):   # fits(lo) holds, fits(hi) fails

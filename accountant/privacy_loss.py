@@ -236,8 +236,13 @@ class ShiftPair:
         sign = 1.0 if direction == "remove" else -1.0
         # remove: L > t <=> l > lam(t);  add: L' > t <=> l < lam(-t);  lam(t) = log((e^t - 1 + q)/q)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            arg = np.expm1(sign * t) + q
+            st = sign * t
+            arg = np.expm1(st) + q
             lam = np.where(arg > 0, np.log(np.maximum(arg, 1e-300)) - math.log(q), -np.inf)
+            # the same lam without overflow (st > 1) or cancellation (q = 1: lam = st exactly)
+            big = st + np.log1p(-(1 - q) * np.exp(-np.maximum(st, 1.0))) - math.log(q)
+            lam = st if q == 1 else np.where(st > 1, big, lam)
+            arg = np.ones_like(st) if q == 1 else arg
         pa, sa, pb, sb = level_set_masses(self.noise, self.shift, lam)
         if direction == "remove":
             return (1 - q) * pa + q * sa, pa, (1 - q) * pb + q * sb
@@ -302,6 +307,15 @@ def _edge(tail) -> float:
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 
 
+def _subsampled_loss(ell, q: float):
+    """log(1 - q + q e^ell) without overflow (ell > 0: ell + log(q + (1 - q) e^-ell))."""
+    if q == 1:
+        return ell
+    with np.errstate(over="ignore"):
+        big = ell + np.log(q + (1 - q) * np.exp(-np.maximum(ell, 0.0)))
+        return np.where(ell > 0, big, np.log1p(q * np.expm1(np.minimum(ell, 0.0))))
+
+
 def mean_loss(pair: "ShiftPair", direction: str) -> float:
     """E[L; L finite] under the upper measure (the KL divergence of the pair when no loss is
     infinite), by 8-point Gauss-Legendre on cells
@@ -320,7 +334,7 @@ def mean_loss(pair: "ShiftPair", direction: str) -> float:
     w = 0.5 * (hi - lo)[:, None] * _GL_WEIGHTS[None, :]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ell = noise.logpdf(x - s) - noise.logpdf(x)
-        loss = np.log1p(q * np.expm1(ell)) if q < 1 else ell
+        loss = _subsampled_loss(ell, q)
         p = noise.pdf(x)
         a = (1 - q) * p + q * noise.pdf(x - s)
         integrand = a * loss if direction == "remove" else -p * loss
@@ -329,9 +343,10 @@ def mean_loss(pair: "ShiftPair", direction: str) -> float:
     if isinstance(noise, Tabulated) and noise.tail_mass > 0:
         # outer cells: l = -/+ rate * s, exact
         r = noise.tail_rate
-        for ell_c, p_c in ((-r * s, noise.tail_mass), (r * s, noise.tail_mass * math.exp(-r * s))):
-            loss_c = math.log1p(q * math.expm1(ell_c))
-            a_c = (1 - q) * p_c + q * p_c * math.exp(ell_c)
+        m, e = noise.tail_mass, math.exp(-r * s)
+        for ell_c, p_c, shifted_c in ((-r * s, m, m * e), (r * s, m * e, m)):   # masses under P, P_s
+            loss_c = float(_subsampled_loss(np.float64(ell_c), q))
+            a_c = (1 - q) * p_c + q * shifted_c
             total += a_c * loss_c if direction == "remove" else -p_c * loss_c
     return total
 

@@ -17,6 +17,7 @@ add and remove relations.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from prv_accountant import composers, discretisers
 from prv_accountant.domain import Domain
 from prv_accountant.privacy_random_variables import PrivacyRandomVariable
 
+from accountant.noise import Tabulated
+
 
 DIRECTIONS = ("remove", "add")
 
@@ -41,6 +44,7 @@ class RouteResult:
     estimate: float
     per_direction: dict
     composed: dict = field(default_factory=dict, repr=False, compare=False)
+    step: float | None = None
 
     def delta_at(self, epsilon: float) -> float:
         """Pessimistic delta at ``epsilon`` from the composed PLDs (PLD route only)."""
@@ -71,8 +75,77 @@ class RouteResult:
 TRUNCATION = 1e-16
 #: safety factor on the round-off model u * count (measured sums stayed below 4 u count, docs/privacy.md)
 ROUNDOFF_SAFETY = 10.0
-#: largest array the PLD route allocates (about 130 MB in long double)
+#: largest PLD grid (also bounds the time: a long-double composition of 2^23 points takes seconds)
 MAX_PLD_POINTS = 2 ** 23
+#: default memory budget of one certificate (``Accuracy(memory_budget=...)``, ``--memory-budget``)
+DEFAULT_MEMORY_BUDGET = 4 * 2 ** 30
+#: peak bytes per point of the PLD route's largest array: the long-double composition holds its
+#: input, its half-size complex transform, two running products of the power and the inverse
+#: transform (16 + 3 x 16 + 16 bytes), plus float64 copies
+PLD_BYTES_PER_POINT = 100
+#: the same for prv-accountant's long-double discretisation and Fourier composition
+PRV_BYTES_PER_POINT = 160
+#: coarsest PLD step.  Connect-the-Dots stays an upper bound at any step, but beyond this the
+#: certificate is no longer informative and the grid no longer resolves a step's loss
+MAX_PLD_STEP = 1.0
+
+
+class GridBudgetExceeded(ValueError):
+    """A grid the certificate needs does not fit the memory budget (raised before allocating).
+    ``points``: the grid size needed; ``limit``: what the budget allows."""
+
+    def __init__(self, message: str, points: float, limit: int):
+        super().__init__(message)
+        self.points, self.limit = float(points), int(limit)
+
+
+class RouteFailure(ValueError):
+    """A route cannot evaluate this mechanism numerically (e.g. prv-accountant's mean check)."""
+
+
+def grid_limit(memory_budget: float, bytes_per_point: int, cap: int) -> int:
+    """Largest grid (points) a route may allocate under ``memory_budget`` bytes, at most ``cap``."""
+    return int(max(0, min(cap, memory_budget // bytes_per_point)))
+
+
+#: evaluations (grid point x linear table cell) one route may spend per relation on a table's
+#: level-set masses: each costs about a microsecond, so this bounds the time of a certificate to
+#: tens of seconds; a grid that would need more is coarsened (soundly) like one too large for memory
+TAIL_WORK = 2e7
+
+
+@functools.lru_cache(maxsize=256)
+def linear_cells(pair) -> int:
+    """Cells of a table's loss partition on which the log-likelihood ratio is linear (exactly one of
+    x, x - s in an exponential tail); the level-set masses cost one pass over them per grid point.
+    0 for other laws (their cost per point does not grow with the law)."""
+    noise = getattr(pair, "noise", None)
+    if not isinstance(noise, Tabulated) or noise.tail_mass == 0:
+        return 0
+    cuts = np.unique(np.concatenate([noise.edges, noise.edges + pair.shift]))
+    mid = 0.5 * (cuts[:-1] + cuts[1:])
+    return int(np.sum((np.abs(mid) > noise.reach) ^ (np.abs(mid - pair.shift) > noise.reach)))
+
+
+def work_points(groups) -> float:
+    """Largest grid whose level-set masses fit TAIL_WORK for every step of ``groups``."""
+    cells = max(linear_cells(pair) for pair, _ in groups)
+    return TAIL_WORK / cells if cells else math.inf
+
+
+def chunked_tails(pair, direction: str, t: np.ndarray, memory_budget: float):
+    """``pair.tails(direction, t)`` evaluated in slices of ``t``: the level-set masses of a table
+    build (linear cells x points) arrays, so one call on a whole grid can need many GB; slices of
+    about 2^17 such elements also run twice as fast as large ones (cache)."""
+    t = np.asarray(t, dtype=np.float64)
+    cells = linear_cells(pair)
+    chunk = int(max(1024, memory_budget // 8 // (16 * 160)))
+    if cells:
+        chunk = min(chunk, max(16, 2 ** 17 // cells))
+    if t.size <= chunk:
+        return pair.tails(direction, t)
+    parts = [pair.tails(direction, t[i:i + chunk]) for i in range(0, t.size, chunk)]
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
 
 @dataclass(frozen=True)
@@ -108,21 +181,23 @@ class ComposedPMF:
         if self.inf_mass >= target:
             return math.inf
         t = self.losses()
-        keep = t >= 0
-        kind = np.longdouble if t[-1] > 700 else np.float64    # e^-t must not underflow
-        t, p = t[keep][::-1].astype(kind), self.probs[keep][::-1].astype(kind)     # descending
-        weighted = p * np.exp(-t)
+        keep = (t >= 0) & (self.probs > 0)
+        t, p = t[keep][::-1], self.probs[keep][::-1]              # descending losses
+        if t.size == 0:
+            return 0.0
+        # log of sum_{j<k} p_j e^-t_j, accumulated in log space (e^-t underflows for large losses)
+        log_low = np.logaddexp.accumulate(np.log(p) - t)
+        log_low_prev = np.concatenate([[-np.inf], log_low[:-1]])
         up_prev = self.inf_mass + np.cumsum(p) - p               # mass at losses > t_k (and +inf)
-        low_prev = np.cumsum(weighted) - weighted
         with np.errstate(divide="ignore", invalid="ignore"):
-            cand = np.log((up_prev - target) / low_prev)
-        hit = np.nonzero((up_prev > target) & (low_prev > 0) & (cand >= t))[0]
+            cand = np.log(up_prev - target) - log_low_prev
+        hit = np.nonzero((up_prev > target) & np.isfinite(log_low_prev) & (cand >= t))[0]
         if hit.size:
             return max(0.0, float(cand[hit[0]]))
-        up_all, low_all = self.inf_mass + p.sum(), weighted.sum()
-        if up_all <= low_all + target:
+        up_all = self.inf_mass + p.sum()
+        if up_all <= target:
             return 0.0
-        return max(0.0, float(np.log((up_all - target) / low_all)))
+        return max(0.0, float(np.log(up_all - target) - log_low[-1]))
 
     def finite_tail(self, x: float) -> float:
         return float(np.sum(self.probs[self.losses() > x]))
@@ -189,12 +264,20 @@ def roundoff_allowance(kind, count: int) -> float:
     return ROUNDOFF_SAFETY * float(np.finfo(kind).eps) * max(count, 2)
 
 
-def _self_compose(pmf: ComposedPMF, count: int, budget: float) -> ComposedPMF:
+def _check_points(points: float, max_points: int, what: str):
+    if not points <= max_points:
+        raise GridBudgetExceeded(f"the {what} needs {points:.3g} grid points (limit {max_points}); "
+                                 "choose a larger --pld-step or raise --memory-budget", points, max_points)
+
+
+def _self_compose(pmf: ComposedPMF, count: int, budget: float,
+                  max_points: int = MAX_PLD_POINTS) -> ComposedPMF:
     """``count``-fold composition: in float64 when its round-off allowance (about 1e-15 T) stays
     below ``budget``, else in long double (about 1e-18 T)."""
     if count == 1:
         return pmf
     lo, hi = _chernoff_range(pmf.probs, count, TRUNCATION)
+    _check_points(max(hi - lo + 1, pmf.probs.size), max_points, f"{count}-fold composition")
     kind = np.float64 if roundoff_allowance(np.float64, count) <= budget else np.longdouble
     probs, roundoff = _fft_power(pmf.probs, count, lo, hi, kind)
     inf_mass = -math.expm1(count * math.log1p(-pmf.inf_mass)) if pmf.inf_mass < 1 else 1.0
@@ -205,7 +288,8 @@ def _self_compose(pmf: ComposedPMF, count: int, budget: float) -> ComposedPMF:
     return ComposedPMF(pmf.step, pmf.lower * count + lo, probs, inf_mass, roundoff + extra, pmf.pessimistic)
 
 
-def _compose(a: ComposedPMF, b: ComposedPMF) -> ComposedPMF:
+def _compose(a: ComposedPMF, b: ComposedPMF, max_points: int = MAX_PLD_POINTS) -> ComposedPMF:
+    _check_points(a.probs.size + b.probs.size - 1, max_points, "composition")
     size = next_fast_len(a.probs.size + b.probs.size - 1, real=True)
     fa = rfft(np.asarray(a.probs, dtype=np.longdouble), size)
     fb = rfft(np.asarray(b.probs, dtype=np.longdouble), size)
@@ -217,16 +301,31 @@ def _compose(a: ComposedPMF, b: ComposedPMF) -> ComposedPMF:
                        a.pessimistic)
 
 
-def _pld_pmfs(pair, direction: str, step: float):
+def hockey_stick_on_grid(upper: np.ndarray, lower: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """delta(g) = U(g) - e^g W(g) on a grid, without overflow (e^g W is formed as exp(g + log W)
+    and capped at e, so it never meets inf * 0) and made non-increasing by a running maximum from
+    the right: the exact curve is non-increasing, and where round-off breaks that, the larger
+    (pessimistic) value is kept (Connect-the-Dots needs a non-increasing curve)."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        scaled = np.exp(np.minimum(grid + np.log(np.maximum(lower, 0.0)), 1.0))
+    deltas = np.clip(upper - scaled, 0.0, 1.0)
+    return np.maximum.accumulate(deltas[::-1])[::-1]
+
+
+def pld_grid(pair, direction: str, step: float) -> tuple[int, int]:
+    """Index range [k_lo, k_hi] of the PLD grid of one step and relation."""
     lo, hi = pair.loss_range(direction)
-    k_lo, k_hi = math.floor(lo / step), math.ceil(hi / step)
-    if k_hi - k_lo > MAX_PLD_POINTS:
-        raise ValueError(f"a PLD step of {step:.3g} needs {k_hi - k_lo:.3g} grid points for this "
-                         f"privacy-loss range (limit {MAX_PLD_POINTS}); choose a larger --pld-step")
+    return math.floor(lo / step), math.ceil(hi / step)
+
+
+def _pld_pmfs(pair, direction: str, step: float, max_points: int = MAX_PLD_POINTS,
+              memory_budget: float = DEFAULT_MEMORY_BUDGET):
+    k_lo, k_hi = pld_grid(pair, direction, step)
+    _check_points(k_hi - k_lo + 1, min(max_points, work_points([(pair, 1)])), f"PLD grid of step {step:.3g}")
     grid = np.arange(k_lo, k_hi + 1) * step
-    upper, lower, below = pair.tails(direction, grid)
+    upper, lower, below = chunked_tails(pair, direction, grid, memory_budget)
     inf_mass = pair.infinite_mass(direction)
-    deltas = np.clip(upper - np.exp(grid) * lower, 0.0, 1.0)
+    deltas = hockey_stick_on_grid(upper, lower, grid)
     dense = pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(step, k_lo, k_hi, deltas).to_dense_pmf()
     pessimistic = ComposedPMF(step, dense._lower_loss, np.asarray(dense._probs, dtype=np.float64),
                               float(dense._infinity_mass), 0.0, True)
@@ -239,26 +338,75 @@ def _pld_pmfs(pair, direction: str, step: float):
 
 
 def pld_route(groups: Sequence[tuple], delta: float, step: float,
-              roundoff_budget: float | None = None) -> RouteResult:
+              roundoff_budget: float | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
+              coarsen: bool = False) -> RouteResult:
     """``groups``: sequence of (step_pair, count).  Epsilon interval at ``delta``.
 
     Compositions run in float64 unless their round-off allowance would exceed ``roundoff_budget``
-    (default 1e-4 delta), then in long double; the allowance is part of both bounds."""
+    (default 1e-4 delta), then in long double; the allowance is part of both bounds.  No grid has
+    more points than ``memory_budget`` allows (nor MAX_PLD_POINTS): one that would is refused
+    before it is allocated (:class:`GridBudgetExceeded`), or, with ``coarsen``, the step grows until
+    it fits, up to MAX_PLD_STEP (a Connect-the-Dots PMF dominates the pair at any step, Doroshenko
+    et al. 2022).  The step used is ``result.step``."""
     budget = 1e-4 * delta if roundoff_budget is None else roundoff_budget
+    max_points = grid_limit(memory_budget, PLD_BYTES_PER_POINT, MAX_PLD_POINTS)
+    if coarsen:
+        step = max(step, _composed_step(groups, step, max_points))
+    while True:
+        try:
+            return _pld_route(groups, delta, step, budget, max_points, memory_budget)
+        except GridBudgetExceeded as exc:
+            if not coarsen or step >= MAX_PLD_STEP or not math.isfinite(exc.points):
+                raise
+            step = min(MAX_PLD_STEP, step * max(1.05 * exc.points / max(exc.limit, 1), 1.05))
+
+
+def _composed_step(groups, step: float, max_points: int) -> float:
+    """The step at which every composition fits ``max_points``, estimated from the Chernoff ranges
+    of the per-step PMFs at a 16x coarser step (cheap); the route checks the sizes again."""
+    probe = min(16 * step, MAX_PLD_STEP)
+    widest = 0.0
+    for direction in DIRECTIONS:
+        for pair, count in groups:
+            k_lo, k_hi = pld_grid(pair, direction, probe)
+            if count == 1 or k_hi - k_lo + 1 > max_points:
+                continue
+            try:
+                pess, _ = _pld_pmfs(pair, direction, probe, max_points)
+            except GridBudgetExceeded:
+                continue
+            lo, hi = _chernoff_range(pess.probs, count, TRUNCATION)
+            widest = max(widest, (hi - lo + 1) * probe)
+    return 1.1 * widest / max(max_points, 1)
+
+
+def _pld_route(groups, delta, step, budget, max_points, memory_budget) -> RouteResult:
+    # every step's PMFs first, and the size of every composition checked before any is computed
+    pmfs = {(d, i): _pld_pmfs(pair, d, step, max_points, memory_budget)
+            for d in DIRECTIONS for i, (pair, _) in enumerate(groups)}
+    for direction in DIRECTIONS:
+        for k in (0, 1):
+            total = 0
+            for i, (_, count) in enumerate(groups):
+                pmf = pmfs[direction, i][k]
+                lo, hi = _chernoff_range(pmf.probs, count, TRUNCATION) if count > 1 else (0, pmf.probs.size - 1)
+                _check_points(max(hi - lo + 1, pmf.probs.size), max_points, f"{count}-fold composition")
+                total += hi - lo + 1
+            _check_points(total, max_points, "composition")
     per_direction, composed = {}, {}
     lower_all, upper_all = 0.0, 0.0
     for direction in DIRECTIONS:
         totals = [None, None]
-        for pair, count in groups:
-            for i, pmf in enumerate(_pld_pmfs(pair, direction, step)):
-                pmf = _self_compose(pmf, count, budget)
-                totals[i] = pmf if totals[i] is None else _compose(totals[i], pmf)
+        for i, (pair, count) in enumerate(groups):
+            for k, pmf in enumerate(pmfs[direction, i]):
+                pmf = _self_compose(pmf, count, budget, max_points)
+                totals[k] = pmf if totals[k] is None else _compose(totals[k], pmf, max_points)
         pess_total, opt_total = totals
         upper, lower = pess_total.epsilon(delta), opt_total.epsilon(delta)
         per_direction[direction] = {"lower": lower, "upper": upper}
         composed[direction] = (pess_total, opt_total)
         upper_all, lower_all = max(upper_all, upper), max(lower_all, lower)
-    return RouteResult(lower_all, upper_all, upper_all, per_direction, composed)
+    return RouteResult(lower_all, upper_all, upper_all, per_direction, composed, step=step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +419,8 @@ class StepPRV(PrivacyRandomVariable):
     differences in the lower tail, in long double as prv-accountant's float guard assumes.
     """
 
-    def __init__(self, pair, direction: str):
-        self.pair, self.direction = pair, direction
+    def __init__(self, pair, direction: str, memory_budget: float = DEFAULT_MEMORY_BUDGET):
+        self.pair, self.direction, self.memory_budget = pair, direction, memory_budget
         self.t_lo, self.t_hi = pair.loss_range(direction)
         self._inf = pair.infinite_mass(direction)
         self._mean = pair.mean_loss(direction) / (1 - self._inf)
@@ -290,7 +438,7 @@ class StepPRV(PrivacyRandomVariable):
         below = flat < self.t_lo
         gt[below], le[below] = 1.0 - self._inf, 0.0
         if np.any(inside):
-            u, _, v = self.pair.tails(self.direction, flat[inside])
+            u, _, v = chunked_tails(self.pair, self.direction, flat[inside], self.memory_budget)
             gt[inside], le[inside] = u - self._inf, v
         # mass of the finite loss above t_hi is below TAIL_NEGLIGIBLE: counted as at t_hi
         scale = 1.0 / (1.0 - self._inf)
@@ -300,8 +448,16 @@ class StepPRV(PrivacyRandomVariable):
         return self._tails(t)[1]
 
     def probability(self, a, b):
-        a_gt, a_le = self._tails(a)
-        b_gt, b_le = self._tails(b)
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.ndim == 1 and a.shape == b.shape and a.size > 1 and np.all(
+                np.abs(a[1:] - b[:-1]) <= 1e-9 * (b[0] - a[0])):
+            # adjacent cells (prv-accountant's grid): one evaluation at the shared edges, so each
+            # cell is bounded by exactly the edges of its neighbours (a partition of the line)
+            edge_gt, edge_le = self._tails(np.append(a, b[-1]))
+            a_gt, a_le, b_gt, b_le = edge_gt[:-1], edge_le[:-1], edge_gt[1:], edge_le[1:]
+        else:
+            a_gt, a_le = self._tails(a)
+            b_gt, b_le = self._tails(b)
         upper_side = np.asarray(a_gt, dtype=np.longdouble) - np.asarray(b_gt, dtype=np.longdouble)
         lower_side = np.asarray(b_le, dtype=np.longdouble) - np.asarray(a_le, dtype=np.longdouble)
         return np.maximum(np.where(a_gt < 0.5, upper_side, lower_side), 0)
@@ -336,51 +492,120 @@ def _domain_span(groups, eps_max: float) -> float:
     return max(eps_max, 1.05 * reach)
 
 
-def smallest_eps_error(groups, eps_max: float, delta_error: float) -> float:
-    """The smallest eps_error whose PRV grid on the domain for ``eps_max`` fits MAX_PRV_POINTS."""
-    largest_mesh = 2 * _domain_span(groups, eps_max) / (MAX_PRV_POINTS - 4)
+def prv_points(groups, memory_budget: float) -> int:
+    """Largest PRV grid under ``memory_budget`` and TAIL_WORK (at most MAX_PRV_POINTS)."""
+    return int(min(grid_limit(memory_budget, PRV_BYTES_PER_POINT, MAX_PRV_POINTS), work_points(groups)))
+
+
+def smallest_eps_error(groups, eps_max: float, delta_error: float,
+                       memory_budget: float = DEFAULT_MEMORY_BUDGET) -> float:
+    """The smallest eps_error whose PRV grid on the domain for ``eps_max`` fits the grid limit
+    (MAX_PRV_POINTS, or fewer points if the memory budget requires)."""
+    largest_mesh = 2 * _domain_span(groups, eps_max) / max(prv_points(groups, memory_budget) - 4, 1)
     return largest_mesh / _mesh(groups, 1.0, delta_error)
 
 
-def _prv_composed(groups: Sequence[tuple], delta_error: float, eps_error: float, eps_max: float) -> dict:
+def _prv_composed(groups: Sequence[tuple], delta_error: float, eps_error: float, eps_max: float,
+                  memory_budget: float = DEFAULT_MEMORY_BUDGET) -> dict:
     """Composed discrete PRVs per relation, on a domain covering [-eps_max, eps_max]."""
     mesh = _mesh(groups, eps_error, delta_error)
     span = _domain_span(groups, eps_max)
-    if 2 * span / mesh > MAX_PRV_POINTS:
-        raise ValueError(f"a PRV eps_error of {eps_error:.3g} needs {2 * span / mesh:.3g} grid points "
-                         f"(limit {MAX_PRV_POINTS}); choose a larger --prv-eps-error")
+    limit = prv_points(groups, memory_budget)
+    if not 2 * span / mesh <= limit:
+        raise GridBudgetExceeded(f"a PRV eps_error of {eps_error:.3g} needs {2 * span / mesh:.3g} grid "
+                                 f"points (limit {limit}); choose a larger --prv-eps-error",
+                                 2 * span / mesh, limit)
     domain = _fast_domain(span, mesh)
     out = {}
     for direction in DIRECTIONS:
-        prvs = [StepPRV(pair, direction) for pair, _ in groups]
-        with warnings.catch_warnings():
+        prvs = [StepPRV(pair, direction, memory_budget) for pair, _ in groups]
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            discrete = [discretisers.CellCentred().discretise(prv, domain) for prv in prvs]
-            out[direction] = (composers.Heterogeneous(discrete).compute_composition([c for _, c in groups]), span)
+            try:
+                discrete = [discretisers.CellCentred().discretise(prv, domain) for prv in prvs]
+                composed = composers.Heterogeneous(discrete).compute_composition([c for _, c in groups])
+            except (RuntimeError, FloatingPointError, OverflowError) as exc:
+                raise RouteFailure(f"prv-accountant cannot discretise this privacy loss at eps_error "
+                                   f"{eps_error:.3g}: {exc}") from None
+            out[direction] = (composed, span)
     return out
 
 
-def prv_route(groups: Sequence[tuple], delta: float, eps_error: float, eps_max: float) -> RouteResult:
-    """prv-accountant composition of the custom step PRVs; ``eps_max`` sizes the domain [-L, L]."""
+#: losses beyond which prv-accountant's read-out (e^t in float64) overflows
+_EXP_SAFE = 700.0
+
+
+def _prv_epsilon(composed, delta: float, delta_error: float, eps_error: float) -> tuple[float, float, float]:
+    """prv-accountant's ``compute_epsilon`` (same bounds: the estimate at delta -/+ delta_error,
+    -/+ eps_error) with the tail sums of p e^-t kept in log space, so that losses beyond 700 do
+    not overflow."""
+    delta_inf = -math.expm1(float(composed.log_pmc_inf))
+    delta_fin = (delta - delta_inf) / (1 - delta_inf)
+    if delta_fin <= 0:
+        return math.inf, math.inf, math.inf
+    p = np.asarray(composed.pmf, dtype=np.longdouble)
+    if np.finfo(np.longdouble).eps * p.size > delta_fin - delta_error:
+        raise RouteFailure("floating-point errors of the PRV grid dominate at this delta")
+    t = np.asarray(composed.domain.ts(), dtype=np.longdouble)
+    with np.errstate(divide="ignore"):
+        log_w = np.log(np.maximum(p, 0)) - t                         # FFT leaves tiny negatives
+    d1 = np.flip(np.cumsum(np.flip(p)))                               # mass at losses >= t_k
+    log_d2 = np.flip(np.logaddexp.accumulate(np.flip(log_w)))         # log sum_{j>=k} p_j e^-t_j
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta_at_t = d1 - np.exp(np.minimum(t + log_d2, 1))          # delta(t_k), non-increasing
+
+    def find(target):
+        i = int(np.argmax(delta_at_t <= target)) if np.any(delta_at_t <= target) else -1
+        if i <= 0 or not np.isfinite(log_d2[i]):
+            raise RouteFailure("prv-accountant's grid cannot resolve epsilon at this delta")
+        return float(np.log(d1[i] - target) - log_d2[i])
+
+    return (find(delta_fin + delta_error) - eps_error, find(delta_fin),
+            find(delta_fin - delta_error) + eps_error)
+
+
+def prv_route(groups: Sequence[tuple], delta: float, eps_error: float, eps_max: float,
+              memory_budget: float = DEFAULT_MEMORY_BUDGET, coarsen: bool = False) -> RouteResult:
+    """prv-accountant composition of the custom step PRVs; ``eps_max`` sizes the domain [-L, L].
+
+    prv-accountant refuses a discretisation whose mean misses the exact mean by half a mesh (a
+    large loss, e.g. tiny noise, where the exact mean is known to fewer digits than the mesh); with
+    ``coarsen`` eps_error grows 4x at a time (at most 3 times): a larger eps_error is still a valid
+    error bound (Gopi, Lee & Wutschitz 2021, Thm. 5.5), only a looser one.  ``result.step`` holds the
+    eps_error used."""
+    for attempt in range(4):
+        try:
+            return _prv_route(groups, delta, eps_error, eps_max, memory_budget)
+        except RouteFailure:
+            if not coarsen or attempt == 3:
+                raise
+            eps_error *= 4
+
+
+def _prv_route(groups, delta, eps_error, eps_max, memory_budget) -> RouteResult:
     delta_error = delta * 1e-3
     per_direction = {}
     lower_all = upper_all = est_all = 0.0
-    for direction, (composed, span) in _prv_composed(groups, delta_error, eps_error, eps_max).items():
-        low, est, up = composed.compute_epsilon(delta, delta_error, eps_error)
+    for direction, (composed, span) in _prv_composed(groups, delta_error, eps_error, eps_max,
+                                                     memory_budget).items():
+        if span > _EXP_SAFE:
+            low, est, up = _prv_epsilon(composed, delta, delta_error, eps_error)
+        else:
+            low, est, up = composed.compute_epsilon(delta, delta_error, eps_error)
         per_direction[direction] = {"lower": low, "estimate": est, "upper": up, "domain": span}
-        if up >= span:
-            raise ValueError(f"PRV domain [-{span:.3g}, {span:.3g}] too small for epsilon {up:.3g}")
+        if not up < span:
+            raise RouteFailure(f"PRV domain [-{span:.3g}, {span:.3g}] too small for epsilon {up:.3g}")
         lower_all, est_all, upper_all = max(lower_all, low), max(est_all, est), max(upper_all, up)
-    return RouteResult(lower_all, upper_all, est_all, per_direction)
+    return RouteResult(lower_all, upper_all, est_all, per_direction, step=eps_error)
 
 
 def prv_delta(groups: Sequence[tuple], epsilon: float, delta_error: float, eps_error: float,
-              eps_max: float) -> tuple[float, float, float]:
+              eps_max: float, memory_budget: float = DEFAULT_MEMORY_BUDGET) -> tuple[float, float, float]:
     """(lower, estimate, upper) for delta at ``epsilon``, max over relations (prv-accountant's
     bounds: the estimate at epsilon +/- eps_error, -/+ delta_error, and -/+ the long-double floor
     of a sum over the grid, eps * size)."""
     worst = (0.0, 0.0, 0.0)
-    for composed, _ in _prv_composed(groups, delta_error, eps_error, eps_max).values():
+    for composed, _ in _prv_composed(groups, delta_error, eps_error, eps_max, memory_budget).values():
         floor = float(np.finfo(np.longdouble).eps) * len(composed.pmf)
         low = float(composed.compute_delta_estimate(epsilon + eps_error)) - delta_error - floor
         est = float(composed.compute_delta_estimate(epsilon))
