@@ -227,6 +227,9 @@ def _pld_pmfs(pair, direction: str, step: float):
     upper, lower, below = pair.tails(direction, grid)
     inf_mass = pair.infinite_mass(direction)
     deltas = np.clip(upper - np.exp(grid) * lower, 0.0, 1.0)
+    # delta(eps) is non-increasing; round-off in U - e^eps W at large eps can tilt it by an ulp:
+    # the running maximum from the right is the non-increasing curve just above (pessimistic)
+    deltas = np.maximum.accumulate(deltas[::-1])[::-1]
     dense = pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(step, k_lo, k_hi, deltas).to_dense_pmf()
     pessimistic = ComposedPMF(step, dense._lower_loss, np.asarray(dense._probs, dtype=np.float64),
                               float(dense._infinity_mass), 0.0, True)
