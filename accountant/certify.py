@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import special
 
-from accountant import routes
+from accountant import routes, table_check
 from accountant.mechanism import Mechanism, UnsupportedMechanism, step_pair
 from accountant.noise import Noise
 from accountant.privacy_loss import RandomizedResponsePair
@@ -50,10 +50,12 @@ class Certificate:
     delta: float
     routes: dict
     mechanisms: list = field(default_factory=list)
+    #: independent bounds the routes were checked against (tabulated laws: accountant.table_check)
+    checks: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "routes": self.routes,
-                "mechanisms": self.mechanisms}
+                "mechanisms": self.mechanisms, "checks": self.checks}
 
 
 def _as_list(mechanisms) -> list[Mechanism]:
@@ -166,7 +168,25 @@ def certify(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> Certif
     info = {name: r.as_dict() for name, r in results.items()}
     info["pld"]["step"] = step
     info["prv"]["eps_error"] = eps_error
-    return Certificate(epsilon, delta, info, [m.describe() for m in mechs])
+    checks = {}
+    independent = table_check.check(groups, delta)
+    if independent is not None:
+        _check_independent(independent, results, epsilon)
+        checks["table"] = {"lower": independent.lower,
+                           "upper": independent.upper if math.isfinite(independent.upper) else None}
+    return Certificate(epsilon, delta, info, [m.describe() for m in mechs], checks)
+
+
+def _check_independent(independent, results: dict, epsilon: float) -> None:
+    """A tabulated law's certificate must lie at or above the independent lower bound of
+    accountant.table_check (and, for one release, its routes at or below the independent upper
+    bound); otherwise a shared bug is suspected and no certificate is printed."""
+    tol = 1e-9 + AGREEMENT_SLACK * abs(epsilon)
+    lowest = max(r.lower for r in results.values())
+    if independent.lower > epsilon + tol or lowest > independent.upper + tol:
+        raise RouteDisagreement(
+            f"accountants disagree: the routes give epsilon in [{lowest:.6g}, {epsilon:.6g}], the "
+            f"independent table check [{independent.lower:.6g}, {independent.upper:.6g}]; no certificate is printed")
 
 
 def _infinite_loss_mass(groups) -> float:

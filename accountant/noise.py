@@ -632,7 +632,8 @@ class Tabulated(Noise):
         if n % 2 == 1 and ints:    # the centre bin (a lower bound of its final mass) may not be outgrown
             ints[0] = min(ints[0], cap(int(LATTICE) - 2 * sum(ints) - 2 * tail_int, half, first))
         for j in range(1, len(ints)):                  # keep density non-increasing outward (exact)
-            rough = ints[j - 1] * (widths[first + j] / widths[first + j - 1])
+            with np.errstate(over="ignore"):      # inf for a subnormal width: the exact cap decides
+                rough = ints[j - 1] * (widths[first + j] / widths[first + j - 1])
             if ints[j] <= rough * (1 - 1e-12):         # clearly within the cap (rough is 1e-15 exact)
                 continue
             ints[j] = min(ints[j], cap(ints[j - 1], first + j - 1, first + j))

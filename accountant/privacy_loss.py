@@ -157,33 +157,50 @@ class TableCells:
     The cut points are sorted and compared as exact rationals (every float is an integer over a
     common power of two), never as float64 sums: ``1 + 1e-20`` is a cell edge of its own even though
     it rounds to 1.  On a cell both log p(x) and log p(x - s) are linear in the offset t from the
-    cell's start: ``log p = log_p0 + slope_p t`` (slope 0 in the core, -/+ rate in the tails), so the
-    log-likelihood ratio is ``l(t) = l0 + (slope_s - slope_p) t``.  ``width`` and the masses are the
-    exact values rounded once to float64 (a core mass is ``mass_j * (cell width / bin width)`` with
-    the ratio computed exactly).
+    cell's start (slope 0 in the core, -/+ rate in the tails); each is stored as its value at the
+    cell's denser end (``log_p_top``: exact up to one rounding even where a steep tail makes the
+    other end's value huge) and its slope, so the log-likelihood ratio is
+    ``l(t) = l0 + (slope_s - slope_p) t``.  ``width`` and the masses are the exact values rounded
+    once to float64 (a core mass is ``mass_j * (cell width / bin width)`` with the ratio computed
+    exactly).
     """
 
     width: np.ndarray
-    log_p0: np.ndarray
+    log_p_top: np.ndarray
     slope_p: np.ndarray
-    log_s0: np.ndarray
+    log_s_top: np.ndarray
     slope_s: np.ndarray
     p_mass: np.ndarray
     s_mass: np.ndarray
 
+    def log_p(self, t, sel=slice(None)):
+        """log p at offsets ``t`` (broadcast against the selected cells as a column)."""
+        return _log_density(self.log_p_top[sel], self.slope_p[sel], self.width[sel], t)
+
+    def log_s(self, t, sel=slice(None)):
+        return _log_density(self.log_s_top[sel], self.slope_s[sel], self.width[sel], t)
+
     @property
     def l0(self) -> np.ndarray:
         with np.errstate(invalid="ignore"):
-            return self.log_s0 - self.log_p0
+            return self.log_s(0.0) - self.log_p(0.0)
 
     @property
     def l_slope(self) -> np.ndarray:
         return self.slope_s - self.slope_p
 
 
+def _log_density(top, slope, width, t):
+    """Log density at offset ``t`` of a cell side stored by its denser end's value ``top``."""
+    top, slope, width = (np.asarray(v)[..., None] if np.ndim(t) > np.ndim(v) else v
+                         for v in (top, slope, width))
+    with np.errstate(invalid="ignore"):
+        return top - np.abs(slope) * np.where(slope > 0, width - t, t)
+
+
 def _side(tab: Tabulated, ints: list, den: int, lo: int, hi: int):
-    """(log density at ``lo``, slope, exact mass of [lo, hi]) of the table law on the cell [lo, hi]
-    (numerators over ``den``), which lies inside one bin or one tail."""
+    """(log density at the denser end, slope, exact mass of [lo, hi]) of the table law on the cell
+    [lo, hi] (numerators over ``den``), which lies inside one bin or one tail."""
     n = len(tab.mass)
     j = bisect.bisect_right(ints, lo) - 1
     if 0 <= j < n:
@@ -201,7 +218,7 @@ def _side(tab: Tabulated, ints: list, den: int, lo: int, hi: int):
         return math.log(tm * r) - r * near, -r, mass
     near, far = (ints[0] - hi) / den, (ints[0] - lo) / den      # left tail, increasing in t
     mass = tm * math.exp(-r * near) * -math.expm1(-r * (far - near))
-    return math.log(tm * r) - r * far, r, mass
+    return math.log(tm * r) - r * near, r, mass
 
 
 def tabulated_cells(tab: Tabulated, shift: float) -> TableCells:
@@ -223,16 +240,16 @@ def tabulated_cells(tab: Tabulated, shift: float) -> TableCells:
     return cache[shift]
 
 
-def _cell_part_masses(log0, slope, t0, t1):
-    """Mass on offsets [t0, t1] of a cell side with log density ``log0 + slope t`` (exact formula,
-    evaluated from the end with the larger density so nothing overflows)."""
+def _cell_part_masses(top, slope, width, t0, t1):
+    """Mass on offsets [t0, t1] of a cell side with log density ``top`` at its denser end and
+    slope ``slope`` (exact formula, evaluated from the denser end of [t0, t1]: nothing overflows)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        top = np.where(slope > 0, t1, t0)
         dt = np.maximum(t1 - t0, 0.0)
-        flat = np.exp(log0) * dt
         k = np.abs(slope)
-        curved = np.exp(log0 + slope * top) * -np.expm1(-k * dt) / np.where(k > 0, k, 1.0)
-    return np.where(np.isneginf(log0) | (dt == 0), 0.0, np.where(slope == 0, flat, curved))
+        peak = _log_density(top, slope, width, np.where(slope > 0, t1, t0))
+        curved = np.exp(peak) * -np.expm1(-k * dt) / np.where(k > 0, k, 1.0)
+        flat = np.exp(top) * dt
+    return np.where(np.isneginf(top) | (dt == 0), 0.0, np.where(slope == 0, flat, curved))
 
 
 def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
@@ -275,8 +292,8 @@ def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
         above = (np.where(rising, cross, zero), np.where(rising, end, cross))
         below = (np.where(rising, zero, cross), np.where(rising, cross, end))
         for side, (t0, t1) in (("above", above), ("below", below)):
-            pm = _cell_part_masses(c.log_p0[lin][:, None], c.slope_p[lin][:, None], t0, t1).sum(0)
-            sm = _cell_part_masses(c.log_s0[lin][:, None], c.slope_s[lin][:, None], t0, t1).sum(0)
+            pm = _cell_part_masses(c.log_p_top[lin][:, None], c.slope_p[lin][:, None], w, t0, t1).sum(0)
+            sm = _cell_part_masses(c.log_s_top[lin][:, None], c.slope_s[lin][:, None], w, t0, t1).sum(0)
             if side == "above":
                 p_above, s_above = p_above + pm, s_above + sm
             else:
@@ -404,10 +421,10 @@ def _tabulated_mean_loss(tab: Tabulated, s: float, q: float, direction: str) -> 
     lin = (k != 0) & np.isfinite(l0)
     t = 0.5 * c.width[lin][:, None] * (1 + _GL_NODES[None, :])
     gl_w = 0.5 * c.width[lin][:, None] * _GL_WEIGHTS[None, :]
-    with np.errstate(over="ignore", under="ignore"):
-        p_lin = np.exp(c.log_p0[lin][:, None] + c.slope_p[lin][:, None] * t) * gl_w
-        s_lin = np.exp(c.log_s0[lin][:, None] + c.slope_s[lin][:, None] * t) * gl_w
-    ell = [l0[~lin], (l0[lin][:, None] + k[lin][:, None] * t).ravel()]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        log_p, log_s = c.log_p(t, lin), c.log_s(t, lin)
+        p_lin, s_lin = np.exp(log_p) * gl_w, np.exp(log_s) * gl_w
+        ell = [l0[~lin], (log_s - log_p).ravel()]
     p_m, s_m = [c.p_mass[~lin], p_lin.ravel()], [c.s_mass[~lin], s_lin.ravel()]
     if tab.tail_mass > 0:   # outer cells: l = -/+ rate * s
         r, tm = tab.tail_rate, tab.tail_mass

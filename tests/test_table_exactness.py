@@ -32,9 +32,10 @@ LATTICE = 2 ** 53
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
-def near_atom(w, a, h=0.25, reach=12.0, tail=1e-10):
+def near_atom(w, a, h=0.25, reach=12.0):
     """Two centre bins [-w, 0], [0, w] of mass ``a`` each, a Laplace-like body of bins of width
     ``h`` out to about ``reach``, an exponential tail starting at the last bin's density."""
+    tail = 0.5 * math.exp(-reach)
     n = int(round(reach / h))
     right = np.concatenate([[0.0, w], w + h * np.arange(1, n + 1)])
     body = np.exp(-(right[1:-1] + h / 2)) * h
@@ -234,3 +235,88 @@ def test_subnormal_bin_widths_are_refused_in_one_line():
     with pytest.raises(NoiseParameterError, match="below the smallest normal float") as info:
         Tabulated(edges, mass, 0.0, 0.0, check_lattice=True)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random valid tables: near-atom centres, steep tails, subnormal widths (refused)
+# ------------------------------------------------------------------------------------------------
+CENTRE_WIDTHS = [1e-20, 1e-18, 1e-16, 1e-15, 1e-13, 1e-6, 0.1, 0.5]
+
+
+@st.composite
+def random_tables(draw):
+    """A symmetric non-increasing table on the lattice (Tabulated.quantised), or None when the
+    draw has a subnormal bin width (the loader must refuse those in one line)."""
+    n = draw(st.integers(1, 6))
+    centre = draw(st.sampled_from(CENTRE_WIDTHS + [5e-324]))
+    widths = [centre] + [draw(st.floats(0.05, 1.5)) for _ in range(n - 1)]
+    atom = draw(st.floats(1e-8, 0.2)) if centre < 1e-3 else None
+    dens = np.cumprod([1.0] + [draw(st.floats(0.05, 1.0)) for _ in range(n - 1)])
+    mass = dens * np.array(widths)
+    if atom is not None:
+        mass[0] = atom * mass[1:].sum() / (1 - atom) if n > 1 else 1.0
+    tail = draw(st.sampled_from([0.0, 1e-12, 1e-8, 1e-4]))
+    right = np.concatenate([[0.0], np.cumsum(widths)])
+    edges = np.concatenate([-right[:0:-1], right])
+    total = 2 * mass.sum()
+    tm = tail
+    mass = mass / total * (1 - 2 * tm)
+    last_density = mass[-1] / widths[-1]
+    rate = last_density / tm * draw(st.floats(0.01, 1.0)) if tm > 0 else 0.0     # steep: near the cap
+    try:
+        return Tabulated.quantised(edges, np.concatenate([mass[::-1], mass]), tm, rate)
+    except NoiseParameterError as exc:
+        assert centre < 2.2e-308 and "\n" not in str(exc), exc
+        return None
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(random_tables(), st.sampled_from([1.0, 0.3]), st.sampled_from([0.5, 1.0, 2.0]))
+def test_random_tables_step_tails_are_at_or_above_the_exact_hockey_stick(tab, q, shift):
+    """For every accepted random table, the per-step hockey-stick both routes compose is at or
+    above the exact one (q 1 and q 0.3, three sensitivities), and the independent check's
+    one-release interval contains the exact epsilon."""
+    from accountant import table_check
+
+    if tab is None:
+        return
+    cells = exact_cells(tab, shift)
+    pair = ShiftPair(tab, shift, q)
+    eps = np.array([0.0, 0.3, 1.0, 3.0, 10.0, 30.0])
+    for direction in ("remove", "add"):
+        got = hockey_stick(pair, direction, eps)
+        for e, g in zip(eps, got):
+            truth = float(exact_delta(cells, e, q, direction))
+            assert g >= truth * (1 - 1e-9) - 1e-17, (direction, e, g, truth)
+        truth_eps = exact_epsilon(cells, q, 1e-6, direction)
+        low, up = table_check.one_step_interval(
+            table_check.step_atoms(table_check.step_cells(tab, shift), q, direction), 1e-6)
+        assert low <= truth_eps + 1e-8 and truth_eps <= up + 1e-8, (direction, low, truth_eps, up)
+
+
+# ------------------------------------------------------------------------------------------------
+# The independent check turns a bug shared by both routes into a refusal
+# ------------------------------------------------------------------------------------------------
+def test_a_bug_shared_by_both_routes_is_refused(monkeypatch):
+    """Both routes compose privacy_loss's cells.  Drop the narrow centre cells' masses there (what
+    the float partition did to a near-atom): the routes agree on about 0.6, the independent check
+    (its own cells) proves epsilon >= 32, and no certificate is printed."""
+    import dataclasses
+
+    from accountant import privacy_loss
+    from accountant.certify import RouteDisagreement
+
+    tab = near_atom(1e-3, 1e-4)
+    mech = Mechanism(tab, 1.0, "scalar", 0.1, 10)
+    honest = certify(mech, 1e-6)
+    assert honest.checks["table"]["lower"] <= honest.epsilon
+    real = privacy_loss.tabulated_cells
+
+    def lossy(table, shift):
+        c = real(table, shift)
+        narrow = c.width < 0.01
+        return dataclasses.replace(c, p_mass=np.where(narrow, 0.0, c.p_mass), s_mass=np.where(narrow, 0.0, c.s_mass))
+
+    monkeypatch.setattr(privacy_loss, "tabulated_cells", lossy)
+    with pytest.raises(RouteDisagreement, match="independent table check"):
+        certify(Mechanism(near_atom(1e-3, 1e-4), 1.0, "scalar", 0.1, 10), 1e-6)
