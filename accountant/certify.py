@@ -288,7 +288,13 @@ def delta_for_epsilon(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy(
         raise RouteDisagreement(
             f"accountants disagree on delta at epsilon {epsilon:g}: PLD [{pld_low:.4g}, {pld_up:.4g}], "
             f"PRV [{prv_low:.4g}, {prv_up:.4g}]; no certificate is printed")
-    return min(1.0, max(pld_up, prv_up))
+    result = min(1.0, max(pld_up, prv_up))
+    independent = table_check.delta_lower(groups, epsilon)
+    if independent is not None and independent > result * (1 + 1e-6) + 1e-18:
+        raise RouteDisagreement(
+            f"accountants disagree on delta at epsilon {epsilon:g}: the routes give at most {result:.4g}, "
+            f"the independent table check at least {independent:.4g}; no certificate is printed")
+    return result
 
 
 def delta_for_epsilon_pld(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:

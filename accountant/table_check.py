@@ -165,39 +165,79 @@ def one_step_interval(atoms: StepAtoms, delta: float) -> tuple[float, float]:
     return (max(lower - 1e-12, 0.0) if math.isfinite(lower) else lower), upper
 
 
-def event_lower_bound(atoms: StepAtoms, steps: int, delta: float, thresholds: int = 256) -> float:
-    """Largest log((P(Bin(T, u) >= k) - delta) / P(Bin(T, v) >= k)) over events "at least k of T
-    releases land in the cells of loss above a threshold" (a lower bound on the composed epsilon)."""
-    order = np.argsort(-(0.5 * (np.nan_to_num(atoms.loss_lo, neginf=-1e300) + np.nan_to_num(atoms.loss_hi, posinf=1e300))),
-                       kind="stable")
+def _events(atoms: StepAtoms, steps: int, floor: float, thresholds: int = 256):
+    """(P(Bin(T, u) >= k), P(Bin(T, v) >= k), v == 0) over events "at least k of T releases land in
+    the cells of loss above a threshold", shaded against round-off (u rounded down, v up); entries
+    whose lower probability is too close to underflow to be trusted are dropped (None if none)."""
+    mid = 0.5 * (np.nan_to_num(atoms.loss_lo, neginf=-1e300) + np.nan_to_num(atoms.loss_hi, posinf=1e300))
+    order = np.argsort(-mid, kind="stable")
     u = np.cumsum(atoms.upper[order]) * (1 - SHADE)
     v = np.cumsum(atoms.lower[order]) * (1 + SHADE)
-    keep = u > delta / max(steps, 1) * 1e-3
-    if not np.any(keep):
-        return 0.0
-    idx = np.nonzero(keep)[0]
+    idx = np.nonzero(u > floor)[0]
+    if idx.size == 0:
+        return None
     idx = np.unique(idx[np.linspace(0, len(idx) - 1, min(thresholds, len(idx))).round().astype(int)])
     u, v = np.minimum(u[idx], 1.0), np.minimum(v[idx], 1.0)
     ks = np.unique(np.concatenate([np.arange(1, min(steps, 32) + 1),
                                    np.geomspace(1, steps, 32).round().astype(int)]))
-    bu = stats.binom.sf(ks[None, :] - 1, steps, u[:, None]) * (1 - SHADE)
-    bv = stats.binom.sf(ks[None, :] - 1, steps, v[:, None]) * (1 + SHADE)
-    exact_zero = (v[:, None] == 0)                 # no lower mass at all: an infinite loss
+    bu = (stats.binom.sf(ks[None, :] - 1, steps, u[:, None]) * (1 - SHADE)).ravel()
+    bv = (stats.binom.sf(ks[None, :] - 1, steps, v[:, None]) * (1 + SHADE)).ravel()
+    exact_zero = np.broadcast_to(v[:, None] == 0, (len(u), len(ks))).ravel()   # an infinite loss
+    trusted = exact_zero | (bv >= 1e-280)
+    return bu[trusted], bv[trusted], exact_zero[trusted]
+
+
+def event_lower_bound(atoms: StepAtoms, steps: int, delta: float) -> float:
+    """Largest log((P(Bin(T, u) >= k) - delta) / P(Bin(T, v) >= k)) over the events of
+    :func:`_events`: a lower bound on the epsilon of T composed steps at ``delta``."""
+    events = _events(atoms, steps, delta / max(steps, 1) * 1e-3)
+    if events is None:
+        return 0.0
+    bu, bv, zero = events
     with np.errstate(divide="ignore", invalid="ignore"):
         cand = np.where(bu > delta, np.log(np.maximum(bu - delta, 1e-300)) - np.log(bv), -math.inf)
-    cand = np.where((bv < 1e-280) & ~exact_zero, -math.inf, cand)   # near underflow: proves nothing
-    cand = np.where(exact_zero & (bu > delta), math.inf, cand)
-    best = float(np.max(cand))
-    return max(best, 0.0)
+    cand = np.where(zero & (bu > delta), math.inf, cand)
+    return max(float(np.max(cand, initial=0.0)), 0.0)
+
+
+def event_delta_lower_bound(atoms: StepAtoms, steps: int, epsilon: float) -> float:
+    """Largest P(Bin(T, u) >= k) - e^eps P(Bin(T, v) >= k): a lower bound on delta(eps)."""
+    events = _events(atoms, steps, 0.0)
+    if events is None:
+        return 0.0
+    bu, bv, _ = events
+    with np.errstate(over="ignore", invalid="ignore"):
+        gap = bu - math.exp(min(epsilon, 700.0)) * bv
+    return max(float(np.max(np.nan_to_num(gap, nan=0.0, neginf=0.0), initial=0.0)), 0.0)
+
+
+def _tables(groups):
+    from accountant.privacy_loss import ShiftPair
+
+    return [(pair, count) for pair, count in groups
+            if isinstance(pair, ShiftPair) and isinstance(pair.noise, Tabulated)]
+
+
+def delta_lower(groups, epsilon: float) -> float | None:
+    """An independent lower bound on the composed delta at ``epsilon`` (None without a table)."""
+    tables = _tables(groups)
+    if not tables:
+        return None
+    best = 0.0
+    for pair, count in tables:
+        cells = step_cells(pair.noise, pair.shift)
+        for direction in ("remove", "add"):
+            atoms = step_atoms(cells, pair.q, direction)
+            if count == 1:
+                best = max(best, _one_step_delta(atoms, epsilon)[0])
+            best = max(best, event_delta_lower_bound(atoms, count, epsilon))
+    return best
 
 
 def check(groups, delta: float) -> CheckResult | None:
     """Independent bounds for a composition ``groups`` = [(step pair, count)], or None when no group
     is a Poisson-subsampled shift of a tabulated law."""
-    from accountant.privacy_loss import ShiftPair
-
-    tables = [(pair, count) for pair, count in groups
-              if isinstance(pair, ShiftPair) and isinstance(pair.noise, Tabulated)]
+    tables = _tables(groups)
     if not tables:
         return None
     lower, upper = 0.0, math.inf
