@@ -135,34 +135,46 @@ def step_atoms(cells, q: float, direction: str) -> StepAtoms:
 
 
 def _one_step_delta(atoms: StepAtoms, eps: float) -> tuple[float, float]:
-    """(lower, upper) bounds on delta(eps) of one step."""
+    """(lower, upper) bounds on delta(eps) of one step.  Below, per cell the larger of
+    (U - e^eps V)_+ and U (1 - e^(eps - L_min))_+ (valid where V underflowed to 0); above,
+    U (1 - e^(eps - L_max))_+.  Only a cell whose loss is +inf counts its whole mass at every eps."""
     e = math.exp(eps) if eps < 700 else math.inf
+    infinite = atoms.loss_lo == math.inf
     with np.errstate(over="ignore", invalid="ignore"):
-        gap = np.where(atoms.lower > 0, atoms.upper - e * atoms.lower, atoms.upper)
-        low = float(np.sum(np.maximum(gap, 0.0)))
+        jensen = np.where(atoms.lower > 0, atoms.upper - e * atoms.lower, np.where(infinite, atoms.upper, 0.0))
+        by_loss = atoms.upper * -np.expm1(np.minimum(eps - atoms.loss_lo, 0.0))
+        low = float(np.sum(np.maximum(np.nan_to_num(np.maximum(jensen, by_loss), nan=0.0), 0.0)))
         factor = np.where(atoms.loss_hi == math.inf, 1.0, -np.expm1(np.minimum(eps - atoms.loss_hi, 0.0)))
         up = float(np.sum(atoms.upper * np.maximum(factor, 0.0)))
     return low, up
 
 
-def _solve(fn, delta: float, hi: float = 1e4) -> float:
-    """Smallest eps in [0, hi] with fn(eps) <= delta for a non-increasing fn (inf if none)."""
-    if fn(hi) > delta:
+#: largest epsilon the one-release interval resolves (a lower bound stops here, an upper one is inf)
+EPS_CAP = 1e4
+
+
+def _solve(fn, delta: float, lower: bool) -> float:
+    """Smallest eps >= 0 with fn(eps) <= delta for a non-increasing fn: inf when even the +inf
+    loss mass fn(1e300) exceeds delta; beyond EPS_CAP, EPS_CAP for a lower bound, inf for an upper."""
+    if fn(1e300) > delta:
         return math.inf
+    hi = EPS_CAP
+    if fn(hi) > delta:
+        return hi if lower else math.inf
     if fn(0.0) <= delta:
         return 0.0
     lo = 0.0
     for _ in range(80):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if fn(mid) > delta else (lo, mid)
-    return hi
+    return lo if lower else hi
 
 
 def one_step_interval(atoms: StepAtoms, delta: float) -> tuple[float, float]:
     """[lower, upper] for the epsilon of one step at ``delta``."""
-    lower = _solve(lambda e: _one_step_delta(atoms, e)[0], delta)
-    upper = _solve(lambda e: _one_step_delta(atoms, e)[1], delta)
-    return (max(lower - 1e-12, 0.0) if math.isfinite(lower) else lower), upper
+    lower = _solve(lambda e: _one_step_delta(atoms, e)[0], delta, True)
+    upper = _solve(lambda e: _one_step_delta(atoms, e)[1], delta, False)
+    return lower, upper
 
 
 def _events(atoms: StepAtoms, steps: int, floor: float, thresholds: int = 256):
@@ -173,16 +185,17 @@ def _events(atoms: StepAtoms, steps: int, floor: float, thresholds: int = 256):
     order = np.argsort(-mid, kind="stable")
     u = np.cumsum(atoms.upper[order]) * (1 - SHADE)
     v = np.cumsum(atoms.lower[order]) * (1 + SHADE)
+    only_infinite = np.cumsum(atoms.loss_lo[order] != math.inf) == 0    # v = 0 exactly, not by underflow
     idx = np.nonzero(u > floor)[0]
     if idx.size == 0:
         return None
     idx = np.unique(idx[np.linspace(0, len(idx) - 1, min(thresholds, len(idx))).round().astype(int)])
-    u, v = np.minimum(u[idx], 1.0), np.minimum(v[idx], 1.0)
+    u, v, only_infinite = np.minimum(u[idx], 1.0), np.minimum(v[idx], 1.0), only_infinite[idx]
     ks = np.unique(np.concatenate([np.arange(1, min(steps, 32) + 1),
                                    np.geomspace(1, steps, 32).round().astype(int)]))
     bu = (stats.binom.sf(ks[None, :] - 1, steps, u[:, None]) * (1 - SHADE)).ravel()
     bv = (stats.binom.sf(ks[None, :] - 1, steps, v[:, None]) * (1 + SHADE)).ravel()
-    exact_zero = np.broadcast_to(v[:, None] == 0, (len(u), len(ks))).ravel()   # an infinite loss
+    exact_zero = np.broadcast_to(only_infinite[:, None], (len(u), len(ks))).ravel()   # an infinite loss
     trusted = exact_zero | (bv >= 1e-280)
     return bu[trusted], bv[trusted], exact_zero[trusted]
 
