@@ -55,21 +55,12 @@ class CheckResult:
     upper: float          # an upper bound (inf unless one release of one tabulated law)
 
 
-def _side(tab: Tabulated, edges: list, j: int, a: Fraction, b: Fraction):
-    """(mass, min log density, max log density) of the table law on [a, b] inside bin ``j``
-    (-1: left tail, len(mass): right tail)."""
-    n = len(tab.mass)
-    if 0 <= j < n:
-        m = Fraction(float(tab.mass[j]))
-        if m == 0:
-            return 0.0, -math.inf, -math.inf
-        width = edges[j + 1] - edges[j]
-        log_d = math.log(m) - math.log(width)            # Fraction logs: exact input, one rounding
-        return float(m * (b - a) / width), log_d, log_d
+def _tail_side(tab: Tabulated, edges: list, right: bool, a: Fraction, b: Fraction):
+    """(mass, min log density, max log density) of the table law on [a, b] inside one tail."""
     if tab.tail_mass == 0:
         return 0.0, -math.inf, -math.inf
     r, tm = tab.tail_rate, tab.tail_mass
-    near, far = (float(a - edges[-1]), float(b - edges[-1])) if j >= n else (float(edges[0] - b), float(edges[0] - a))
+    near, far = (float(a - edges[-1]), float(b - edges[-1])) if right else (float(edges[0] - b), float(edges[0] - a))
     mass = tm * math.exp(-r * near) * -math.expm1(-r * (far - near))
     top = math.log(tm) + math.log(r)
     return mass, top - r * far, top - r * near
@@ -80,22 +71,32 @@ def step_cells(tab: Tabulated, shift: float):
     cells included, from exact rationals (see the module docstring)."""
     edges = [Fraction(float(e)) for e in tab.edges]
     s = Fraction(float(shift))
-    cuts = sorted(set(edges) | {e + s for e in edges})
+    shifted = [e + s for e in edges]
+    cuts = sorted(set(edges) | set(shifted))
     n = len(tab.mass)
+    masses = [Fraction(float(m)) for m in tab.mass]
+    widths = [edges[j + 1] - edges[j] for j in range(n)]
+    log_d = [math.log(m) - math.log(w) if m else -math.inf for m, w in zip(masses, widths)]
+
+    def side(j, a, b, cell):       # j: bin of the cell (-1 left of the table, n right of it)
+        if 0 <= j < n:
+            return (float(masses[j] * cell / widths[j]) if masses[j] else 0.0), log_d[j], log_d[j]
+        return _tail_side(tab, edges, j >= n, a, b)
+
     rows = []
-    i = k = 0       # edges[i] <= a: x in bin i - 1 ... walked with two pointers
+    i = k = 0       # x lies in bin i - 1 (edges[i - 1] <= a < edges[i]), x - s in bin k - 1
     for a, b in zip(cuts[:-1], cuts[1:]):
         while i < len(edges) and edges[i] <= a:
             i += 1
-        while k < len(edges) and edges[k] <= a - s:
+        while k < len(edges) and shifted[k] <= a:
             k += 1
-        jx, js = i - 1, k - 1                 # -1: left of the table, n: right of it
-        jx, js = min(jx, n), min(js, n)
+        jx, js = min(i - 1, n), min(k - 1, n)
         parts = TAIL_SPLIT if (jx in (-1, n) or js in (-1, n)) and tab.tail_mass > 0 else 1
         for p in range(parts):
-            lo, hi = a + (b - a) * p / parts, a + (b - a) * (p + 1) / parts
-            pm, p_min, p_max = _side(tab, edges, jx, lo, hi)
-            sm, s_min, s_max = _side(tab, edges, js, lo - s, hi - s)
+            lo, hi = (a + (b - a) * p / parts, a + (b - a) * (p + 1) / parts) if parts > 1 else (a, b)
+            cell = hi - lo
+            pm, p_min, p_max = side(jx, lo, hi, cell)
+            sm, s_min, s_max = side(js, lo - s, hi - s, cell) if js in (-1, n) else side(js, None, None, cell)
             rows.append((pm, sm, _diff(s_min, p_max), _diff(s_max, p_min)))
     if tab.tail_mass > 0:   # x < -reach and x > reach + s: both in one tail, l = -/+ rate s
         far = tab.tail_mass * math.exp(-tab.tail_rate * float(s))
