@@ -24,8 +24,7 @@ from accountant.mechanism import Mechanism
 from accountant.noise import NoiseParameterError, Tabulated, unimodality_violation
 from accountant.privacy_loss import ShiftPair, hockey_stick
 
-mp = mpmath.mp.clone() if hasattr(mpmath.mp, "clone") else mpmath.mp
-mpmath.mp.dps = 60
+mpmath.mp.dps = 60          # the exact truths below are evaluated to 60 digits (only this module uses mpmath)
 LATTICE = 2 ** 53
 
 
