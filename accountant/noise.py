@@ -606,6 +606,9 @@ class Tabulated(Noise):
         n = len(mass)
         if edges.ndim != 1 or mass.ndim != 1 or len(edges) != n + 1 or n < 1:
             raise NoiseParameterError("table needs edges of length n+1 and mass of length n >= 1")
+        if not (math.isfinite(float(tail_rate)) and float(tail_rate) >= 0
+                and math.isfinite(float(tail_mass)) and float(tail_mass) >= 0):
+            raise NoiseParameterError("tail_mass and tail_rate must be finite and non-negative")
         scale = max(abs(float(edges[0])), abs(float(edges[-1])))
         if np.max(np.abs(edges + edges[::-1])) > 1e-9 * scale:
             raise NoiseParameterError("table edges must be symmetric about 0 to be quantised")

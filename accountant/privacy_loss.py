@@ -213,11 +213,11 @@ def _side(tab: Tabulated, ints: list, den: int, lo: int, hi: int):
         return -math.inf, 0.0, 0.0
     r, tm = tab.tail_rate, tab.tail_mass
     if j >= n:    # right tail: density tm r e^{-r (x - reach)}, decreasing in t
-        near, far = (lo - ints[-1]) / den, (hi - ints[-1]) / den
-        mass = tm * math.exp(-r * near) * -math.expm1(-r * (far - near))
+        near, width = (lo - ints[-1]) / den, (hi - lo) / den      # the exact width, not far - near
+        mass = tm * math.exp(-r * near) * -math.expm1(-r * width)
         return math.log(tm * r) - r * near, -r, mass
-    near, far = (ints[0] - hi) / den, (ints[0] - lo) / den      # left tail, increasing in t
-    mass = tm * math.exp(-r * near) * -math.expm1(-r * (far - near))
+    near, width = (ints[0] - hi) / den, (hi - lo) / den          # left tail, increasing in t
+    mass = tm * math.exp(-r * near) * -math.expm1(-r * width)
     return math.log(tm * r) - r * near, r, mass
 
 

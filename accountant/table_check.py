@@ -61,7 +61,7 @@ def _tail_side(tab: Tabulated, edges: list, right: bool, a: Fraction, b: Fractio
         return 0.0, -math.inf, -math.inf
     r, tm = tab.tail_rate, tab.tail_mass
     near, far = (float(a - edges[-1]), float(b - edges[-1])) if right else (float(edges[0] - b), float(edges[0] - a))
-    mass = tm * math.exp(-r * near) * -math.expm1(-r * (far - near))
+    mass = tm * math.exp(-r * near) * -math.expm1(-r * float(b - a))     # exact width, not far - near
     top = math.log(tm) + math.log(r)
     return mass, top - r * far, top - r * near
 
