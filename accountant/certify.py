@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import special
 
-from accountant import routes
+from accountant import routes, table_check
 from accountant.mechanism import Mechanism, UnsupportedMechanism, step_pair
 from accountant.noise import Gaussian, Noise
 from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
@@ -57,10 +57,12 @@ class Certificate:
     delta: float
     routes: dict
     mechanisms: list = field(default_factory=list)
+    #: independent bounds the routes were checked against (tabulated laws: accountant.table_check)
+    checks: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "routes": self.routes,
-                "mechanisms": self.mechanisms}
+                "mechanisms": self.mechanisms, "checks": self.checks}
 
 
 def _as_list(mechanisms) -> list[Mechanism]:
@@ -207,7 +209,13 @@ def _certify_numerically(groups, delta, accuracy, bound, described) -> Certifica
         # upper bounds, so the smaller one holds
         info["closed_form"] = bound
         epsilon = bound["upper"]
-    return Certificate(epsilon, delta, info, described)
+    checks = {}
+    independent = table_check.check(groups, delta)
+    if independent is not None:
+        _check_independent(independent, results, epsilon)
+        checks["table"] = {"lower": independent.lower,
+                           "upper": independent.upper if math.isfinite(independent.upper) else None}
+    return Certificate(epsilon, delta, info, described, checks)
 
 
 #: grids beyond this many bytes are not worth suggesting a larger budget for (about 1 TiB)
@@ -332,6 +340,18 @@ def closed_form_bound(groups, delta: float) -> dict | None:
         note += ", without the amplification by subsampling"
     exact = exact and gaussian
     return {"lower": upper if exact else 0.0, "upper": upper, "exact": exact, "note": note}
+
+
+def _check_independent(independent, results: dict, epsilon: float) -> None:
+    """A tabulated law's certificate must lie at or above the independent lower bound of
+    accountant.table_check (and, for one release, its routes at or below the independent upper
+    bound); otherwise a shared bug is suspected and no certificate is printed."""
+    tol = 1e-9 + AGREEMENT_SLACK * abs(epsilon)
+    lowest = max(r.lower for r in results.values())
+    if independent.lower > epsilon + tol or lowest > independent.upper + tol:
+        raise RouteDisagreement(
+            f"accountants disagree: the routes give epsilon in [{lowest:.6g}, {epsilon:.6g}], the "
+            f"independent table check [{independent.lower:.6g}, {independent.upper:.6g}]; no certificate is printed")
 
 
 def _infinite_loss_mass(groups) -> float:
@@ -465,7 +485,13 @@ def _delta_numerically(groups, epsilon: float, accuracy: Accuracy) -> float:
         raise RouteDisagreement(
             f"accountants disagree on delta at epsilon {epsilon:g}: PLD [{pld_low:.4g}, {pld_up:.4g}], "
             f"PRV [{prv_low:.4g}, {prv_up:.4g}]; no certificate is printed")
-    return min(1.0, max(pld_up, prv_up))
+    result = min(1.0, max(pld_up, prv_up))
+    independent = table_check.delta_lower(groups, epsilon)
+    if independent is not None and independent > result * (1 + 1e-6) + 1e-18:
+        raise RouteDisagreement(
+            f"accountants disagree on delta at epsilon {epsilon:g}: the routes give at most {result:.4g}, "
+            f"the independent table check at least {independent:.4g}; no certificate is printed")
+    return result
 
 
 def delta_for_epsilon_pld(mechanisms, epsilon: float, accuracy: Accuracy = Accuracy()) -> float:

@@ -506,7 +506,9 @@ def unimodality_violation(edges, mass, tail_mass: float, tail_rate: float) -> st
     lattice when written by this library) are compared as exact rationals against the exact bin
     widths, ``mass[j+1] * width[j] <= mass[j] * width[j+1]`` outward from the bin at 0, and the tail
     starts no higher than the last bin (``tail_mass * tail_rate * width[-1] <= mass[-1]``).  A float
-    screen decides the clear cases; near-ties are settled in exact integer arithmetic.
+    screen decides the clear cases, where both products are normal floats (relative error at most
+    2^-53 each); near-ties and products that underflow (tiny masses or widths) are settled in exact
+    integer arithmetic, so the answer is exact for every float input.
     """
     edges = np.asarray(edges, dtype=np.float64)
     mass = np.asarray(mass, dtype=np.float64)
@@ -519,9 +521,12 @@ def unimodality_violation(edges, mass, tail_mass: float, tail_rate: float) -> st
     m = mass[start:]
     widths = np.diff(edges)[start:]
     lhs, rhs = m[1:] * widths[:-1], m[:-1] * widths[1:]     # density[j+1] <= density[j] <=> lhs <= rhs
-    for j in np.nonzero(lhs > rhs * (1 - 1e-12))[0]:
+    tiny = np.finfo(np.float64).tiny
+    unsure = (lhs > rhs * (1 - 1e-12)) | ((lhs > 0) & (rhs < tiny)) | ((lhs < tiny) & (m[1:] > 0))
+    for j in np.nonzero(unsure)[0]:
         if _exactly_denser(m[j + 1], _exact_width(edges, start + j + 1), m[j], _exact_width(edges, start + j)):
-            dens = m / widths
+            with np.errstate(over="ignore", divide="ignore"):
+                dens = m / widths
             return (f"the density rises from {dens[j]:.6g} to {dens[j + 1]:.6g} away from 0 at "
                     f"x = {edges[start + j + 1]:.6g}")
     if tail_mass > 0:
@@ -536,7 +541,7 @@ class Tabulated(Noise):
     """Piecewise-uniform core on ``edges`` with exponential tails (table format v1).
 
     The log-likelihood ratio of a piecewise log-linear density is linear on every cell of the partition
-    by ``edges`` and ``edges + s``; :func:`accountant.privacy_loss` uses :meth:`loss_cells` for it.
+    by ``edges`` and ``edges + s``; :func:`accountant.privacy_loss.tabulated_cells` builds that partition exactly.
     """
 
     family = "tabulated"
@@ -549,6 +554,12 @@ class Tabulated(Noise):
             raise NoiseParameterError("table needs edges of length n+1 and mass of length n >= 1")
         if not (np.all(np.isfinite(edges)) and np.all(np.diff(edges) > 0)):
             raise NoiseParameterError("table edges must be finite and strictly increasing")
+        narrow = np.diff(edges) < np.finfo(np.float64).tiny
+        if np.any(narrow):
+            j = int(np.argmax(narrow))
+            raise NoiseParameterError(
+                f"table bin {j} is {edges[j + 1] - edges[j]!r} wide, below the smallest normal float "
+                f"{np.finfo(np.float64).tiny:.4g}: its density would overflow float64; widen the bin")
         if not np.array_equal(edges, -edges[::-1]):
             i = int(np.argmax(edges != -edges[::-1]))
             raise NoiseParameterError(
@@ -595,6 +606,9 @@ class Tabulated(Noise):
         n = len(mass)
         if edges.ndim != 1 or mass.ndim != 1 or len(edges) != n + 1 or n < 1:
             raise NoiseParameterError("table needs edges of length n+1 and mass of length n >= 1")
+        if not (math.isfinite(float(tail_rate)) and float(tail_rate) >= 0
+                and math.isfinite(float(tail_mass)) and float(tail_mass) >= 0):
+            raise NoiseParameterError("tail_mass and tail_rate must be finite and non-negative")
         scale = max(abs(float(edges[0])), abs(float(edges[-1])))
         if np.max(np.abs(edges + edges[::-1])) > 1e-9 * scale:
             raise NoiseParameterError("table edges must be symmetric about 0 to be quantised")
@@ -621,7 +635,8 @@ class Tabulated(Noise):
         if n % 2 == 1 and ints:    # the centre bin (a lower bound of its final mass) may not be outgrown
             ints[0] = min(ints[0], cap(int(LATTICE) - 2 * sum(ints) - 2 * tail_int, half, first))
         for j in range(1, len(ints)):                  # keep density non-increasing outward (exact)
-            rough = ints[j - 1] * (widths[first + j] / widths[first + j - 1])
+            with np.errstate(over="ignore"):      # inf for a subnormal width: the exact cap decides
+                rough = ints[j - 1] * (widths[first + j] / widths[first + j - 1])
             if ints[j] <= rough * (1 - 1e-12):         # clearly within the cap (rough is 1e-15 exact)
                 continue
             ints[j] = min(ints[j], cap(ints[j - 1], first + j - 1, first + j))

@@ -18,6 +18,7 @@ for tabulated laws), and interval masses come from survival functions on the acc
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -146,42 +147,124 @@ def level_set_masses(noise: Noise, shift: float, lam):
     return tuple(out)
 
 
-def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
-    """Exact level-set masses for a piecewise log-linear law.
+# ----------------------------------------------------------------------------------------------
+# Tabulated laws: an exact partition of x-space
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableCells:
+    """The cells between consecutive points of ``edges U (edges + shift)`` inside [-reach, reach + s].
 
-    On every cell of the partition by ``edges`` and ``edges + shift`` both log p(x) and log p(x - s)
-    are linear, so l is linear (constant on most cells).  Constant cells are aggregated by sorting;
-    the few linear cells (where x or x - s lies in a tail) are solved in closed form.
+    The cut points are sorted and compared as exact rationals (every float is an integer over a
+    common power of two), never as float64 sums: ``1 + 1e-20`` is a cell edge of its own even though
+    it rounds to 1.  On a cell both log p(x) and log p(x - s) are linear in the offset t from the
+    cell's start (slope 0 in the core, -/+ rate in the tails); each is stored as its value at the
+    cell's denser end (``log_p_top``: exact up to one rounding even where a steep tail makes the
+    other end's value huge) and its slope, so the log-likelihood ratio is
+    ``l(t) = l0 + (slope_s - slope_p) t``.  ``width`` and the masses are the exact values rounded
+    once to float64 (a core mass is ``mass_j * (cell width / bin width)`` with the ratio computed
+    exactly).
     """
-    edges = tab.edges
-    reach = tab.reach
-    cuts = np.unique(np.concatenate([edges, edges + shift]))
-    lo, hi = cuts[:-1], cuts[1:]
-    keep = hi > lo
-    lo, hi = lo[keep], hi[keep]
-    mid = 0.5 * (lo + hi)
 
-    def loglin(x, at):
-        """log p at ``x`` using the linear piece that contains ``at`` (avoids edge ambiguity)."""
-        core = np.log(tab.density[tab._bin(at)])
-        if tab.tail_mass > 0:
-            tail = math.log(tab.tail_mass * tab.tail_rate) - tab.tail_rate * (np.abs(x) - reach)
-        else:
-            tail = np.full_like(x, -np.inf)
-        return np.where(np.abs(at) <= reach, core, tail)
+    width: np.ndarray
+    log_p_top: np.ndarray
+    slope_p: np.ndarray
+    log_s_top: np.ndarray
+    slope_s: np.ndarray
+    p_mass: np.ndarray
+    s_mass: np.ndarray
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        l_lo = loglin(lo - shift, mid - shift) - loglin(lo, mid)
-        l_hi = loglin(hi - shift, mid - shift) - loglin(hi, mid)
-    p_cell, s_cell = _masses(tab, shift, lo, hi)
-    live = (p_cell > 0) | (s_cell > 0)
-    lo, hi, l_lo, l_hi, p_cell, s_cell = lo[live], hi[live], l_lo[live], l_hi[live], p_cell[live], s_cell[live]
+    def log_p(self, t, sel=slice(None)):
+        """log p at offsets ``t`` (broadcast against the selected cells as a column)."""
+        return _log_density(self.log_p_top[sel], self.slope_p[sel], self.width[sel], t)
+
+    def log_s(self, t, sel=slice(None)):
+        return _log_density(self.log_s_top[sel], self.slope_s[sel], self.width[sel], t)
+
+    @property
+    def l0(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return self.log_s(0.0) - self.log_p(0.0)
+
+    @property
+    def l_slope(self) -> np.ndarray:
+        return self.slope_s - self.slope_p
+
+
+def _log_density(top, slope, width, t):
+    """Log density at offset ``t`` of a cell side stored by its denser end's value ``top``."""
+    top, slope, width = (np.asarray(v)[..., None] if np.ndim(t) > np.ndim(v) else v
+                         for v in (top, slope, width))
     with np.errstate(invalid="ignore"):
-        const = ~(np.isfinite(l_lo) & np.isfinite(l_hi) & (np.abs(l_hi - l_lo) > 1e-12 * (1 + np.abs(l_lo))))
+        return top - np.abs(slope) * np.where(slope > 0, width - t, t)
+
+
+def _side(tab: Tabulated, ints: list, den: int, lo: int, hi: int):
+    """(log density at the denser end, slope, exact mass of [lo, hi]) of the table law on the cell
+    [lo, hi] (numerators over ``den``), which lies inside one bin or one tail."""
+    n = len(tab.mass)
+    j = bisect.bisect_right(ints, lo) - 1
+    if 0 <= j < n:
+        bin_w = ints[j + 1] - ints[j]
+        m = float(tab.mass[j])
+        if m == 0:
+            return -math.inf, 0.0, 0.0
+        return math.log(m) - math.log(bin_w / den), 0.0, m * ((hi - lo) / bin_w)
+    if tab.tail_mass == 0:
+        return -math.inf, 0.0, 0.0
+    r, tm = tab.tail_rate, tab.tail_mass
+    if j >= n:    # right tail: density tm r e^{-r (x - reach)}, decreasing in t
+        near, width = (lo - ints[-1]) / den, (hi - lo) / den      # the exact width, not far - near
+        mass = tm * math.exp(-r * near) * -math.expm1(-r * width)
+        return math.log(tm * r) - r * near, -r, mass
+    near, width = (ints[0] - hi) / den, (hi - lo) / den          # left tail, increasing in t
+    mass = tm * math.exp(-r * near) * -math.expm1(-r * width)
+    return math.log(tm * r) - r * near, r, mass
+
+
+def tabulated_cells(tab: Tabulated, shift: float) -> TableCells:
+    """The exact cell partition of ``tab`` against its copy shifted by ``shift`` (cached per table)."""
+    cache = tab.__dict__.setdefault("_cells_cache", {})
+    if shift not in cache:
+        ratios = [float(v).as_integer_ratio() for v in tab.edges] + [float(shift).as_integer_ratio()]
+        den = max(d for _, d in ratios)
+        ints = [num * (den // d) for num, d in ratios]
+        ints, s = ints[:-1], ints[-1]
+        cuts = sorted(set(ints) | {e + s for e in ints})
+        rows = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            lp, bp, pm = _side(tab, ints, den, lo, hi)
+            ls, bs, sm = _side(tab, ints, den, lo - s, hi - s)
+            rows.append(((hi - lo) / den, lp, bp, ls, bs, pm, sm))
+        cols = np.array(rows, dtype=np.float64).reshape(-1, 7).T
+        cache[shift] = TableCells(*cols)
+    return cache[shift]
+
+
+def _cell_part_masses(top, slope, width, t0, t1):
+    """Mass on offsets [t0, t1] of a cell side with log density ``top`` at its denser end and
+    slope ``slope`` (exact formula, evaluated from the denser end of [t0, t1]: nothing overflows)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        dt = np.maximum(t1 - t0, 0.0)
+        k = np.abs(slope)
+        peak = _log_density(top, slope, width, np.where(slope > 0, t1, t0))
+        curved = np.exp(peak) * -np.expm1(-k * dt) / np.where(k > 0, k, 1.0)
+        flat = np.exp(top) * dt
+    return np.where(np.isneginf(top) | (dt == 0), 0.0, np.where(slope == 0, flat, curved))
+
+
+def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
+    """Exact level-set masses for a piecewise log-linear law, on the exact cells of
+    :func:`tabulated_cells`.  Constant cells (both x and x - s in the core, most of them) are
+    aggregated by sorting; on the few linear cells (one of x, x - s in a tail) l is split at its
+    crossing with each level in closed form."""
+    c = tabulated_cells(tab, shift)
+    l0, slope = c.l0, c.l_slope
+    live = (c.p_mass > 0) | (c.s_mass > 0)
+    lin = live & (slope != 0) & np.isfinite(l0)
+    const = live & ~lin
 
     # outer cells (-inf, -reach) and (reach + shift, inf): constant ratio exp(-/+ rate * shift)
-    values = [np.where(const, l_lo, 0.0)[const]]
-    p_atoms, s_atoms = [p_cell[const]], [s_cell[const]]
+    values, p_atoms, s_atoms = [l0[const]], [c.p_mass[const]], [c.s_mass[const]]
     if tab.tail_mass > 0:
         values.append(np.array([-tab.tail_rate * shift, tab.tail_rate * shift]))
         p_atoms.append(np.array([tab.tail_mass, tab.tail_mass * math.exp(-tab.tail_rate * shift)]))
@@ -199,19 +282,22 @@ def _tabulated_masses(tab: Tabulated, shift: float, lam: np.ndarray):
     p_above, s_above = p_suffix[first_above], s_suffix[first_above]
     p_below, s_below = p_prefix[first_above], s_prefix[first_above]
 
-    # linear cells: l increases from l_lo to l_hi (or decreases); split at the crossing
-    lin = ~const
+    # linear cells: l(t) = l0 + slope t on offsets [0, width]; split at the crossing t*
     if np.any(lin):
-        c_lo, c_hi, v_lo, v_hi = lo[lin][:, None], hi[lin][:, None], l_lo[lin][:, None], l_hi[lin][:, None]
-        frac = np.clip((lam[None, :] - v_lo) / (v_hi - v_lo), 0.0, 1.0)
-        x = c_lo + frac * (c_hi - c_lo)
-        rising = v_hi > v_lo
-        a_lo, a_hi = np.where(rising, x, c_lo), np.where(rising, c_hi, x)
-        b_lo, b_hi = np.where(rising, c_lo, x), np.where(rising, x, c_hi)
-        pa, sa = _masses(tab, shift, a_lo, a_hi)
-        pb, sb = _masses(tab, shift, b_lo, b_hi)
-        p_above, s_above = p_above + pa.sum(0), s_above + sa.sum(0)
-        p_below, s_below = p_below + pb.sum(0), s_below + sb.sum(0)
+        w, v0, k = c.width[lin][:, None], l0[lin][:, None], slope[lin][:, None]
+        cross = np.clip((lam[None, :] - v0) / k, 0.0, w)
+        zero = np.zeros_like(cross)
+        end = np.broadcast_to(w, cross.shape)
+        rising = np.broadcast_to(k > 0, cross.shape)
+        above = (np.where(rising, cross, zero), np.where(rising, end, cross))
+        below = (np.where(rising, zero, cross), np.where(rising, cross, end))
+        for side, (t0, t1) in (("above", above), ("below", below)):
+            pm = _cell_part_masses(c.log_p_top[lin][:, None], c.slope_p[lin][:, None], w, t0, t1).sum(0)
+            sm = _cell_part_masses(c.log_s_top[lin][:, None], c.slope_s[lin][:, None], w, t0, t1).sum(0)
+            if side == "above":
+                p_above, s_above = p_above + pm, s_above + sm
+            else:
+                p_below, s_below = p_below + pm, s_below + sm
     return p_above, s_above, p_below, s_below
 
 
@@ -234,19 +320,15 @@ class ShiftPair:
         t = np.atleast_1d(np.asarray(t, dtype=np.float64))
         q = self.q
         sign = 1.0 if direction == "remove" else -1.0
-        # remove: L > t <=> l > lam(t);  add: L' > t <=> l < lam(-t);  lam(t) = log((e^t - 1 + q)/q)
+        # remove: L > t <=> l > lam(t);  add: L' > t <=> l < lam(-t);  lam(t) = log((e^t - 1 + q)/q),
+        # written t + log1p(-(1 - q) e^-t) - log q: no cancellation in e^t - 1 + q when e^t is small
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            st = sign * t
-            arg = np.expm1(st) + q
-            lam = np.where(arg > 0, np.log(np.maximum(arg, 1e-300)) - math.log(q), -np.inf)
-            # the same lam without overflow (st > 1) or cancellation (q = 1: lam = st exactly)
-            big = st + np.log1p(-(1 - q) * np.exp(-np.maximum(st, 1.0))) - math.log(q)
-            lam = st if q == 1 else np.where(st > 1, big, lam)
-            arg = np.ones_like(st) if q == 1 else arg
+            rest = (1 - q) * np.exp(-sign * t)
+            lam = np.where(rest < 1, sign * t + np.log1p(-rest) - math.log(q), -np.inf)
         pa, sa, pb, sb = level_set_masses(self.noise, self.shift, lam)
         if direction == "remove":
             return (1 - q) * pa + q * sa, pa, (1 - q) * pb + q * sb
-        empty = arg <= 0          # e^-t <= 1 - q: the loss never exceeds t
+        empty = rest >= 1         # e^-t <= 1 - q: the loss never exceeds t
         return np.where(empty, 0.0, pb), np.where(empty, 0.0, (1 - q) * pb + q * sb), np.where(empty, 1.0, pa)
 
     def infinite_mass(self, direction: str) -> float:
@@ -323,12 +405,10 @@ def mean_loss(pair: "ShiftPair", direction: str) -> float:
     it to centre its discretisation (Gopi et al. 2021, Sec. 5)."""
     noise, s, q = pair.noise, pair.shift, pair.q
     if isinstance(noise, Tabulated):
-        cuts = np.unique(np.concatenate([noise.edges, noise.edges + s]))
-        reach = noise.reach
-    else:
-        reach = computational_reach(noise)
-        cuts = np.unique(np.concatenate([np.sinh(np.linspace(-math.asinh(reach), math.asinh(reach + s), 4001)),
-                                         [0.0, s]]))
+        return _tabulated_mean_loss(noise, s, q, direction)
+    reach = computational_reach(noise)
+    cuts = np.unique(np.concatenate([np.sinh(np.linspace(-math.asinh(reach), math.asinh(reach + s), 4001)),
+                                     [0.0, s]]))
     lo, hi = cuts[:-1], cuts[1:]
     x = 0.5 * (lo + hi)[:, None] + 0.5 * (hi - lo)[:, None] * _GL_NODES[None, :]
     w = 0.5 * (hi - lo)[:, None] * _GL_WEIGHTS[None, :]
@@ -339,16 +419,34 @@ def mean_loss(pair: "ShiftPair", direction: str) -> float:
         a = (1 - q) * p + q * noise.pdf(x - s)
         integrand = a * loss if direction == "remove" else -p * loss
     finite = np.isfinite(loss) & ((a > 0) | (p > 0))
-    total = float(np.sum(np.where(finite, integrand, 0.0) * w))
-    if isinstance(noise, Tabulated) and noise.tail_mass > 0:
-        # outer cells: l = -/+ rate * s, exact
-        r = noise.tail_rate
-        m, e = noise.tail_mass, math.exp(-r * s)
-        for ell_c, p_c, shifted_c in ((-r * s, m, m * e), (r * s, m * e, m)):   # masses under P, P_s
-            loss_c = float(_subsampled_loss(np.float64(ell_c), q))
-            a_c = (1 - q) * p_c + q * shifted_c
-            total += a_c * loss_c if direction == "remove" else -p_c * loss_c
-    return total
+    return float(np.sum(np.where(finite, integrand, 0.0) * w))
+
+
+def _tabulated_mean_loss(tab: Tabulated, s: float, q: float, direction: str) -> float:
+    """E[L; L finite] for a table on its exact cells: constant cells from their masses, linear
+    cells (tails) by 8-point Gauss-Legendre in the offset, the outer cells exactly."""
+    c = tabulated_cells(tab, s)
+    l0, k = c.l0, c.l_slope
+    lin = (k != 0) & np.isfinite(l0)
+    t = 0.5 * c.width[lin][:, None] * (1 + _GL_NODES[None, :])
+    gl_w = 0.5 * c.width[lin][:, None] * _GL_WEIGHTS[None, :]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        log_p, log_s = c.log_p(t, lin), c.log_s(t, lin)
+        p_lin, s_lin = np.exp(log_p) * gl_w, np.exp(log_s) * gl_w
+        ell = [l0[~lin], (log_s - log_p).ravel()]
+    p_m, s_m = [c.p_mass[~lin], p_lin.ravel()], [c.s_mass[~lin], s_lin.ravel()]
+    if tab.tail_mass > 0:   # outer cells: l = -/+ rate * s
+        r, tm = tab.tail_rate, tab.tail_mass
+        ell.append(np.array([-r * s, r * s]))
+        p_m.append(np.array([tm, tm * math.exp(-r * s)]))
+        s_m.append(np.array([tm * math.exp(-r * s), tm]))
+    ell, p, sm = np.concatenate(ell), np.concatenate(p_m), np.concatenate(s_m)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        loss = _subsampled_loss(ell, q)
+        a = (1 - q) * p + q * sm
+        integrand = a * loss if direction == "remove" else -p * loss
+    finite = np.isfinite(loss) & ((a > 0) | (p > 0))
+    return float(np.sum(np.where(finite, integrand, 0.0)))
 
 
 @dataclass(frozen=True)
