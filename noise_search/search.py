@@ -318,6 +318,13 @@ def calibrate_certified(make_noise, start: float, eps: float, delta: float, q: f
         if progress is not None:
             progress.update(1)
         if cert.epsilon <= eps:
+            if margin > 0 and "closed_form" in cert.routes and delta_at is None:
+                # a closed form (exact Gaussian at q 1, a pure bound) decided the certificate, so the
+                # PRV route's error margin the first stage left was not needed: solve without it
+                tighter = calibrate_certified(make_noise, scale, eps, delta, q, T, geometry, rtol,
+                                              max_certificates, progress, margin=0.0)
+                if tighter[0] < scale:
+                    return tighter
             return scale, noise, cert
         scale *= (cert.epsilon / eps) * (1 + 1e-4)
     raise fa.CalibrationError(f"no certificate at epsilon {eps:g} after {max_certificates} attempts")
