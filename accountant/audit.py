@@ -24,7 +24,10 @@ Every stage below keeps the result a lower bound (Theorem A of docs/privacy.md):
    lattice of the step loss, composed ``T`` times by FFT, and ``delta(eps)`` is read off with the
    FFT's wrap-around mass and floating-point error subtracted.
 
-The lower bound is the maximum over ``k`` in ``{1, 4, 16, ...} <= d`` and over both relations.
+The lower bound is the maximum over ``k`` in ``{1, 4, 16, ...} <= min(d, MAX_K)`` and over both
+relations (a maximum over fewer pairs is still a lower bound). The references printed beside it (the
+Gaussian limit and, for Gaussian noise, the certified upper bound) are computed separately: a
+reference that cannot be computed is reported as missing, and the lower bound stands on its own.
 """
 from __future__ import annotations
 
@@ -46,6 +49,10 @@ from accountant.privacy_loss import TAIL_NEGLIGIBLE, level_set_masses
 #: lattice points snap onto a lattice value within this fraction of a step (a stated float tolerance)
 SNAP = 1e-9
 UNIT = 2.0 ** -52
+#: largest k tried: at k = 4^18 the per-coordinate shift C / 2^18 leaves a loss below float64's
+#: resolution on the lattice and the bound from that k collapses to 0 (measured for Gaussian and
+#: Laplace noise, sigma / scale 1); larger k only add failures, never a larger bound
+MAX_K = 4 ** 16
 #: threads for the batched FFTs of a squaring (scipy.fft ``workers``)
 FFT_WORKERS = min(2, os.cpu_count() or 1)
 
@@ -71,7 +78,7 @@ class AuditAccuracy:
 class AuditResult:
     lower_bound: float
     k: int
-    one_coordinate: float
+    one_coordinate: float | None
     gaussian_limit: float | None
     sigma_eff: float | None
     fisher_information: float
@@ -83,6 +90,8 @@ class AuditResult:
     per_k: list = field(default_factory=list)
     mechanism: dict = field(default_factory=dict)
     seconds: float = 0.0
+    #: why a reference (``gaussian_limit``, ``upper_bound``) or a k is missing: {name: one line}
+    unavailable: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -557,8 +566,8 @@ def gaussian_limit(noise: Noise, sensitivity: float, q: float, steps: int, delta
 # The audit
 # ----------------------------------------------------------------------------------------------
 def k_grid(dimension: int, max_k: int | None = None) -> list[int]:
-    """k = 1, 4, 16, ... up to the dimension (and max_k)."""
-    top = min(dimension, max_k) if max_k else dimension
+    """k = 1, 4, 16, ... up to the dimension (and max_k, and MAX_K)."""
+    top = min(dimension, max_k, MAX_K) if max_k else min(dimension, MAX_K)
     out, k = [], 1
     while k <= top:
         out.append(k)
@@ -608,31 +617,52 @@ def audit(mechanism: Mechanism, dimension: int, delta: float, claimed_epsilon: f
         bar = tqdm(total=len(grid), desc="audit k", unit="k")
 
     def one(k):
-        r = lower_bound_at_k(mechanism, k, delta, accuracy)
+        try:
+            r = lower_bound_at_k(mechanism, k, delta, accuracy)
+            row = {"k": k, "lower_bound": r["epsilon"], "remove": r["remove"]["epsilon"],
+                   "add": r["add"]["epsilon"], "loss_step": r["loss_step"], "step": r["remove"]["step"],
+                   "guard": max(r["remove"]["guard"], r["add"]["guard"])}
+        except _NUMERICAL as exc:          # this pair gives no bound; the others still do
+            row = {"k": k, "lower_bound": None, "error": _one_line(exc)}
         if bar is not None:
             bar.update()
-        return {"k": k, "lower_bound": r["epsilon"], "remove": r["remove"]["epsilon"], "add": r["add"]["epsilon"],
-                "loss_step": r["loss_step"], "step": r["remove"]["step"],
-                "guard": max(r["remove"]["guard"], r["add"]["guard"])}
+        return row
     q, steps, c = mechanism.sampling_rate, int(mechanism.steps), mechanism.sensitivity
+    unavailable = {}
+
+    def reference():
+        try:
+            return gaussian_limit(mechanism.noise, c, q, steps, delta)
+        except _NUMERICAL as exc:          # the reference failed; the lower bound does not depend on it
+            unavailable["gaussian_limit"] = _one_line(exc)
+            return None, None
     try:
         if workers == 1:
             per_k = [one(k) for k in grid]
-            limit, sigma_eff = gaussian_limit(mechanism.noise, c, q, steps, delta)
+            limit, sigma_eff = reference()
         else:                                  # the reference and the largest k first: they take longest
             with ThreadPoolExecutor(workers) as pool:
-                reference = pool.submit(gaussian_limit, mechanism.noise, c, q, steps, delta)
+                ref = pool.submit(reference)
                 done = dict(zip(grid[::-1], pool.map(one, grid[::-1])))
-                limit, sigma_eff = reference.result()
+                limit, sigma_eff = ref.result()
             per_k = [done[k] for k in grid]
     finally:
         if bar is not None:
             bar.close()
-    best = max(per_k, key=lambda r: r["lower_bound"])
+    valid = [r for r in per_k if r["lower_bound"] is not None]
+    if not valid:
+        raise AuditError(f"no k gave a lower bound: {per_k[0]['error']}")
+    for r in per_k:
+        if r["lower_bound"] is None:
+            unavailable[f"k={r['k']}"] = r["error"]
+    best = max(valid, key=lambda r: r["lower_bound"])
     upper = None
     if isinstance(mechanism.noise, Gaussian):
-        upper = certify(mechanism, delta).epsilon
-        if best["lower_bound"] > upper * (1 + 1e-6):
+        try:
+            upper = certify(mechanism, delta).epsilon
+        except _NUMERICAL as exc:
+            unavailable["upper_bound"] = _one_line(exc)
+        if upper is not None and best["lower_bound"] > upper * (1 + 1e-6):
             raise AuditError(f"self-check failed: lower bound {best['lower_bound']:.6g} exceeds the "
                              f"certified upper bound {upper:.6g}")
     refuted = None if claimed_epsilon is None else bool(best["lower_bound"] > claimed_epsilon)
@@ -641,4 +671,12 @@ def audit(mechanism: Mechanism, dimension: int, delta: float, claimed_epsilon: f
                        fisher_information=fisher_information(mechanism.noise), upper_bound=upper,
                        delta=delta, dimension=int(dimension), claimed_epsilon=claimed_epsilon,
                        refuted=refuted, per_k=per_k, mechanism=mechanism.describe(),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, unavailable=unavailable)
+
+
+#: failures of a numerical computation (ours or a library's) that leave the other computations valid
+_NUMERICAL = (ValueError, ArithmeticError, RuntimeError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
