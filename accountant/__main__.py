@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 INTERRUPTED = "python -m accountant: interrupted; nothing written"
 
@@ -36,9 +37,12 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load: nothing has star
     signal.signal(signal.SIGINT, _exit_quietly)
     signal.signal(signal.SIGTERM, _exit_quietly)
 
+import numpy as np
+
 from accountant.audit_cli import add_audit_command
 from accountant.cli_common import (DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, EPSILON_FLAGS, OneLineParser,
-                                   marked, round_down, round_up, run_settings, settings_json)
+                                   failure_line, marked, positive_count, round_down, round_up, run_settings,
+                                   settings_json)
 from accountant.certify import Accuracy, CertificationError, calibrate, certify, delta_for_epsilon
 from accountant.mechanism import GEOMETRIES, Mechanism
 from accountant.noise import LMO, GeneralizedGaussian, Gaussian, Laplace, NoiseParameterError
@@ -107,7 +111,7 @@ def _add_mechanism_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("mechanism (defaults for --noise table come from the table)")
     g.add_argument("--sampling-rate", type=_rate,
                    help=f"Poisson sampling rate q in (0, 1] (default {DEFAULT_SAMPLING_RATE}, as python -m noise_search)")
-    g.add_argument("--steps", type=_positive(int),
+    g.add_argument("--steps", type=positive_count,
                    help=f"number of composed steps T (default {DEFAULT_STEPS}, as python -m noise_search)")
     g.add_argument("--sensitivity", "--max-grad-norm", dest="sensitivity", type=_positive(float), default=1.0,
                    help="sensitivity / clipping norm C (default 1)")
@@ -150,12 +154,28 @@ def _check_lmo_keys(cfg: dict, path: str) -> None:
             raise UsageError(f"{path}: {key} must be a finite number, got {json.dumps(value)}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    """JSON object hook: a key given twice is refused (json.load would keep the last one silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(repr(key))
+        seen.add(key)
+    return dict(pairs)
+
+
 def _load_lmo(args) -> LMO:
     if not args.params:
         raise UsageError("--noise lmo needs --params FILE.json")
     try:
         with open(args.params) as handle:
-            cfg = json.load(handle)
+            cfg = json.load(handle, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise UsageError(f"{args.params}: key {exc} appears more than once (which one is meant?)") from None
     except OSError as exc:
         raise UsageError(f"cannot read {args.params}: {exc.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -223,7 +243,7 @@ def cmd_epsilon(args) -> dict:
     out = {"epsilon": cert.epsilon, "delta": delta, "mechanism": mech.describe(),
            "expected_abs": mech.noise.expected_abs(),
            "routes": {name: r["upper"] for name, r in cert.routes.items()},
-           "route_details": cert.routes, "seconds": time.perf_counter() - start,
+           "route_details": cert.routes, "checks": cert.checks, "seconds": time.perf_counter() - start,
            **settings_json(mech.describe(), sources)}
     if isinstance(mech.noise, LMO):
         out["lmo_pure_eps_per_step_1d"] = _lmo_eps0(mech.noise, mech.sensitivity)
@@ -239,6 +259,8 @@ def cmd_epsilon(args) -> dict:
         print(f"delta     : {marked(f'{delta:g}', delta_source)}  (max over add and remove relations)")
         for name, r in cert.routes.items():
             print(f"  {name:5s} : epsilon in [{round_down(r['lower'])}, {round_up(r['upper'])}]")
+        if "table" in cert.checks:
+            print(f"  table check (independent cells): epsilon >= {round_down(cert.checks['table']['lower'])}")
         if "lmo_pure_eps_per_step_1d" in out:
             print(f"  (one step alone is pure {out['lmo_pure_eps_per_step_1d']:.6g}-DP for a scalar query)")
         if "table" in defaults:
@@ -246,11 +268,14 @@ def cmd_epsilon(args) -> dict:
             print(f"table claims     : epsilon {round_up(c['epsilon'])} at delta {c['delta']:g} (target {c['eps_target']:g}, "
                   f"q = {c['sampling_rate']:g}, T = {c['steps']}, {c['geometry']}, sensitivity 1)")
         print(f"certified epsilon: {round_up(cert.epsilon)}   [{out['seconds']:.1f} s]")
-        if math.isinf(cert.epsilon) and "pld" in cert.routes:
+        if math.isinf(cert.epsilon) and cert.routes.get("pld", {}).get("infinite_loss_mass", 0.0) > delta:
             print(f"(no finite epsilon: the privacy loss is +inf with probability "
                   f"{cert.routes['pld']['infinite_loss_mass']:.4g} > delta; docs/privacy.md section 4)")
         elif "closed_form" in cert.routes:
             print(f"({cert.routes['closed_form']['note']}; docs/privacy.md section 6)")
+        elif math.isinf(cert.epsilon):
+            print("(no finite epsilon could be certified: the privacy loss exceeds what float64 "
+                  "accounting represents; docs/privacy.md section 4)")
         if "table" in defaults and check is None:
             print("(not compared with the claim: the mechanism or delta differs from the table's)")
     return out
@@ -366,9 +391,16 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, clean up on the way out
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        out = args.run(args)
-    except (UsageError, TableError, NoiseParameterError, CertificationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # float warnings of the numerical libraries are not messages for the user: a result that
+        # is not finite is checked where it is used, and ends in the one line below
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out = args.run(args)
+    except UsageError as exc:
+        print(" ".join(f"error: {exc}".split()), file=sys.stderr)
+        return 2
+    except (ValueError, ArithmeticError, RuntimeError, MemoryError) as exc:
+        print(failure_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # tables are written to a temporary sibling and renamed: none is half-written
         print(INTERRUPTED, file=sys.stderr)

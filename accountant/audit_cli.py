@@ -93,18 +93,27 @@ def cmd_audit(args, noise_and_defaults) -> dict:
         print(f"mechanism : {noise.family}({params}), C = {args.sensitivity:g}, l2, d = {args.dimension}, "
               f"q = {marked(f'{q:g}', sources.get('sampling_rate'))}, T = {marked(str(steps), sources.get('steps'))}, "
               f"delta = {marked(f'{delta:g}', delta_source)}")
+        na = res.unavailable
         for row in res.per_k:
-            print(f"  k = {row['k']:>10d} : epsilon >= {round_down(row['lower_bound'])}")
-        print(f"one coordinate (k = 1)     : epsilon >= {round_down(res.one_coordinate)}")
+            shown = "n/a" if row["lower_bound"] is None else f"epsilon >= {round_down(row['lower_bound'])}"
+            print(f"  k = {row['k']:>10d} : {shown}")
+        one = "n/a" if res.one_coordinate is None else f"epsilon >= {round_down(res.one_coordinate)}"
+        print(f"one coordinate (k = 1)     : {one}")
         if res.gaussian_limit is not None:
             print(f"Gaussian limit (reference) : {res.gaussian_limit:.5g}  (sigma_eff = {res.sigma_eff:.6g}, "
                   f"Fisher information {res.fisher_information:.6g})")
+        elif "gaussian_limit" in na:
+            print(f"Gaussian limit (reference) : n/a  (not computable here: {na['gaussian_limit']})")
         else:
             print("Gaussian limit (reference) : none (infinite Fisher information)")
         if res.upper_bound is not None:
             print(f"certified upper bound      : {round_up(res.upper_bound)}")
+        elif "upper_bound" in na:
+            print(f"certified upper bound      : n/a  (not computable here: {na['upper_bound']})")
         else:
             print("certified upper bound      : none (no theorem for this noise under l2)")
+        if res.dimension > res.per_k[-1]["k"] * 4 and res.per_k[-1]["k"] < (args.max_k or res.dimension):
+            print(f"(k stops at {res.per_k[-1]['k']}: larger k give no larger bound in float64)")
         print(f"certified lower bound: epsilon >= {round_down(res.lower_bound)}  (attained at k = {res.k})  "
               f"[{res.seconds:.1f} s]")
         if res.claimed_epsilon is not None:

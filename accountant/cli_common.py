@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import traceback
+from pathlib import Path
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 # The run both CLIs assume when --sampling-rate / --steps are omitted: Poisson rate 0.01 and 1000
@@ -25,6 +27,46 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def positive_count(text: str) -> int:
+    """argparse type of a count (steps, dimension): a positive integer, also written as 1e12."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 1 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return int(text) if text.strip().lstrip("+").isdigit() else int(value)
+
+
+_PACKAGES = ("accountant", "noise_search")
+
+
+def _written_for_the_user(exc: BaseException) -> bool:
+    """An error class of this project, or a ValueError raised by a ``raise`` statement of this
+    project: its message states the mistake. Anything else (``int(nan)``, an overflow, a library's
+    internal check) is a numerical failure whose bare message would not tell the user what to change."""
+    if type(exc).__module__.split(".")[0] in _PACKAGES:
+        return True
+    if type(exc) is not ValueError:
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    own = Path(last.filename).resolve().parent.name in _PACKAGES
+    return own and (last.line or "").lstrip().startswith("raise")
+
+
+def failure_line(exc: BaseException) -> str:
+    """The one line (no traceback) a command line prints for ``exc`` before exiting with code 2."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if _written_for_the_user(exc):
+        return f"error: {detail}"
+    return (f"error: cannot compute this case ({type(exc).__name__}: {detail}); the parameters lie outside "
+            f"the range this accountant supports: bring the noise scale / sensitivity ratio, epsilon and "
+            f"the number of steps nearer to usual values")
 
 
 def _outward(x: float, digits: int, rounding: str) -> str:

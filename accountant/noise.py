@@ -265,6 +265,11 @@ class GeneralizedGaussian(Noise):
         return np.where(rng.random(n) < 0.5, -mag, mag)
 
 
+#: E[u^2] of an LMO mixing variable above this overflows the accountant's float64 arithmetic
+#: (u^2 times squared distances): the supported range of the LMO parameters
+LMO_MAX_MOMENT = 1e150
+
+
 class LMO(Noise):
     """The LMO-DP Laplace scale mixture (Yang et al., arXiv 2405.18776).
 
@@ -293,8 +298,16 @@ class LMO(Noise):
             raise NoiseParameterError("LMO Exponential term needs rate lam > 0")
         if self.a4 > 0 and not (0 <= self.ua <= self.ub):   # U_a == U_b: the constant a4 * U_a
             raise NoiseParameterError("LMO Uniform term needs 0 <= U_a <= U_b")
-        mean_u = self.moment_u(1)
-        self._mean_u, self._mean_u2 = mean_u, self.moment_u(2)
+        try:
+            self._mean_u, self._mean_u2 = self.moment_u(1), self.moment_u(2)
+        except OverflowError:
+            self._mean_u2 = math.inf
+        if not (0 < self._mean_u2 < LMO_MAX_MOMENT and self._mean_u > 0):
+            raise NoiseParameterError(
+                f"LMO parameters outside the supported range: E[u^2] of the mixing variable must be a "
+                f"positive number below {LMO_MAX_MOMENT:g} (float64 accounting), got a1={self.a1:g}, "
+                f"a3={self.a3:g}, a4={self.a4:g}, k={self.k:g}, theta={self.theta:g}, lam={self.lam:g}, "
+                f"ua={self.ua:g}, ub={self.ub:g}")
 
     @classmethod
     def from_published(cls, cfg: dict, exp_lambda_as_scale: bool = False) -> "LMO":

@@ -31,10 +31,13 @@ def _check_writable_dir(directory: Path, what: str) -> None:
 
 def check_output_file(path, *, overwrite: bool = False, what: str = "output file") -> Path:
     """Validate ``path`` as a file to create: its folder exists and is writable, it is not a
-    folder, and it does not exist yet unless ``overwrite``."""
+    folder or any other existing non-regular file (a device such as /dev/full is never replaced), and
+    it does not exist yet unless ``overwrite``."""
     path = Path(path)
     if path.is_dir():
         raise OutputPathError(f"{what} {str(path)!r} is a folder")
+    if path.exists() and not path.is_file():   # a device, pipe or socket: --overwrite would replace it
+        raise OutputPathError(f"{what} {str(path)!r} exists and is not a regular file; give a file path")
     if path.exists() and not overwrite:
         raise OutputPathError(f"{what} {str(path)!r} exists; pass --overwrite to replace it")
     _check_writable_dir(path.parent if str(path.parent) else Path("."), f"{what} {str(path)!r}")

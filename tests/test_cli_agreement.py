@@ -47,7 +47,7 @@ class Recorder:
 
 def fake_certificate(epsilon=AWKWARD, lower=0.2999995):
     routes = {"pld": {"lower": lower, "upper": epsilon}, "prv": {"lower": lower, "upper": epsilon}}
-    return SimpleNamespace(epsilon=epsilon, delta=1e-10, routes=routes)
+    return SimpleNamespace(epsilon=epsilon, delta=1e-10, routes=routes, checks={})
 
 
 @pytest.fixture
