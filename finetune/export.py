@@ -249,7 +249,10 @@ def export(args) -> str:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:            # usage mistake (one line already printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     try:
         kind = export(args)
     except UserError as e:
