@@ -194,3 +194,39 @@ def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finetune.export", "--run", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not a folder" in proc.stderr
+
+
+@pytest.mark.slow
+def test_export_of_a_real_dp_lora_run(tmp_path):
+    """A run written by python -m finetune (tiny GPT-2, DP LoRA, 4 steps) exports, and its
+    dp_metadata carries the ledger's epsilon; the merged checkpoint reloads with the adapted logits."""
+    from accountant.certify import certify
+    from accountant.ledger import PrivacyLedger
+    from accountant.mechanism import Mechanism
+    from accountant.noise import Gaussian
+    from accountant.table import write_certified_table
+    from finetune.__main__ import main as train
+    from finetune.data import generate_records, write_jsonl
+
+    write_jsonl(generate_records(120, seed=0), tmp_path / "data.jsonl")
+    cert = certify(Mechanism(Gaussian(1.0), 1.0, "l2", 0.1, 4), 1e-5)
+    write_certified_table(tmp_path / "t.npz", Gaussian(1.0), eps_target=cert.epsilon, delta=1e-5,
+                          sampling_rate=0.1, steps=4, geometry="l2", certificate=cert, gaussian_sigma=1.0)
+    run = tmp_path / "run"
+    assert train(["--table", str(tmp_path / "t.npz"), "--model", "tiny", "--data", str(tmp_path / "data.jsonl"),
+                  "--out", str(run), "--seq-len", "24", "--micro-batch", "8", "--quiet", "--method", "lora",
+                  "--lr", "0.01"]) == 0
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "a")]) == 0
+    dp = json.loads((tmp_path / "a" / "dp_metadata.json").read_text())
+    ledger = PrivacyLedger.from_json((run / "ledger.json").read_text())
+    assert dp["private"] and dp["epsilon"] == pytest.approx(ledger.epsilon()) and dp["delta"] == 1e-5
+    assert dp["noise_table_sha256"] == hashlib.sha256((tmp_path / "t.npz").read_bytes()).hexdigest()
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny" and config["target_modules"] == ["c_attn"]
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 0
+    adapted = checkpoint.from_pretrained("tiny")
+    peft.load_adapter(adapted, run / "adapter.safetensors")
+    ids = Tensor(np.random.default_rng(2).integers(0, 5000, (2, 9)).astype(np.int32))
+    mask = Tensor(np.ones((2, 9), np.float32))
+    merged = checkpoint.from_pretrained(tmp_path / "m")
+    assert np.abs(merged(ids, mask).asnumpy() - adapted(ids, mask).asnumpy()).max() <= 1e-5
