@@ -5,12 +5,14 @@
 
 For each model: random-init weights, LoRA (rank ``--rank``) on all seven projections
 (q/k/v/o/gate/up/down), the adapter's B set non-zero (as after training), then merged into the
-weights (``finetune.models.peft.merge_lora``, what ``python -m finetune.export --merge`` writes).
+weights (``finetune.models.peft.merge_lora``) and copied into a plain model without LoRA cells (what
+``python -m finetune.export --merge`` writes and a server loads).
 The base model and the merged model are separate objects with the same shapes, each forward compiled
 once with ``ms.jit``; then ``--rounds`` rounds, each timing one forward of the base and one of the
 merged model back to back (order alternating), so machine load affects both alike. Reported: median
 seconds per forward and the ratio merged / base (expected ~1.00: a merged adapter is an ordinary
-weight). For reference the unmerged adapted model (the extra low-rank products) is timed too.
+weight). For reference the unmerged adapted model (the extra low-rank products) is timed too, before
+the rounds (not interleaved, so only indicative).
 """
 from __future__ import annotations
 
@@ -53,7 +55,13 @@ def measure(name: str, batch: int, seq: int, rounds: int, rank: int) -> dict:
         before = unmerged(ids, mask).asnumpy()
         t_unmerged.append(time.perf_counter() - t0)
     peft.merge_lora(adapted)
-    fns = {"base": _compiled(base), "merged": _compiled(adapted)}
+    # what --merge writes and a server loads: a plain model (no LoRA cells) with the merged weights
+    merged = from_pretrained(name, seed=1)
+    weights = dict(adapted.parameters_and_names())
+    for n, p in merged.parameters_and_names():
+        assign_parameter(p, weights[n].asnumpy())
+    del adapted, weights, unmerged
+    fns = {"base": _compiled(base), "merged": _compiled(merged)}
     after = fns["merged"](ids, mask).asnumpy()              # compile (and check the merge)
     fns["base"](ids, mask).asnumpy()
     times = {"base": [], "merged": []}
