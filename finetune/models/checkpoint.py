@@ -24,7 +24,8 @@ PyTorch ``pytorch_model.bin`` files (pickles) are refused.
     from finetune.models.checkpoint import from_pretrained, save_pretrained
     model = from_pretrained("tiny")                 # preset, random init
     model = from_pretrained("path/to/gpt2-dir")     # config.json + model.safetensors (or model.ckpt)
-    save_pretrained(model, "out-dir")               # config.json + model.safetensors (HF layout)
+    save_pretrained(model, "out-dir")               # config.json + model.safetensors (HF layout;
+                                                    # GPT-2 or Llama family)
     save_pretrained(model, "out-dir", fmt="ckpt")   # config.json + model.ckpt (MindSpore names)
 """
 from __future__ import annotations
@@ -286,14 +287,27 @@ def from_pretrained(name_or_path: str, seed: int = 0):
     raise CheckpointError(f"{p}: no model.safetensors or model.ckpt found")
 
 
-def save_pretrained(model: GPT2LMHeadModel, directory: str, fmt: str = "safetensors") -> str:
-    """Write ``config.json`` plus ``model.safetensors`` (HF layout) or ``model.ckpt``; returns the
-    weights path."""
+def save_llama_safetensors(model, path: str) -> None:
+    """Write a Llama-family model's base weights with Hugging Face names (no transposes; a tied head
+    is not stored, as Hugging Face does not store it). Adapters excluded: merge them first."""
+    from safetensors.numpy import save_file
+
+    save_file({n: p.asnumpy() for n, p in _base_params(model)}, os.fspath(path), metadata={"format": "pt"})
+
+
+def save_pretrained(model, directory: str, fmt: str = "safetensors") -> str:
+    """Write ``config.json`` plus ``model.safetensors`` (HF layout) or ``model.ckpt`` (GPT-2 only);
+    returns the weights path."""
+    from .llama import LlamaForCausalLM
+
     if fmt not in ("safetensors", "ckpt"):
         raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
+    llama = isinstance(model, LlamaForCausalLM)
+    if llama and fmt != "safetensors":
+        raise ValueError("Llama-family models are saved as safetensors only")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     model.config.to_json(os.path.join(directory, "config.json"))
     out = os.path.join(directory, "model." + fmt)
-    (save_safetensors if fmt == "safetensors" else save_ckpt)(model, out)
+    (save_llama_safetensors if llama else save_safetensors if fmt == "safetensors" else save_ckpt)(model, out)
     return out

@@ -15,6 +15,11 @@ Smaller vocabularies (the ``tiny`` model uses 5000): GPT-2's ids are ordered by 
     tok = load_tokenizer()                    # full GPT-2 (50257 ids)
     tok.encode("Hello world")                 # [15496, 995]
     tok = load_tokenizer(vocab_size=5000)     # for GPT2Config.tiny()
+
+A checkpoint's own tokenizer (Llama, Qwen2, Mistral uploads ship ``tokenizer.json``, the file format
+of the ``tokenizers`` library)::
+
+    tok = load_tokenizer_from_dir("path/to/checkpoint")   # DIR/tokenizer.json
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import functools
 import importlib.resources
 import json
 
-__all__ = ["GPT2Tokenizer", "load_tokenizer", "FULL_VOCAB_SIZE", "EOS_TOKEN"]
+__all__ = ["GPT2Tokenizer", "HFTokenizer", "TokenizerError", "load_tokenizer", "load_tokenizer_from_dir",
+           "FULL_VOCAB_SIZE", "EOS_TOKEN"]
 
 FULL_VOCAB_SIZE = 50257
 EOS_TOKEN = "<|endoftext|>"
@@ -84,3 +90,83 @@ class GPT2Tokenizer:
 def load_tokenizer(vocab_size: int = FULL_VOCAB_SIZE) -> GPT2Tokenizer:
     """GPT-2 BPE tokenizer; ``vocab_size < 50257`` keeps only the first merges (see module doc)."""
     return GPT2Tokenizer(vocab_size)
+
+
+class TokenizerError(ValueError):
+    """A checkpoint folder's tokenizer files are missing or unreadable; the message is one line."""
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` read from a checkpoint's ``tokenizer.json``, with the same interface
+    as ``GPT2Tokenizer`` (``encode``, ``encode_batch``, ``decode``, ``eos_id``, ``pad_id``)."""
+
+    def __init__(self, tok, eos_id, pad_id):
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+
+    def encode(self, text: str) -> list:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def _read_optional_json(path: str) -> dict:
+    import os
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {type(e).__name__}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_id(tok, entry):
+    """Id of a special token given as a string or as an AddedToken dict ({"content": ...})."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return tok.token_to_id(entry) if isinstance(entry, str) else None
+
+
+def load_tokenizer_from_dir(directory) -> HFTokenizer:
+    """The tokenizer of a Hugging Face checkpoint folder: ``DIR/tokenizer.json`` run by the
+    ``tokenizers`` library. The end-of-sequence and padding ids come from ``tokenizer_config.json``
+    (``eos_token`` / ``pad_token``), else ``config.json`` (``eos_token_id`` / ``pad_token_id``); a
+    missing padding id falls back to the end-of-sequence id (the GPT-2 convention used here)."""
+    import os
+
+    from tokenizers import Tokenizer
+
+    directory = os.fspath(directory)
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{directory}: no tokenizer.json (the checkpoint's tokenizer, tokenizers format)")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises its own exception type with multi-line text
+        raise TokenizerError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    tcfg = _read_optional_json(os.path.join(directory, "tokenizer_config.json"))
+    cfg = _read_optional_json(os.path.join(directory, "config.json"))
+
+    def first_id(*candidates):
+        for c in candidates:
+            if isinstance(c, list):
+                c = c[0] if c else None
+            if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < tok.get_vocab_size(with_added_tokens=True):
+                return c
+        return None
+
+    eos = first_id(_token_id(tok, tcfg.get("eos_token")), cfg.get("eos_token_id"))
+    pad = first_id(_token_id(tok, tcfg.get("pad_token")), cfg.get("pad_token_id"), eos)
+    return HFTokenizer(tok, eos, pad)
