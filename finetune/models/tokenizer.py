@@ -52,53 +52,10 @@ def _gpt2_files():
     return encoder, merges
 
 
-class GPT2Tokenizer:
-    """Thin wrapper over a ``tokenizers.Tokenizer`` with GPT-2 conventions (EOS doubles as padding)."""
-
-    def __init__(self, vocab_size: int = FULL_VOCAB_SIZE):
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-        if not isinstance(vocab_size, int) or not 258 <= vocab_size <= FULL_VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be an integer in [258, {FULL_VOCAB_SIZE}], got {vocab_size!r}")
-        encoder, merges = _gpt2_files()
-        n_merges = vocab_size - 257
-        vocab = {t: i for t, i in encoder.items() if i < 256 + n_merges}
-        vocab[EOS_TOKEN] = vocab_size - 1
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges[:n_merges]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
-        self._tok = tok
-        self.vocab_size = vocab_size
-        self.eos_id = vocab_size - 1
-        self.pad_id = self.eos_id
-
-    def encode(self, text: str) -> list:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts) -> list:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(vocab_size: int = FULL_VOCAB_SIZE) -> GPT2Tokenizer:
-    """GPT-2 BPE tokenizer; ``vocab_size < 50257`` keeps only the first merges (see module doc)."""
-    return GPT2Tokenizer(vocab_size)
-
-
-class TokenizerError(ValueError):
-    """A checkpoint folder's tokenizer files are missing or unreadable; the message is one line."""
-
-
 class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` read from a checkpoint's ``tokenizer.json``, with the same interface
-    as ``GPT2Tokenizer`` (``encode``, ``encode_batch``, ``decode``, ``eos_id``, ``pad_id``)."""
+    """A ``tokenizers.Tokenizer`` with the interface the library uses (``encode``, ``encode_batch``,
+    ``decode``, ``eos_id``, ``pad_id``): a checkpoint's ``tokenizer.json`` (``load_tokenizer_from_dir``)
+    or GPT-2's BPE (``GPT2Tokenizer``)."""
 
     def __init__(self, tok, eos_id, pad_id):
         self._tok = tok
@@ -117,6 +74,38 @@ class HFTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+class GPT2Tokenizer(HFTokenizer):
+    """Thin wrapper over a ``tokenizers.Tokenizer`` with GPT-2 conventions (EOS doubles as padding)."""
+
+    def __init__(self, vocab_size: int = FULL_VOCAB_SIZE):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        if not isinstance(vocab_size, int) or not 258 <= vocab_size <= FULL_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be an integer in [258, {FULL_VOCAB_SIZE}], got {vocab_size!r}")
+        encoder, merges = _gpt2_files()
+        n_merges = vocab_size - 257
+        vocab = {t: i for t, i in encoder.items() if i < 256 + n_merges}
+        vocab[EOS_TOKEN] = vocab_size - 1
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges[:n_merges]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+        super().__init__(tok, eos_id=vocab_size - 1, pad_id=vocab_size - 1)
+        self.vocab_size = vocab_size
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(vocab_size: int = FULL_VOCAB_SIZE) -> GPT2Tokenizer:
+    """GPT-2 BPE tokenizer; ``vocab_size < 50257`` keeps only the first merges (see module doc)."""
+    return GPT2Tokenizer(vocab_size)
+
+
+class TokenizerError(ValueError):
+    """A checkpoint folder's tokenizer files are missing or unreadable; the message is one line."""
+
+
 
 
 def _read_optional_json(path: str) -> dict:
