@@ -46,6 +46,7 @@ import sys
 import threading
 import warnings
 
+from .checkpointing import file_sha256
 from .cli import OneLineParser as _Parser, UserError
 
 PROG = "python -m finetune"
@@ -178,12 +179,6 @@ def _check_args(args) -> None:
             raise UserError(f"--lora-targets: {target!r} is not a regular expression ({e})") from None
 
 
-def _sha256(path) -> str:
-    from .checkpointing import file_sha256
-
-    return file_sha256(path)
-
-
 def _prepare_resume(args, given):
     """The saved run's arguments (with the few flags that may change) and its checkpoint."""
     from .checkpointing import CheckpointFileError, load_checkpoint
@@ -216,7 +211,7 @@ def _prepare_resume(args, given):
         if what in given and getattr(args, what) is not None:
             if not os.path.isfile(getattr(args, what)):
                 raise UserError(f"--{what}: no such file: {getattr(args, what)}")
-            if _sha256(getattr(args, what)) != want:
+            if file_sha256(getattr(args, what)) != want:
                 raise UserError(f"--{what} {getattr(args, what)} is not the file the run was "
                                 f"trained with (sha256 differs); a resumed run keeps its {what}")
             saved[what] = os.path.abspath(getattr(args, what))
@@ -224,7 +219,7 @@ def _prepare_resume(args, given):
             if not os.path.isfile(saved[what]):
                 raise UserError(f"the run's {what} file {saved[what]} is gone; pass --{what} with "
                                 "the same file")
-            if _sha256(saved[what]) != want:
+            if file_sha256(saved[what]) != want:
                 raise UserError(f"the run's {what} file {saved[what]} changed since the run "
                                 f"started (sha256 differs); a resumed run needs the same {what}")
     saved.update(resume=args.resume, quiet=args.quiet, out=str(run_dir.out),
@@ -491,8 +486,8 @@ def _run_info(args, resume) -> dict:
     if saved.get("model") not in ("tiny", "small"):
         saved["model"] = os.path.abspath(saved["model"])
     saved["out"] = os.path.abspath(args.out)
-    return {"args": saved, "table_sha256": _sha256(args.table) if args.table else None,
-            "data_sha256": _sha256(args.data), "overwrite": bool(args.overwrite)}
+    return {"args": saved, "table_sha256": file_sha256(args.table) if args.table else None,
+            "data_sha256": file_sha256(args.data), "overwrite": bool(args.overwrite)}
 
 
 def _checkpoint_writer(run_dir, run_info):

@@ -46,6 +46,7 @@ import signal
 import sys
 import tempfile
 
+from .checkpointing import file_sha256
 from .cli import OneLineParser as _Parser, UserError
 
 PROG = "python -m finetune.evaluate"
@@ -199,16 +200,6 @@ def sampler_audit(table, draws, seed):
         res.update(audit_noise_sampler(table.noise, draws, make_rng(seed=seed), delta=table.delta))
         res["below_certificate"] = None if cert is None else res["epsilon_lower_bound"] <= cert
     return res
-
-
-def file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_corpus(run_dirs, data_arg=None) -> str:

@@ -39,7 +39,6 @@ the noise table. The folder is written in a staging sibling and renamed into pla
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,7 @@ import shutil
 import sys
 import tempfile
 
+from .checkpointing import file_sha256
 from .cli import OneLineParser, UserError
 
 PROG = "python -m finetune.export"
@@ -67,14 +67,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="write a full Hugging Face checkpoint with the adapter merged into the weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -157,7 +149,7 @@ def _dp_metadata(run: str, metrics: dict) -> dict:
         raise UserError(f"{run}/metrics.json does not record table_sha256 (the noise table of a private run)")
     return {"private": True, "epsilon": float(eps), "delta": float(delta), "privacy_unit": unit,
             "relation": ledger.get("relation"), "sampling": ledger.get("sampling"),
-            "ledger_sha256": _sha256(ledger_path), "noise_table_sha256": table,
+            "ledger_sha256": file_sha256(ledger_path), "noise_table_sha256": table,
             "steps": metrics.get("steps")}
 
 

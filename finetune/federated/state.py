@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,8 @@ import numpy as np
 from accountant.ledger import PrivacyLedger
 from accountant.mechanism import Mechanism
 from accountant.randomness import make_rng
+
+from finetune.run_dir import atomic_write
 
 __all__ = ["FederationState", "StateError", "atomic_write", "round_rng", "STATE_VERSION"]
 
@@ -49,21 +49,6 @@ class StateError(ValueError):
     """A saved federation cannot be resumed (one line for the user)."""
 
 
-def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def round_rng(seed: int | None, release: int, stream: int, secure: bool = False):
