@@ -121,12 +121,14 @@ def _pld_step(groups, delta: float, accuracy: Accuracy) -> float:
     step = math.sqrt(8 * accuracy.pld_relative_error * guess / (total * (1 + z / sd)))
     points = min(routes.grid_limit(accuracy.memory_budget, routes.PLD_BYTES_PER_POINT, routes.MAX_PLD_POINTS),
                  routes.work_points(groups))
-    floor = 1.05 * max(width, 20 * sd) / max(points, 1)
+    span = max(width, 20 * sd)      # one step's loss range, or the composition's spread if wider
+    floor = 1.05 * span / max(points, 1)
     if floor > routes.MAX_PLD_STEP:
+        what = "one step's privacy-loss range" if span == width else f"the spread of {total:.3g} composed steps"
         raise routes.GridBudgetExceeded(
-            f"the privacy-loss range {width:.3g} needs {width / routes.MAX_PLD_STEP:.3g} PLD grid points "
+            f"{what} ({span:.3g}) needs {span / routes.MAX_PLD_STEP:.3g} PLD grid points "
             f"at the coarsest step {routes.MAX_PLD_STEP:g} (limit {points})",
-            width / routes.MAX_PLD_STEP, points)
+            span / routes.MAX_PLD_STEP, points)
     return float(max(min(step, 1e-4), floor))
 
 
