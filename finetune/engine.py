@@ -39,7 +39,7 @@ import numpy as np
 from accountant.certify import Certificate, calibrate, certify
 from accountant.mechanism import Mechanism
 from accountant.noise import Gaussian
-from accountant.randomness import SecureRandom
+from accountant.randomness import SecureRandom, warn_known_seed
 from accountant.shuffle import RELATION_TEXT, check_sampling, run_mechanism, release_mechanism, \
     sensitivity, steps_per_epoch
 
@@ -84,6 +84,8 @@ def _rng_pair(seed, secure: bool):
         if seed is not None:
             raise EngineConfigError("secure=True draws from the OS CSPRNG and cannot be seeded; drop seed")
         return SecureRandom(), SecureRandom()
+    if seed is not None:
+        warn_known_seed(seed, stacklevel=3)     # the same policy as train() and the CLIs
     children = np.random.SeedSequence(seed).spawn(2)
     return tuple(np.random.Generator(np.random.PCG64(c)) for c in children)
 

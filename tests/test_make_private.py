@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -494,3 +495,20 @@ def test_model_train_block_of_the_docs_runs_as_written(mode, tmp_path, monkeypat
     assert engine.guard.steps_taken == engine.steps == 2 * 16
     assert float(eps) == pytest.approx(engine.certificate.epsilon, rel=1e-9)
     assert float(eps) == pytest.approx(_gaussian_epsilon(math.sqrt(2) / 1.0, 1e-5), rel=2e-3)
+
+
+def test_a_seed_warns_that_the_noise_becomes_public_and_no_seed_is_silent():
+    from accountant.randomness import KnownSeedWarning
+    from finetune import make_private
+
+    def build(**kw):
+        net = Clf()
+        return make_private(net, nn.SGD(net.trainable_params(), 0.1), dataset_size=1000, batch_size=10,
+                            steps=5, noise_multiplier=1.0, target_delta=1e-5, max_grad_norm=1.0,
+                            verbose=False, **kw)
+
+    with pytest.warns(KnownSeedWarning, match="seed 3 makes the sampling and the noise reproducible"):
+        build(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KnownSeedWarning)
+        build()
