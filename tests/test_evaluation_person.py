@@ -68,3 +68,63 @@ def test_person_report_bootstraps_over_persons():
     assert t["tpr_bootstrap_ci"][0] <= t["tpr"] <= t["tpr_bootstrap_ci"][1]
     assert r["bootstrap"]["unit"] == "person"
     assert r == membership.person_attack_report(m, n, n_boot=400, seed=3)   # seeded
+
+
+def test_person_pii_and_extraction_known_answer():
+    from finetune.evaluation import pii
+
+    who = [(1,), (1,), (2,), (1, 2), (3,), (4,)]
+    items = [[["email", "A@x.org"]], [["name", "Ann"]], [["name", "Bo"]], [["name", "Shared"]],
+             [["phone", "(415) 555-0100"]], [["name", "Dee"]]]
+    per = pii.person_pii(who, items)
+    assert per == {1: {("email", "a@x.org"), ("name", "Ann")}, 2: {("name", "Bo")},
+                   3: {("phone", "4155550100")}, 4: {("name", "Dee")}}
+    members = {x: per[x] for x in (1, 2)}
+    never = {x: per[x] for x in (3, 4)}
+    got = {("email", "a@x.org"), ("phone", "4155550100"), ("name", "Zed")}
+    r = pii.person_extraction(got, members, never)
+    assert r["precision"] == pytest.approx(1 / 3) and r["recall"] == pytest.approx(1 / 3)
+    assert r["never_seen_recall"] == 0.5
+    assert r["member_persons_exposed"] == 0.5 and r["never_seen_persons_exposed"] == 0.5
+    assert (r["n_member_persons"], r["n_never_seen_persons"], r["n_member_pii"]) == (2, 2, 3)
+
+
+def _person_split_corpus(n=200, people=30, seed=0):
+    from finetune import data
+
+    recs = data.generate_records(n, seed=seed, val_fraction=0.5, people=people)
+    tr, va, _ = data.split_by_person(recs, 0.5, seed)
+    return [dict(r, split="train") for r in tr] + [dict(r, split="val") for r in va]
+
+
+def test_person_canaries_one_per_person_inserted_only_for_training_persons(tmp_path, capsys):
+    from finetune.data import load_records, write_jsonl
+    from finetune.evaluation import prepare
+
+    src, out = tmp_path / "d.jsonl", tmp_path / "c.jsonl"
+    corpus = _person_split_corpus()
+    write_jsonl(corpus, src)
+    assert prepare.main(["--data", str(src), "--out", str(out), "--exposure-canaries", "2",
+                         "--audit-canaries", "0", "--digits", "3", "--person-canaries"]) == 0
+    truth = prepare.load_truth(str(out) + prepare.SIDE_SUFFIX)
+    recs = load_records(out)
+    train_p, val_p = prepare.sided_persons(corpus)
+    secrets, inserted = truth["person_secrets"], truth["person_inserted"]
+    assert len(secrets) == len(train_p) + len(val_p) and sum(inserted) == len(train_p)
+    assert len(set(secrets) | set(truth["exposure_secrets"])) == len(secrets) + 2   # all distinct
+    person_recs = [r for r in recs if r.get("canary") and r.get("people")]
+    assert sorted(r["people"][0] for r in person_recs) == sorted(train_p)
+    texts = " ".join(r["text"] for r in recs)
+    for s, ins in zip(secrets, inserted):
+        assert (s in texts) == ins
+    assert all(r["split"] == "train" and len(r["people"]) == 1 for r in person_recs)
+    # a corpus split by record has every person on both sides: refused in one line
+    rec_split = tmp_path / "r.jsonl"
+    from finetune.data import generate_records
+    write_jsonl(generate_records(200, seed=0, val_fraction=0.5, people=30), rec_split)
+    capsys.readouterr()
+    assert prepare.main(["--data", str(rec_split), "--out", str(tmp_path / "x.jsonl"),
+                         "--person-canaries"]) == 2
+    err = capsys.readouterr().err
+    assert "--split person" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.jsonl").exists()
