@@ -128,3 +128,18 @@ def test_person_canaries_one_per_person_inserted_only_for_training_persons(tmp_p
     err = capsys.readouterr().err
     assert "--split person" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_person_extraction_counts_unattributed_pii_of_member_records():
+    """A value from a record naming two member persons is member PII (precision), though it
+    exposes neither person on its own."""
+    from finetune.evaluation import pii
+
+    members = {1: {("name", "Ann")}, 2: {("name", "Bo")}}
+    got = {("name", "Ann"), ("email", "pair@x.org")}
+    r0 = pii.person_extraction(got, members, {3: {("name", "Cy")}})
+    assert r0["precision"] == 0.5
+    r = pii.person_extraction(got, members, {3: {("name", "Cy")}},
+                              member_all={("name", "Ann"), ("name", "Bo"), ("email", "pair@x.org")})
+    assert r["precision"] == 1.0 and r["recall"] == pytest.approx(2 / 3)
+    assert r["member_persons_exposed"] == 0.5
