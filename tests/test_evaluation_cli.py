@@ -327,9 +327,10 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
     py = sys.executable
     run = lambda *a: subprocess.run([py, "-m", *a], cwd=tmp_path, check=True, capture_output=True,
                                     text=True)
-    run("finetune.data", "--n", "400", "--val-fraction", "0.5", "--out", "d.jsonl")
+    run("finetune.data", "--n", "400", "--val-fraction", "0.5", "--people", "60", "--split",
+        "person", "--out", "d.jsonl")
     run("finetune.evaluation.prepare", "--data", "d.jsonl", "--out", "dc.jsonl",
-        "--exposure-canaries", "3", "--digits", "3", "--audit-canaries", "60")
+        "--exposure-canaries", "3", "--digits", "3", "--audit-canaries", "60", "--person-canaries")
     q, steps = 0.05, 40
     sigma, _ = calibrate(lambda s: Gaussian(s), 1.0, 1e-5, q, steps, geometry="l2")
     write_certified_table(tmp_path / "g.npz", Gaussian(sigma), eps_target=1.0, delta=1e-5,
@@ -337,9 +338,9 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
                           params={"sigma": sigma})
     run("finetune", "--no-dp", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
         "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet",
-        "--seq-len", "32", "--seed", "0")
+        "--seq-len", "32", "--seed", "0", "--log-private-stats")
     run("finetune", "--table", "g.npz", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
-        "--out", "dp", "--quiet", "--seq-len", "32", "--seed", "0")
+        "--out", "dp", "--quiet", "--seq-len", "32", "--seed", "0", "--log-private-stats")
     p = run("finetune.evaluate", "--run", "dp", "--baseline", "nodp", "--data", "dc.jsonl",
             "--table", "g.npz", "--out", "rep", "--n-generate", "16", "--mia-limit", "200",
             "--audit-draws", "200000", "--quiet")
@@ -359,6 +360,11 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
         assert r["val_perplexity"] == pytest.approx(r["run_val_perplexity"], rel=1e-3)
     assert "at seq len 32 (the run's --seq-len" in p.stdout
     assert "train_perplexity" not in (tmp_path / "rep" / "summary.json").read_text()
+    # the corpus is split by person: person-level membership, PII and canaries are reported, at
+    # the run's person-level epsilon when it records one, else labelled record-level
+    assert s["n_member_persons"] > 5 and s["n_never_seen_persons"] > 5
+    assert 0.0 <= s["person_mia_auc"] <= 1.0 and s["person_canary_exposure_member_mean"] is not None
+    assert s["person_epsilon"] is not None or "record-level run: no person-level bound" in p.stdout
 
 
 # ------------------------------------------------------------------ the run names its corpus

@@ -122,14 +122,15 @@ def person_membership_inference(ft, base, data: EvalData, opts: EvalOptions, per
            "score": "mean (and min) over a person's records of loss_ref - loss",
            "attacks": {}, "curves": {}}
     groups = []
-    for texts, people, chosen in ((data.members, data.member_people, set(members)),
-                                  (data.nonmembers, data.nonmember_people, set(never))):
+    for side, texts, people, chosen in (
+            ("members", data.members, data.member_people, set(members)),
+            ("never_seen", data.nonmembers, data.nonmember_people, set(never))):
         rows = [i for i, who in enumerate(people) if set(who) & chosen]
         t = [texts[i] for i in rows]
         sc = membership.reference_calibrated_scores(ft.losses(t), base.losses(t))
         who = [tuple(x for x in people[i] if x in chosen) for i in rows]
         groups.append(membership.person_scores(sc, who))
-        out[f"n_records_{'members' if len(groups) == 1 else 'never_seen'}"] = len(rows)
+        out[f"n_records_{side}"] = len(rows)
     (_, m_mean, m_min), (_, n_mean, n_min) = groups
     eps = None if person is None else person.get("epsilon")
     delta = 0.0 if person is None else (person.get("delta") or 0.0)
