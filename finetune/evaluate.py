@@ -18,6 +18,13 @@ members, validation records = non-members):
 - canaries, if the corpus was prepared with ``python -m finetune.evaluation.prepare``: exposure
   (Carlini et al. 2019) and the one-run audit (Steinke, Nasr, Jagielski 2023), an empirical epsilon
   lower bound at 95% confidence printed next to the certified epsilon;
+- persons, when the corpus names them (``people``/``user``) and is split by person: membership
+  inference over persons (members: persons in training; non-members: persons never seen; a person's
+  records scored together), AUC and TPR at 0.1%/1% FPR with bootstrap intervals over persons and
+  the DP limits at the run's person-level epsilon (``person_epsilon``, ``person_k``,
+  ``person_method`` in its metrics.json; a record-level run says "no person-level bound" and its
+  limits, labelled, are at the record-level epsilon), PII extraction of member against never-seen
+  persons, and exposure of the per-person canaries (``prepare --person-canaries``);
 - a mechanism-level audit of the run's noise sampler (the table) on neighbouring scalar inputs,
   whose empirical lower bound must stay below the certified epsilon of one release.
 
@@ -63,7 +70,12 @@ def _parser():
                        "non-members those with split 'val'; MIA needs enough of both (e.g. write the "
                        "corpus with --val-fraction 0.5). summary.json keys: epsilon, delta, "
                        "val_perplexity, mia_auc, mia_tpr_at_1pct_fpr, pii_precision, pii_recall, "
-                       "audit_epsilon_lower_bound, inference_overhead, ... (null when not measured).")
+                       "audit_epsilon_lower_bound, inference_overhead, person_epsilon, "
+                       "person_mia_auc, person_mia_tpr_at_1pct_fpr, person_mia_auc_limit, "
+                       "person_pii_precision, person_pii_recall, ... (null when not measured). "
+                       "Person-level results need a corpus whose records name their persons "
+                       "('people') and that is split by person (python -m finetune.data --split "
+                       "person).")
     p.add_argument("--run", required=True, help="run directory written by python -m finetune")
     p.add_argument("--baseline", action="append", default=[],
                    help="another run directory (e.g. the --no-dp run) evaluated the same way and "
@@ -166,6 +178,8 @@ def load_eval_data(data_path, canaries_path=None):
                         f"inference (have {len(train)} and {len(val)})")
     data = EvalData(members=[r["text"] for r in train], nonmembers=[r["text"] for r in val],
                     train_pii=pii_pairs(train), holdout_pii=pii_pairs(val))
+    if any("people" in r or "user" in r for r in records):
+        _add_persons(data, train, val)
     side = canaries_path or (data_path + prepare.SIDE_SUFFIX)
     if canaries_path or os.path.isfile(side):
         try:
@@ -176,7 +190,49 @@ def load_eval_data(data_path, canaries_path=None):
         data.canary_digits = int(t["digits"])
         data.audit_canaries = list(t["audit_texts"])
         data.audit_included = list(t["audit_included"])
+        data.person_canaries = [Canary(x, t["template"]) for x in t.get("person_secrets", ())]
+        data.person_canary_inserted = list(t.get("person_inserted", ()))
     return data
+
+
+def _add_persons(data, train, val) -> None:
+    """Persons of the member and non-member records, and the PII of each side's persons. A record
+    with PII but no persons is refused (by index, never by content)."""
+    from .data import DataError, record_people
+    from .evaluation.pii import person_pii, pii_set
+    from .evaluation.report import sided_persons
+
+    try:
+        data.member_people, data.nonmember_people = record_people(train), record_people(val)
+    except DataError as e:
+        raise UserError(f"the corpus's persons: {e}") from None
+    members, never = sided_persons(data.member_people, data.nonmember_people)
+    per = person_pii(data.member_people + data.nonmember_people,
+                     [r.get("pii", ()) for r in train + val])
+    data.member_person_pii = {x: per[x] for x in members if x in per}
+    data.never_seen_person_pii = {x: per[x] for x in never if x in per}
+    for attr, recs, people, side in (("member_persons_all_pii", train, data.member_people, members),
+                                     ("never_seen_persons_all_pii", val, data.nonmember_people, never)):
+        side = set(side)
+        setattr(data, attr, pii_set(tuple(item) for r, who in zip(recs, people)
+                                    if who and set(who) <= side for item in r.get("pii", ())))
+
+
+RECORD_LEVEL_BASIS = ("record-level run: no person-level bound (limits shown at the record-level "
+                      "epsilon, which does not bound a person with several records)")
+
+
+def person_privacy(metrics, eps, delta):
+    """The run's person-level privacy for the report: the ``person_epsilon`` (with ``person_k``,
+    ``person_method``) the run recorded; for a private run without one, its record-level epsilon
+    labelled as not a person-level guarantee; None for a non-private run."""
+    if eps is None:
+        return None
+    if metrics.get("person_epsilon") is not None:
+        return {"epsilon": float(metrics["person_epsilon"]),
+                "delta": metrics.get("person_delta", delta), "k": metrics.get("person_k"),
+                "method": metrics.get("person_method"), "basis": "person-level"}
+    return {"epsilon": eps, "delta": delta, "basis": RECORD_LEVEL_BASIS}
 
 
 def sampler_audit(table, draws, seed):
@@ -351,7 +407,7 @@ def evaluate_runs(args, out_dir=None):
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    bar = tqdm(total=5 * len(runs) + 1, desc="evaluate", unit="stage", disable=args.quiet)
+    bar = tqdm(total=6 * len(runs) + 1, desc="evaluate", unit="stage", disable=args.quiet)
     results = {}
     for run_dir in runs:
         bar.set_postfix_str(f"load {os.path.basename(os.path.normpath(run_dir))}")
@@ -361,7 +417,8 @@ def evaluate_runs(args, out_dir=None):
         private = bool(metrics.get("private", metrics.get("epsilon_spent") is not None))
         eps = metrics.get("epsilon_spent") if private else None
         delta = metrics.get("delta") if private else None
-        res = report.evaluate_model(sc_ft, sc_base, data, opts, epsilon=eps, delta=delta, progress=bar)
+        res = report.evaluate_model(sc_ft, sc_base, data, opts, epsilon=eps, delta=delta, progress=bar,
+                                    person=person_privacy(metrics, eps, delta))
         results[run_dir] = (metrics, eps, delta, res)
 
     metrics, eps, delta, res = results[args.run]

@@ -327,9 +327,10 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
     py = sys.executable
     run = lambda *a: subprocess.run([py, "-m", *a], cwd=tmp_path, check=True, capture_output=True,
                                     text=True)
-    run("finetune.data", "--n", "400", "--val-fraction", "0.5", "--out", "d.jsonl")
+    run("finetune.data", "--n", "400", "--val-fraction", "0.5", "--people", "60", "--split",
+        "person", "--out", "d.jsonl")
     run("finetune.evaluation.prepare", "--data", "d.jsonl", "--out", "dc.jsonl",
-        "--exposure-canaries", "3", "--digits", "3", "--audit-canaries", "60")
+        "--exposure-canaries", "3", "--digits", "3", "--audit-canaries", "60", "--person-canaries")
     q, steps = 0.05, 40
     sigma, _ = calibrate(lambda s: Gaussian(s), 1.0, 1e-5, q, steps, geometry="l2")
     write_certified_table(tmp_path / "g.npz", Gaussian(sigma), eps_target=1.0, delta=1e-5,
@@ -337,9 +338,9 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
                           params={"sigma": sigma})
     run("finetune", "--no-dp", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
         "--sampling-rate", str(q), "--steps", str(steps), "--out", "nodp", "--quiet",
-        "--seq-len", "32", "--seed", "0")
+        "--seq-len", "32", "--seed", "0", "--log-private-stats")
     run("finetune", "--table", "g.npz", "--method", "full", "--model", "tiny", "--data", "dc.jsonl",
-        "--out", "dp", "--quiet", "--seq-len", "32", "--seed", "0")
+        "--out", "dp", "--quiet", "--seq-len", "32", "--seed", "0", "--log-private-stats")
     p = run("finetune.evaluate", "--run", "dp", "--baseline", "nodp", "--data", "dc.jsonl",
             "--table", "g.npz", "--out", "rep", "--n-generate", "16", "--mia-limit", "200",
             "--audit-draws", "200000", "--quiet")
@@ -359,6 +360,11 @@ def test_cli_end_to_end_non_private_vs_dp(tmp_path):
         assert r["val_perplexity"] == pytest.approx(r["run_val_perplexity"], rel=1e-3)
     assert "at seq len 32 (the run's --seq-len" in p.stdout
     assert "train_perplexity" not in (tmp_path / "rep" / "summary.json").read_text()
+    # the corpus is split by person: person-level membership, PII and canaries are reported, at
+    # the run's person-level epsilon when it records one, else labelled record-level
+    assert s["n_member_persons"] > 5 and s["n_never_seen_persons"] > 5
+    assert 0.0 <= s["person_mia_auc"] <= 1.0 and s["person_canary_exposure_member_mean"] is not None
+    assert s["person_epsilon"] is not None or "record-level run: no person-level bound" in p.stdout
 
 
 # ------------------------------------------------------------------ the run names its corpus
@@ -669,4 +675,102 @@ def test_cli_sigterm_leaves_no_output(stub_run):
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 143 and _one_line(err) and "interrupted" in err, (p.returncode, err)
+    assert _nothing_left(stub_run)
+
+
+# ------------------------------------------------------------------- person-level evaluation
+def _person_corpus(stub_run, canaries=False):
+    """Replace the stand-in run's corpus with one split by person (and its sha256 in metrics)."""
+    from finetune import data, evaluate
+    from finetune.evaluation import prepare
+
+    recs = data.generate_records(240, seed=1, val_fraction=0.5, people=40)
+    tr, va, _ = data.split_by_person(recs, 0.5, seed=1)
+    corpus = [dict(r, split="train") for r in tr] + [dict(r, split="val") for r in va]
+    path = stub_run.dir / "d.jsonl"
+    if canaries:
+        corpus, truth = prepare.insert_canaries(corpus, 0, 3, 1, 0, seed=0)
+        corpus, truth = prepare.insert_person_canaries(corpus, truth, digits=3, seed=0)
+        (stub_run.dir / "d.jsonl.canaries.json").write_text(json.dumps(truth))
+    data.write_jsonl(corpus, path)
+    stub_run.metrics["data_sha256"] = evaluate.file_sha256(path)
+    (stub_run.run / "metrics.json").write_text(json.dumps(stub_run.metrics))
+    return [r for r in corpus if r["split"] == "train"]
+
+
+def test_cli_person_level_membership_against_the_person_epsilon(stub_run, capsys):
+    """A model that memorised its training records exposes its training *persons*: the person MIA
+    (a person's records scored together, members = training persons, non-members = persons never
+    seen) finds them, and that is significantly outside the limits of a person-level epsilon 0.5.
+    A model that learned nothing stays inside. Without person_epsilon the run is labelled
+    record-level and no verdict is drawn from its record-level epsilon."""
+    train = _person_corpus(stub_run, canaries=True)
+    stub_run.ft = StubScorer(memorised=[r["text"] for r in train], leak=True)
+    base = ["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST
+    stub_run.metrics.update(person_epsilon=0.5, person_k=12, person_method="tight mixture")
+    (stub_run.run / "metrics.json").write_text(json.dumps(stub_run.metrics))
+    assert _cli(base) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["person_epsilon"] == 0.5 and s["person_k"] == 12 and s["person_bound_basis"] == "person-level"
+    assert s["n_member_persons"] > 10 and s["n_never_seen_persons"] > 10
+    assert s["person_mia_auc"] == 1.0 and s["person_mia_tpr_at_1pct_fpr"] == 1.0
+    assert s["person_mia_auc_limit"] == pytest.approx(
+        __import__("finetune.evaluation.membership", fromlist=["x"]).dp_auc_bound(0.5, 1e-5))
+    assert s["person_mia_inside_dp_bound"] is False
+    # 12 generations, each a memorised record: some member persons' PII, none of the others'
+    assert s["person_pii_recall"] > 0.1 and s["person_pii_never_seen_recall"] == 0.0
+    assert s["person_pii_precision"] == 1.0
+    assert s["member_persons_exposed"] > 0.1 and s["never_seen_persons_exposed"] == 0.0
+    assert s["person_canary_exposure_member_mean"] is not None
+    assert "person-level epsilon 0.5 (a person in at most 12 records; tight mixture)" in printed
+    assert "inside at 95%: NO" in printed
+
+    stub_run.ft = StubScorer()
+    assert _cli(base + ["--overwrite"]) == 0
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["person_mia_inside_dp_bound"] is True and s["person_mia_auc"] < 0.8
+    capsys.readouterr()
+
+    del stub_run.metrics["person_epsilon"]
+    (stub_run.run / "metrics.json").write_text(json.dumps(stub_run.metrics))
+    assert _cli(base + ["--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["person_epsilon"] is None and s["person_mia_inside_dp_bound"] is None
+    assert "record-level run: no person-level bound" in printed
+    assert "record-level epsilon, NOT a limit for persons" in printed
+    assert s["person_bound_basis"].startswith("record-level run: no person-level bound")
+
+
+def test_cli_record_split_corpus_has_no_person_level_membership(stub_run, capsys):
+    """A corpus split by record with few persons: every person is on both sides, so there are no
+    never-seen persons and the report says how to get them."""
+    from finetune import data, evaluate
+
+    recs = data.generate_records(200, seed=0, val_fraction=0.5, people=8)
+    tr, va = data.split_records(recs)
+    assert {x for r in tr for x in r["people"]} == {x for r in va for x in r["people"]}
+    data.write_jsonl(recs, stub_run.dir / "d.jsonl")
+    stub_run.metrics["data_sha256"] = evaluate.file_sha256(stub_run.dir / "d.jsonl")
+    (stub_run.run / "metrics.json").write_text(json.dumps(stub_run.metrics))
+    assert _cli(["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((stub_run.out / "summary.json").read_text())
+    assert s["person_mia_auc"] is None and "--split person" in s["person_note"]
+    assert "--split person" in printed
+
+
+def test_cli_refuses_pii_without_persons_by_index(stub_run, capsys):
+    from finetune import data, evaluate
+
+    recs = data.generate_records(60, seed=0, val_fraction=0.5)
+    secret = recs[7]["text"]
+    del recs[7]["people"]
+    data.write_jsonl(recs, stub_run.dir / "d.jsonl")
+    stub_run.metrics["data_sha256"] = evaluate.file_sha256(stub_run.dir / "d.jsonl")
+    (stub_run.run / "metrics.json").write_text(json.dumps(stub_run.metrics))
+    assert _cli(["--run", str(stub_run.run), "--out", str(stub_run.out)] + FAST) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err) and "has PII but no 'people' field" in err and secret not in err
     assert _nothing_left(stub_run)

@@ -122,11 +122,10 @@ def test_split_by_person_puts_each_person_in_one_organisation():
         shards = split_by_person(records, 3, seed=0)
         assert sorted(np.concatenate(shards).tolist()) == list(range(len(records)))
         owner = {}
-        for org, rows in enumerate(shards):
+        for org, rows in enumerate(shards):   # persons by id: two persons may share a Faker name
             for i in rows:
-                for kind, value in records[i]["pii"]:
-                    if kind == "name":
-                        assert owner.setdefault(value, org) == org, f"{value} in two organisations"
+                for x in records[i]["people"]:
+                    assert owner.setdefault(x, org) == org, f"person {x} in two organisations"
         if people == 150:
             assert min(len(s) for s in shards) > 0.25 * len(records)
 

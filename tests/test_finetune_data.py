@@ -173,3 +173,194 @@ def test_cli_writes_corpus_and_gives_one_line_errors(tmp_path):
     assert len(out.read_text().splitlines()) == 5
     r = _cli("--help", cwd=root)
     assert r.returncode == 0 and "--val-fraction" in r.stdout
+
+
+# ---------------------------------------------------------------- persons
+def _random_corpus(seed, n=120, n_people=25, max_people=3):
+    """Records naming 0..max_people persons (ids mixed int/str), some owned by a 'user'."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        k = int(rng.integers(0, max_people + 1))
+        who = [int(x) if x % 2 else f"p{x}" for x in rng.choice(n_people, size=k, replace=False)]
+        r = {"id": i, "text": f"record {i}", "pii": [["name", "x"]] if who else [], "people": who}
+        if who and rng.random() < 0.2:
+            r["user"] = who[0]
+        recs.append(r)
+    return recs
+
+
+def test_people_field_names_the_persons_and_leaves_the_texts_unchanged():
+    import faker
+
+    recs = data.generate_records(300, seed=0, people=40)
+    # the person ids come from the same draw as before: texts, PII and splits are the old ones
+    # (sha256 of the records written before the field existed, Faker of constraints.txt)
+    if faker.VERSION == "40.63.0":
+        import hashlib
+        old = [{k: v for k, v in r.items() if k != "people"} for r in recs]
+        assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest() == \
+            "f4100c1389ef87e6808f8c092f46b2f82caf32991e8f8be63477d52ab67b1283"
+    # a person id always carries the same PII, and every PII item belongs to a person named
+    owner = {}
+    for r in recs:
+        assert 1 <= len(r["people"]) <= 2 and all(0 <= x < 40 for x in r["people"])
+        if len(r["people"]) == 1:
+            for kind, value in r["pii"]:
+                assert owner.setdefault((r["people"][0], kind), value) == value
+    for r in recs:
+        for kind, value in r["pii"]:
+            assert any(owner.get((x, kind)) in (None, value) for x in r["people"])
+            assert any(owner.get((x, kind)) == value for x in r["people"]) or len(r["people"]) == 2
+    # the two-person e-mail-only template names both persons although it contains no name
+    fwd = [r for r in recs if r["text"].startswith("Forward the report")]
+    assert fwd and all(len(r["people"]) == 2 for r in fwd)
+    assert all(k == "email" for r in fwd for k, _ in r["pii"])
+
+
+def test_load_records_validates_people_and_user(tmp_path):
+    p = tmp_path / "d.jsonl"
+    good = [{"text": "a", "people": [1, "b"]}, {"text": "b", "user": "u7"}, {"text": "c"}]
+    data.write_jsonl(good, p)
+    assert data.load_records(p) == good
+    for bad, msg in (({"text": "a", "people": 3}, "list of person ids"),
+                     ({"text": "a", "people": [1.5]}, "list of person ids"),
+                     ({"text": "a", "people": [True]}, "list of person ids"),
+                     ({"text": "a", "people": [2, 2]}, "twice"),
+                     ({"text": "a", "user": None}, "'user'")):
+        data.write_jsonl([good[0], bad], p)
+        with pytest.raises(data.DataError, match=rf"d.jsonl:2: .*{msg}"):
+            data.load_records(p)
+
+
+def test_record_people_refuses_pii_without_people_by_index_only():
+    secret = "Ann Secret-Person lives at 1 Private Road"
+    recs = [{"text": "no pii"}, {"text": "x", "people": [3], "user": 9},
+            {"text": secret, "pii": [["name", "Ann Secret-Person"]]}]
+    with pytest.raises(data.DataError) as e:
+        data.record_people(recs)
+    msg = str(e.value)
+    assert msg.startswith("record 2 has PII but no 'people' field") and "\n" not in msg
+    assert "Secret" not in msg and "Private" not in msg
+    assert data.record_people(recs[:2]) == [(), (9, 3)]
+    assert data.record_people([{"text": "y", "user": 4, "people": [4, 5]}]) == [(4, 5)]
+
+
+def _people_of(recs):
+    return {(type(x).__name__, x) for who in data.record_people(recs) for x in who}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_person_split_puts_no_person_on_both_sides(seed):
+    recs = _random_corpus(seed)
+    for vf in (0.0, 0.3, 0.5, 0.9):
+        tr, va, dropped = data.split_by_person(recs, vf, seed=seed)
+        assert not _people_of(tr) & _people_of(va)
+        # only records naming several persons are dropped, and none of them fits one side
+        kept = {r["id"] for r in tr + va}
+        gone = [r for r in recs if r["id"] not in kept]
+        assert len(tr) + len(va) + dropped == len(recs) and dropped == len(gone)
+        for r in gone:
+            who = _people_of([r])
+            assert len(who) >= 2 and not who <= _people_of(tr) and not who <= _people_of(va)
+        assert data.split_records(recs, vf, seed=seed, by="person") == (tr, va)
+    n_people = len(_people_of(recs))
+    assert len(_people_of(data.split_by_person(recs, 0.5, seed)[1])) <= round(n_people * 0.5)
+
+
+def test_person_split_of_the_readme_corpus():
+    recs = data.generate_records(1000, seed=0, val_fraction=0.5, people=60)
+    tr, va = data.split_records(recs)  # the record split: every person on both sides
+    assert _people_of(tr) == _people_of(va) and len(_people_of(tr)) == 60
+    tr, va, dropped = data.split_by_person(recs, 0.5, seed=0)
+    assert not _people_of(tr) & _people_of(va)
+    assert len(_people_of(tr)) == len(_people_of(va)) == 30
+    assert dropped > 0 and len(tr) + len(va) + dropped == 1000
+
+
+def test_cli_split_person(tmp_path):
+    import finetune
+
+    root = str(__import__("pathlib").Path(finetune.__file__).resolve().parents[1])
+    out = tmp_path / "p.jsonl"
+    r = _cli("--n", "300", "--out", str(out), "--seed", "2", "--val-fraction", "0.5",
+             "--people", "30", "--split", "person", cwd=root)
+    assert r.returncode == 0, r.stderr
+    recs = data.load_records(out)
+    tr, va = data.split_records(recs)
+    assert not _people_of(tr) & _people_of(va) and tr and va
+    dropped = int(r.stdout.split("; ")[-1].split()[0])
+    assert dropped == 300 - len(recs) > 0
+    assert "held-out persons never seen in training" in r.stdout
+    gen = {x["id"]: x for x in data.generate_records(300, seed=2, val_fraction=0.5, people=30)}
+    assert all(x["text"] == gen[x["id"]]["text"] for x in recs)
+    r = _cli("--n", "30", "--out", str(tmp_path / "q.jsonl"), "--split", "people", cwd=root)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_single_owner_rule_commutes_with_removing_a_person(seed):
+    recs = _random_corpus(seed, max_people=3)
+    kept = data.single_owner_records(recs)
+    assert all(len(w) == 1 for w in data.record_people(kept))
+    for x in _people_of(recs):
+        rest = [r for r, who in zip(recs, data.record_people(recs))
+                if x not in {(type(y).__name__, y) for y in who}]
+        removed = [r for r in kept if x not in _people_of([r])]
+        assert data.single_owner_records(rest) == removed
+
+
+def _sym_diff(a, b):
+    ia, ib = {r["id"] for r in a}, {r["id"] for r in b}
+    return len(ia ^ ib)
+
+
+def test_greedy_selection_cascades_along_a_chain():
+    n = 50
+    chain = [{"id": i, "text": "", "people": [i, i + 1]} for i in range(n)]   # r_i = {X_i, X_i+1}
+    s = data.greedy_contribution_bound(chain, k=1)
+    s2 = data.greedy_contribution_bound([r for r in chain if 0 not in r["people"]], k=1)
+    assert [r["id"] for r in s] == list(range(0, n, 2))
+    assert _sym_diff(s, s2) == n        # removing X_0 changes every record of the chain
+
+
+def test_rank_selection_lets_in_one_record_per_shared_record():
+    n = 50
+    star = ([{"id": i, "text": "", "people": ["X", f"B{i}"]} for i in range(n)]
+            + [{"id": n + i, "text": "", "people": [f"B{i}", f"Y{i}"]} for i in range(n)])
+    s = data.rank_contribution_bound(star, k=1)
+    s2 = data.rank_contribution_bound([r for r in star if "X" not in r["people"]], k=1)
+    assert [r["id"] for r in s] == [0] and len(s2) == n
+    assert _sym_diff(s, s2) == n + 1    # k + (records naming X): not bounded by k
+
+
+def test_selection_methods_are_refused_in_one_line():
+    for m in data.MULTI_OWNER_METHODS:
+        assert data.check_multi_owner_method(m) == m
+    for m in ("greedy", "rank"):
+        with pytest.raises(data.DataError, match="refused") as e:
+            data.check_multi_owner_method(m)
+        assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="unknown"):
+        data.check_multi_owner_method("merge")
+
+
+def test_records_per_person_and_the_declared_cap():
+    recs = _random_corpus(0)
+    counts = {}
+    for r in recs:
+        for x in set(data.record_people([r])[0]):
+            counts[(type(x).__name__, x)] = counts.get((type(x).__name__, x), 0) + 1
+    k = max(counts.values())
+    assert data.max_records_per_person(recs) == k
+    assert sorted(data.person_counts(recs).values()) == sorted(counts.values())
+    assert data.check_person_cap(recs, k) == k
+    with pytest.raises(data.DataError, match=rf"more than the declared cap of {k - 1} records") as e:
+        data.check_person_cap(recs, k - 1)
+    assert "record " not in str(e.value)
+    for bad in (0, 2.5, True):
+        with pytest.raises(data.DataError, match="cap"):
+            data.check_person_cap(recs, bad)
+    assert data.max_records_per_person([{"text": "a"}]) == 0
+    assert data.max_records_per_person(data.generate_records(1000, seed=0, val_fraction=0.5,
+                                                             people=60)) == 31

@@ -15,10 +15,19 @@ with n non-members an FPR below 1/n cannot be resolved, and the achieved FPR is 
 DP bound (Kairouz, Oh, Viswanath, ICML 2015, Thm 2.1; Wasserman and Zhou 2010): for an
 (eps, delta)-DP training algorithm every membership test satisfies
     TPR <= e^eps * FPR + delta   and   1 - FPR <= e^eps * (1 - TPR) + delta,
-i.e. TPR <= min(1, e^eps*FPR + delta, 1 - e^-eps*(1 - delta - FPR)).
+i.e. TPR <= min(1, e^eps*FPR + delta, 1 - e^-eps*(1 - delta - FPR)); integrating this curve over
+FPR bounds the AUC (``dp_auc_bound``).
+
+Person-level inference: members are the persons named in the training records, non-members persons
+never seen in training (a corpus split by person). A person's score combines the reference-calibrated
+scores of all their records (mean, and min); ROC, AUC and TPR are over persons, with percentile
+bootstrap intervals that resample persons. The DP bound applies with the *person-level* epsilon:
+one person in or out, everything else fixed, is exactly the person-level neighbouring relation, and
+the population game averages such tests.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -181,4 +190,71 @@ def attack_report(member_scores, nonmember_scores, fprs=(0.001, 0.01), alpha: fl
            "tpr_ci_method": "Clopper-Pearson (exact binomial)", "confidence": 1.0 - alpha}
     for f in fprs:
         out[f"tpr_at_{f:g}_fpr"] = tpr_at_fpr(member_scores, nonmember_scores, f, alpha).to_dict()
+    return out
+
+
+def dp_auc_bound(epsilon: float, delta: float) -> float:
+    """Largest ROC AUC any (epsilon, delta)-DP mechanism allows: the integral over FPR in [0, 1] of
+    ``dp_tpr_bound`` (Kairouz et al. 2015, Thm 2.1, integrated). The bound is e^eps x + delta up to
+    x* = (1 - delta) / (1 + e^eps), then 1 - e^-eps (1 - delta - x) up to x = 1 - delta, then 1;
+    each piece is linear, so the integral is exact: e^eps / (1 + e^eps) at delta 0."""
+    if epsilon < 0 or not 0 <= delta <= 1:
+        raise ValueError("need epsilon >= 0 and 0 <= delta <= 1")
+    if not math.isfinite(epsilon):
+        return 1.0
+    x1, x2 = (1.0 - delta) / (1.0 + math.exp(epsilon)), 1.0 - delta
+    f = lambda x: float(dp_tpr_bound(x, epsilon, delta))
+    return (x1 * (f(0.0) + f(x1)) + (x2 - x1) * (f(x1) + f(x2))) / 2.0 + (1.0 - x2)
+
+
+def person_scores(record_scores, record_persons):
+    """``(persons, mean, minimum)``: for every person named in ``record_persons`` (one tuple of
+    person ids per record) the mean and the minimum of the scores of the records naming them, in
+    order of first appearance. A record naming two persons counts for both."""
+    scores = np.asarray(record_scores, dtype=np.float64).ravel()
+    if scores.size != len(record_persons):
+        raise ValueError(f"{scores.size} scores for {len(record_persons)} records")
+    rows: dict = {}
+    for i, who in enumerate(record_persons):
+        for x in who:
+            rows.setdefault(x, []).append(i)
+    persons = list(rows)
+    mean = np.array([scores[rows[x]].mean() for x in persons])
+    low = np.array([scores[rows[x]].min() for x in persons])
+    return persons, mean, low
+
+
+def bootstrap_interval(member_scores, nonmember_scores, statistic, n_boot: int = 1000,
+                       alpha: float = 0.05, seed: int = 0):
+    """Percentile bootstrap (1 - alpha) interval of ``statistic(members, nonmembers)``, resampling
+    members and non-members (persons) with replacement, each group on its own (Efron and
+    Tibshirani 1993, ch. 13)."""
+    m, n = _split(member_scores, nonmember_scores)
+    rng = np.random.default_rng(seed)
+    vals = np.array([statistic(m[rng.integers(0, m.size, m.size)], n[rng.integers(0, n.size, n.size)])
+                     for _ in range(int(n_boot))])
+    lo, hi = np.quantile(vals, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
+def person_attack_report(member_scores, nonmember_scores, fprs=(0.001, 0.01), alpha: float = 0.05,
+                         n_boot: int = 1000, seed: int = 0) -> dict:
+    """``attack_report`` over persons plus bootstrap intervals over persons for the AUC and for the
+    TPR at each FPR (the threshold re-chosen in every resample)."""
+    out = attack_report(member_scores, nonmember_scores, fprs, alpha)
+    out["auc_bootstrap_ci"] = list(bootstrap_interval(
+        member_scores, nonmember_scores, lambda a, b: roc_auc(a, b)[0], n_boot, alpha, seed))
+    for f in fprs:
+        out[f"tpr_at_{f:g}_fpr"]["tpr_bootstrap_ci"] = list(bootstrap_interval(
+            member_scores, nonmember_scores, lambda a, b: tpr_at_fpr(a, b, f).tpr, n_boot, alpha,
+            seed + 1))
+    out["bootstrap"] = {"resamples": int(n_boot), "unit": "person", "method": "percentile"}
+    return out
+
+
+def dp_bound_values(epsilon: float, delta: float, fprs=(0.001, 0.01)) -> dict:
+    """The DP limits at ``epsilon``: TPR at each FPR and the AUC."""
+    out = {f"tpr_at_{f:g}_fpr": float(dp_tpr_bound(f, epsilon, delta)) for f in fprs}
+    out["auc"] = dp_auc_bound(epsilon, delta)
+    out.update(epsilon=float(epsilon), delta=float(delta))
     return out

@@ -156,3 +156,39 @@ def extraction_metrics(generated: Iterable[str], train_pii: Iterable[tuple[str, 
     if n_examples > 0:
         out["examples"] = sorted(f"{k}: {v}" for k, v in hits)[:n_examples]
     return out
+
+
+def person_pii(record_persons, record_pii) -> dict:
+    """Normalised PII of each person, from the records that name exactly that one person (in a
+    record naming two persons the generator's PII cannot be attributed to one of them)."""
+    out: dict = {}
+    for who, items in zip(record_persons, record_pii):
+        if len(who) == 1:
+            out.setdefault(who[0], set()).update(pii_set(map(tuple, items)))
+    return {x: v for x, v in out.items() if v}
+
+
+def person_extraction(extracted, member_pii: Mapping, nonmember_pii: Mapping,
+                      member_all=None, nonmember_all=None) -> dict:
+    """Extraction at the person level: member persons (in the training data) against persons never
+    seen in training. ``extracted``: normalised PII the fine-tuned model produced (base model's
+    already removed); ``*_pii``: person -> normalised PII (``person_pii``); ``*_all``: all PII of
+    the records naming only member (never-seen) persons, including records naming two persons
+    whose values cannot be attributed to one of them (default: the union of the dictionaries).
+
+    precision/recall are over the member persons' PII (a value a never-seen person shares with a
+    member counts for the member); ``never_seen_recall`` is the chance level. A person is *exposed*
+    when at least one of their own PII values was generated; the two exposure rates compare persons
+    whose data was trained on with persons whose data was not."""
+    extracted = set(extracted)
+    union = lambda d: set().union(*d.values()) if d else set()
+    train = set(member_all) if member_all is not None else union(member_pii)
+    hold = (set(nonmember_all) if nonmember_all is not None else union(nonmember_pii)) - train
+    hits = extracted & train
+    exposed = lambda d: _ratio(sum(bool(v & extracted) for v in d.values()), len(d))
+    return {"precision": _ratio(len(hits), len(extracted)), "recall": _ratio(len(hits), len(train)),
+            "never_seen_recall": _ratio(len(extracted & hold), len(hold)),
+            "member_persons_exposed": exposed(member_pii),
+            "never_seen_persons_exposed": exposed(nonmember_pii),
+            "n_member_persons": len(member_pii), "n_never_seen_persons": len(nonmember_pii),
+            "n_member_pii": len(train), "n_never_seen_pii": len(hold)}

@@ -2,6 +2,7 @@
 
     python -m finetune.evaluation.prepare --data data.jsonl --out data_canaries.jsonl \
         [--exposure-canaries 10 --digits 6 --repeats 1] [--audit-canaries 200] [--seed 0]
+        [--person-canaries]
 
 Two kinds of canaries, both added as ``split: "train"`` records:
 - *exposure* canaries (Carlini et al. 2019): "My secret access code is 4 9 3 0 2 7." with a secret
@@ -9,6 +10,10 @@ Two kinds of canaries, both added as ``split: "train"`` records:
   one record; with repeats > 1 it covers them only through group privacy (k * eps).
 - *audit* canaries (Steinke, Nasr, Jagielski 2023): random word sequences, each inserted with
   probability 1/2 by an independent fair coin; the coins are the secret the audit guesses.
+- *person* canaries (``--person-canaries``, a corpus split by person): one secret per person; for
+  every training person it is added as one more record naming that person alone (so it counts
+  towards the person's records and is covered by a person-level guarantee), for every held-out
+  person it is drawn but never inserted (the never-seen comparison).
 
 The ground truth goes to a sidecar JSON next to the output (``<out>.canaries.json``): all canary
 texts, the inclusion bits and the secrets. Keep it away from training; ``finetune.evaluate`` reads
@@ -63,6 +68,47 @@ def insert_canaries(records, n_exposure: int = 10, digits: int = 6, repeats: int
     return recs, truth
 
 
+def sided_persons(records):
+    """``(training persons, held-out persons)``: persons named only in ``split: train`` records and
+    persons named only in ``split: val`` records (canary records ignored), in order of appearance."""
+    from finetune.data import DataError, record_people
+
+    recs = [r for r in records if not r.get("canary")]
+    try:
+        people = record_people(recs)
+    except DataError as e:
+        raise ValueError(str(e)) from None
+    side: dict = {}
+    for r, who in zip(recs, people):
+        for x in who:
+            side.setdefault(x, set()).add(r.get("split"))
+    return ([x for x, s in side.items() if s == {"train"}], [x for x, s in side.items() if s == {"val"}])
+
+
+def insert_person_canaries(records, truth: dict, digits: int = 6, seed: int = 0):
+    """Add one canary per training person (a record naming that person alone) and draw one for
+    every held-out person; the secrets are distinct from each other and from the exposure canaries
+    in ``truth``, which gets ``person_secrets`` and ``person_inserted``. Refused unless the corpus
+    has persons on each side only (``python -m finetune.data --split person``)."""
+    train_p, val_p = sided_persons(records)
+    if not train_p or not val_p:
+        raise ValueError("person canaries need persons seen only in training and persons never seen "
+                         "in training: write the corpus with python -m finetune.data --split person")
+    rng = np.random.default_rng([seed, 1])
+    taken = {s.replace(" ", "") for s in truth.get("exposure_secrets", ())}
+    cands = make_canaries(len(train_p) + len(val_p) + len(taken), digits, rng)
+    cands = [c for c in cands if c.secret.replace(" ", "") not in taken][: len(train_p) + len(val_p)]
+    recs = [dict(r) for r in records]
+    next_id = 1 + max((int(r["id"]) for r in recs if isinstance(r.get("id"), int)), default=len(recs))
+    for x, c in zip(train_p, cands):
+        recs.append({"id": next_id, "text": c.text, "pii": [], "people": [x], "split": "train",
+                     "canary": True})
+        next_id += 1
+    truth = dict(truth, person_secrets=[c.secret for c in cands],
+                 person_inserted=[True] * len(train_p) + [False] * len(val_p))
+    return recs, truth
+
+
 def load_truth(path) -> dict:
     with open(path, encoding="utf-8") as f:
         t = json.load(f)
@@ -70,6 +116,8 @@ def load_truth(path) -> dict:
         raise ValueError(f"{path}: not a canary ground-truth file (format canaries-v1)")
     if len(t["audit_texts"]) != len(t["audit_included"]):
         raise ValueError(f"{path}: audit texts and inclusion bits differ in length")
+    if len(t.get("person_secrets", ())) != len(t.get("person_inserted", ())):
+        raise ValueError(f"{path}: person canary secrets and inclusion bits differ in length")
     return t
 
 
@@ -85,6 +133,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="insertions per exposure canary (default 1)")
     p.add_argument("--audit-canaries", type=int, default=200,
                    help="one-run-audit canaries, each included with probability 1/2 (default 200)")
+    p.add_argument("--person-canaries", action="store_true",
+                   help="one canary per person: added to the corpus for each training person, "
+                        "drawn but withheld for each held-out person (needs a corpus split by "
+                        "person)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its ground truth)")
     a = p.parse_args(argv)
@@ -99,6 +151,8 @@ def main(argv=None) -> int:
             raise ValueError("counts must be >= 0, repeats >= 1 and 1 <= digits <= 12")
         recs, truth = insert_canaries(load_records(a.data), a.exposure_canaries, a.digits, a.repeats,
                                       a.audit_canaries, a.seed)
+        if a.person_canaries:
+            recs, truth = insert_person_canaries(recs, truth, a.digits, a.seed)
         truth_tmp = a.out + SIDE_SUFFIX + ".partial"
         with open(truth_tmp, "w", encoding="utf-8") as f:
             json.dump(truth, f, indent=1)
@@ -108,7 +162,10 @@ def main(argv=None) -> int:
         sys.stderr.write(f"{p.prog}: error: {e}\n")
         return 2
     print(f"wrote {len(recs)} records to {a.out} ({a.exposure_canaries} x {a.repeats} exposure "
-          f"canaries, {sum(truth['audit_included'])} of {a.audit_canaries} audit canaries); "
+          f"canaries, {sum(truth['audit_included'])} of {a.audit_canaries} audit canaries"
+          + (f", {sum(truth['person_inserted'])} person canaries inserted and "
+             f"{len(truth['person_inserted']) - sum(truth['person_inserted'])} withheld"
+             if a.person_canaries else "") + "); "
           f"ground truth in {os.path.basename(a.out + SIDE_SUFFIX)}")
     return 0
 

@@ -35,6 +35,23 @@ class EvalData:
     canary_digits: int = 6
     audit_canaries: list = field(default_factory=list)  # texts, each trained on iff audit_included
     audit_included: list = field(default_factory=list)
+    # persons (None: the corpus names nobody): one tuple of person ids per member / non-member text
+    member_people: list | None = None
+    nonmember_people: list | None = None
+    member_person_pii: dict | None = None  # person -> normalised PII (pii.person_pii)
+    never_seen_person_pii: dict | None = None
+    member_persons_all_pii: set | None = None  # PII of records naming only member persons
+    never_seen_persons_all_pii: set | None = None
+    person_canaries: list = field(default_factory=list)  # canary.Canary, one per person
+    person_canary_inserted: list = field(default_factory=list)
+
+
+def sided_persons(member_people, nonmember_people):
+    """``(members, never_seen)``: persons named only in member records and persons named only in
+    non-member records, in order of appearance (persons on both sides are neither)."""
+    m = dict.fromkeys(x for who in member_people for x in who)
+    n = dict.fromkeys(x for who in nonmember_people for x in who)
+    return [x for x in m if x not in n], [x for x in n if x not in m]
 
 
 @dataclass
@@ -79,12 +96,80 @@ def membership_inference(ft, base, members, nonmembers, epsilon, delta, alpha=0.
     return out
 
 
+NO_PERSON_SPLIT = ("no person-level membership inference: no person is only in the training split "
+                   "or none only in the validation split (write the corpus with python -m "
+                   "finetune.data --split person)")
+
+
+def person_membership_inference(ft, base, data: EvalData, opts: EvalOptions, person: dict | None,
+                                n_boot: int = 1000) -> dict:
+    """Membership inference over persons: members are the persons named only in training records,
+    non-members the persons never seen in training. A person's score is the mean (and, as a second
+    attack, the minimum) over their records of loss_ref - loss; AUC and TPR at 0.1%/1% FPR with
+    bootstrap intervals over persons (``membership.person_attack_report``).
+
+    ``person``: the run's person-level privacy (``epsilon``, ``delta``, ``basis``). The DP limits
+    are computed at that epsilon; a significance check against them is made only when ``basis`` is
+    ``"person-level"`` (a record-level epsilon says nothing about a person's records)."""
+    if data.member_people is None:
+        return {"available": False, "note": "the corpus names no persons (no 'people' field)"}
+    members, never = sided_persons(data.member_people, data.nonmember_people)
+    if not members or not never:
+        return {"available": False, "note": NO_PERSON_SPLIT}
+    rng = np.random.default_rng(opts.seed + 11)
+    members, never = _subsample(members, opts.mia_limit, rng), _subsample(never, opts.mia_limit, rng)
+    out = {"available": True, "n_member_persons": len(members), "n_never_seen_persons": len(never),
+           "score": "mean (and min) over a person's records of loss_ref - loss",
+           "attacks": {}, "curves": {}}
+    groups = []
+    for side, texts, people, chosen in (
+            ("members", data.members, data.member_people, set(members)),
+            ("never_seen", data.nonmembers, data.nonmember_people, set(never))):
+        rows = [i for i, who in enumerate(people) if set(who) & chosen]
+        t = [texts[i] for i in rows]
+        sc = membership.reference_calibrated_scores(ft.losses(t), base.losses(t))
+        who = [tuple(x for x in people[i] if x in chosen) for i in rows]
+        groups.append(membership.person_scores(sc, who))
+        out[f"n_records_{side}"] = len(rows)
+    (_, m_mean, m_min), (_, n_mean, n_min) = groups
+    eps = None if person is None else person.get("epsilon")
+    delta = 0.0 if person is None else (person.get("delta") or 0.0)
+    checked = eps is not None and person.get("basis") == "person-level"
+    for name, (sm, sn) in {"mean": (m_mean, n_mean), "min": (m_min, n_min)}.items():
+        rep = membership.person_attack_report(sm, sn, alpha=opts.alpha, n_boot=n_boot,
+                                              seed=opts.seed)
+        if checked:
+            rep["dp_bound"] = membership.dp_bound_check(sm, sn, eps, delta, opts.alpha)
+        out["attacks"][name] = rep
+        fpr, tpr, _ = membership.roc_curve(sm, sn)
+        out["curves"][f"person {name}"] = (fpr, tpr)
+    out["dp_limits"] = None if eps is None else membership.dp_bound_values(eps, delta)
+    out["dp_limits_basis"] = None if person is None else person.get("basis")
+    return out
+
+
+def _person_pii(data: EvalData, gen_ft, gen_base) -> dict | None:
+    """PII extraction of member persons against never-seen persons (``pii.person_extraction``)."""
+    if data.member_person_pii is None or not data.member_person_pii or not data.never_seen_person_pii:
+        return None
+    known = data.known_pii
+    if known is None:
+        known = {}
+        for kind, v in list(data.train_pii) + list(data.holdout_pii):
+            known.setdefault(kind, []).append(v)
+    matcher = pii.KnownEntityMatcher(known)
+    extracted = pii.extract_pii(gen_ft, matcher=matcher) - pii.extract_pii(gen_base, matcher=matcher)
+    return pii.person_extraction(extracted, data.member_person_pii, data.never_seen_person_pii,
+                                 data.member_persons_all_pii, data.never_seen_persons_all_pii)
+
+
 def pii_extraction(ft, base, data: EvalData, opts: EvalOptions) -> dict:
     prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(opts.n_generate)]
     gen_ft = ft.generate(prompts, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k, seed=opts.seed)
     gen_base = base.generate(prompts, max_new_tokens=opts.max_new_tokens, top_k=opts.top_k,
                              seed=opts.seed)
     res = pii.extraction_metrics(gen_ft, data.train_pii, gen_base, data.holdout_pii, data.known_pii)
+    res["persons"] = _person_pii(data, gen_ft, gen_base)
     res["n_generations"] = len(prompts)
     res["max_new_tokens"] = opts.max_new_tokens
     res["top_k"] = opts.top_k
@@ -109,6 +194,18 @@ def canary_report(ft, base, data: EvalData, opts: EvalOptions, epsilon, delta) -
         res = audit.one_run_audit(scores, data.audit_included, delta=delta or 0.0, alpha=opts.alpha)
         res["certified_epsilon"] = epsilon
         out["one_run_audit"] = res
+    if data.person_canaries and any(data.person_canary_inserted) and not all(data.person_canary_inserted):
+        rng = np.random.default_rng(opts.seed + 13)
+        exp = canary.canary_exposures(ft.log_perplexity, data.person_canaries, data.canary_digits,
+                                      rng, n_candidates=opts.canary_candidates)
+        ex = np.array([e["exposure"] for e in exp])
+        ins = np.asarray(data.person_canary_inserted, dtype=bool)
+        out["person"] = {"n_members": int(ins.sum()), "n_never_seen": int((~ins).sum()),
+                         "member_mean": float(ex[ins].mean()), "member_max": float(ex[ins].max()),
+                         "never_seen_mean": float(ex[~ins].mean()),
+                         "auc": membership.roc_auc(ex[ins], ex[~ins])[0],
+                         "max_possible": math.log2(canary.space_size(data.canary_digits)),
+                         "method": exp[0]["method"]}
     return out
 
 
@@ -141,8 +238,9 @@ def utility(ft, base, nonmembers, opts: EvalOptions) -> dict:
 
 
 def evaluate_model(ft, base, data: EvalData, opts: EvalOptions, epsilon=None, delta=None,
-                   progress=None) -> dict:
-    """All model-level metrics of one run. ``epsilon`` None means non-private (no DP bound)."""
+                   progress=None, person: dict | None = None) -> dict:
+    """All model-level metrics of one run. ``epsilon`` None means non-private (no DP bound);
+    ``person`` is the run's person-level privacy (see ``person_membership_inference``)."""
     rng = np.random.default_rng(opts.seed)
     members = _subsample(data.members, opts.mia_limit, rng)
     nonmembers = _subsample(data.nonmembers, opts.mia_limit, rng)
@@ -150,7 +248,8 @@ def evaluate_model(ft, base, data: EvalData, opts: EvalOptions, epsilon=None, de
              ("membership", lambda: membership_inference(ft, base, members, nonmembers, epsilon,
                                                          delta or 0.0, opts.alpha)),
              ("pii", lambda: pii_extraction(ft, base, data, opts)),
-             ("canaries", lambda: canary_report(ft, base, data, opts, epsilon, delta))]
+             ("canaries", lambda: canary_report(ft, base, data, opts, epsilon, delta)),
+             ("persons", lambda: person_membership_inference(ft, base, data, opts, person))]
     out = {}
     for name, fn in steps:
         if progress is not None:
@@ -211,6 +310,43 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
         "sampler_certified_epsilon": (None if sampler_audit is None
                                       else sampler_audit.get("certified_epsilon")),
     }
+    s.update(_person_summary(result, run_metrics))
+    return s
+
+
+def _person_summary(result: dict, run_metrics: dict) -> dict:
+    """The person-level keys of ``summary.json`` (None when not measured)."""
+    per, pp = result.get("persons") or {}, result["pii"].get("persons") or {}
+    pc = result["canaries"].get("person") or {}
+    s = {"person_epsilon": run_metrics.get("person_epsilon"), "person_k": run_metrics.get("person_k"),
+         "person_method": run_metrics.get("person_method"),
+         "person_bound_basis": per.get("dp_limits_basis"), "person_note": per.get("note"),
+         "n_member_persons": per.get("n_member_persons"),
+         "n_never_seen_persons": per.get("n_never_seen_persons")}
+    keys = ("person_mia_attack", "person_mia_auc", "person_mia_auc_ci", "person_mia_tpr_at_1pct_fpr",
+            "person_mia_tpr_at_1pct_fpr_ci", "person_mia_tpr_at_0.1pct_fpr", "person_mia_auc_limit",
+            "person_mia_tpr_at_1pct_fpr_limit", "person_mia_inside_dp_bound")
+    s.update(dict.fromkeys(keys))
+    if per.get("available"):
+        att = per["attacks"]
+        best = max(att, key=lambda k: att[k]["auc"])
+        t1 = att[best]["tpr_at_0.01_fpr"]
+        lim = per.get("dp_limits") or {}
+        checked = [a["dp_bound"]["significant_violation"] for a in att.values() if "dp_bound" in a]
+        s.update({"person_mia_attack": best, "person_mia_auc": att[best]["auc"],
+                  "person_mia_auc_ci": att[best]["auc_bootstrap_ci"],
+                  "person_mia_tpr_at_1pct_fpr": t1["tpr"],
+                  "person_mia_tpr_at_1pct_fpr_ci": t1["tpr_bootstrap_ci"],
+                  "person_mia_tpr_at_0.1pct_fpr": att[best]["tpr_at_0.001_fpr"]["tpr"],
+                  "person_mia_auc_limit": lim.get("auc"),
+                  "person_mia_tpr_at_1pct_fpr_limit": lim.get("tpr_at_0.01_fpr"),
+                  "person_mia_inside_dp_bound": (not any(checked)) if checked else None})
+    s.update({"person_pii_precision": pp.get("precision"), "person_pii_recall": pp.get("recall"),
+              "person_pii_never_seen_recall": pp.get("never_seen_recall"),
+              "member_persons_exposed": pp.get("member_persons_exposed"),
+              "never_seen_persons_exposed": pp.get("never_seen_persons_exposed"),
+              "person_canary_exposure_member_mean": pc.get("member_mean"),
+              "person_canary_exposure_never_seen_mean": pc.get("never_seen_mean")})
     return s
 
 
@@ -237,6 +373,9 @@ GLOSSARY = (
                       "were trained on (95% confidence); it must stay below the certified epsilon"),
     ("noise-table audit", "the same kind of lower bound for the noise sampler alone, on two "
                           "neighbouring scalar inputs; it must stay below one release's certificate"),
+    ("person-level", "a person in or out of the corpus with all their records (the relation that "
+                     "protects a person's PII); person MIA scores a person's records together, "
+                     "members are persons in training, non-members persons never seen"),
     ("inference overhead", "generation time of the fine-tuned model (LoRA merged) relative to the "
                            "base model"),
 )
@@ -272,6 +411,45 @@ def _at_seq_len(s: dict) -> str:
     return text + ")"
 
 
+def _person_lines(s: dict) -> list:
+    """The person-level lines of the printed summary."""
+    if s.get("person_epsilon") is not None:
+        head = (f"  persons   person-level epsilon {_rounded(s['person_epsilon'])} (a person in at most "
+                f"{s.get('person_k')} records; {s.get('person_method')})")
+    elif s.get("epsilon") is not None:
+        head = "  persons   record-level run: no person-level bound"
+    else:
+        head = "  persons   non-private run: no bound"
+    lines = [head]
+    if s.get("person_mia_auc") is None:
+        if s.get("person_note"):
+            lines.append(f"  persons   {s['person_note']}")
+        return lines
+    mia = (f"  person MIA AUC {_num(s['person_mia_auc'])} [{_num(s['person_mia_auc_ci'][0])}, "
+           f"{_num(s['person_mia_auc_ci'][1])}] ({s['person_mia_attack']} over a person's records, "
+           f"{s['n_member_persons']} member vs {s['n_never_seen_persons']} never-seen persons), "
+           f"TPR@1%FPR {_num(s['person_mia_tpr_at_1pct_fpr'])}")
+    if s.get("person_mia_auc_limit") is not None:
+        basis = ("person-level epsilon" if s.get("person_epsilon") is not None
+                 else "record-level epsilon, NOT a limit for persons")
+        mia += (f"; DP limits at the {basis}: AUC <= {_num(s['person_mia_auc_limit'])}, TPR@1%FPR <= "
+                f"{_num(s['person_mia_tpr_at_1pct_fpr_limit'])}")
+    if s.get("person_mia_inside_dp_bound") is not None:
+        mia += f", inside at 95%: {'yes' if s['person_mia_inside_dp_bound'] else 'NO'}"
+    lines.append(mia)
+    if s.get("person_pii_precision") is not None:
+        lines.append(f"  person PII precision {_num(s['person_pii_precision'])}, recall "
+                     f"{_num(s['person_pii_recall'])} of member persons' PII (never-seen persons' "
+                     f"recall {_num(s['person_pii_never_seen_recall'])}); persons with PII generated: "
+                     f"members {_num(s['member_persons_exposed'])}, never-seen "
+                     f"{_num(s['never_seen_persons_exposed'])}")
+    if s.get("person_canary_exposure_member_mean") is not None:
+        lines.append(f"  person canaries exposure mean: members "
+                     f"{_num(s['person_canary_exposure_member_mean'], '{:.2f}')}, never-seen "
+                     f"{_num(s['person_canary_exposure_never_seen_mean'], '{:.2f}')} bits")
+    return lines
+
+
 def summary_text(s: dict, out_dir: str | None = None) -> str:
     """The summary printed by ``python -m finetune.evaluate``: numbers rounded for reading, then one
     line per term. ``s`` is the dictionary of ``summarise`` plus ``baselines`` (same keys)."""
@@ -293,6 +471,7 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     lines.append(f"  PII       precision {_num(s['pii_precision'])}, recall {_num(s['pii_recall'])} "
                  f"(held-out recall {_num(s['pii_holdout_recall'])}; {s['pii_extracted']} PII strings "
                  f"in the generations)")
+    lines += _person_lines(s)
     stats = s.get("training_data_statistics_not_covered_by_epsilon")
     if stats:
         lines.append(f"  training  train perplexity {_num(stats.get('train_perplexity'), '{:.2f}')}: a "

@@ -1,0 +1,145 @@
+"""Person-level evaluation: the DP limits on TPR and AUC, scores per person, bootstrap over persons."""
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate
+
+from finetune.evaluation import membership
+
+# (eps, TPR@1%FPR, TPR@0.1%FPR, AUC) limits at delta 1e-5, each computed from
+# min(1, e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR)) when the person-level design was written
+TABLE = [(1, 0.02719, 0.00273, 0.73106), (2, 0.07390, 0.00740, 0.88080),
+         (4, 0.54599, 0.05461, 0.98201), (8, 0.99967, 0.99966, 0.99966)]
+
+
+@pytest.mark.parametrize("eps,t1,t01,auc", TABLE)
+def test_dp_limits_match_the_table_at_delta_1e5(eps, t1, t01, auc):
+    v = membership.dp_bound_values(eps, 1e-5)
+    assert v["tpr_at_0.01_fpr"] == pytest.approx(t1, abs=6e-6)
+    assert v["tpr_at_0.001_fpr"] == pytest.approx(t01, abs=6e-6)
+    assert v["auc"] == pytest.approx(auc, abs=6e-6)
+
+
+@pytest.mark.parametrize("eps,delta", [(0.0, 0.0), (0.3, 1e-3), (1.0, 1e-5), (2.5, 0.05),
+                                       (6.0, 1e-9), (12.0, 0.0)])
+def test_auc_limit_is_the_integral_of_the_tpr_limit(eps, delta):
+    f = lambda x: float(membership.dp_tpr_bound(x, eps, delta))
+    kinks = [(1 - delta) / (1 + math.exp(eps)), 1 - delta]
+    num = integrate.quad(f, 0.0, 1.0, points=kinks, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
+    assert membership.dp_auc_bound(eps, delta) == pytest.approx(num, abs=1e-10)
+    assert membership.dp_auc_bound(eps, 0.0) == pytest.approx(1 / (1 + math.exp(-eps)), abs=1e-14)
+    assert membership.dp_auc_bound(math.inf, delta) == 1.0
+
+
+def test_randomized_response_attains_the_auc_limit():
+    """eps-DP randomized response on membership: its exact AUC (ties half) is the limit."""
+    eps = 1.3
+    p = math.exp(eps) / (1 + math.exp(eps))
+    n = 100_000
+    members = np.r_[np.ones(int(round(p * n))), np.zeros(n - int(round(p * n)))]
+    nonmembers = 1 - members
+    auc = membership.roc_auc(members, nonmembers)[0]
+    assert auc == pytest.approx(membership.dp_auc_bound(eps, 0.0), abs=1e-5)
+
+
+def test_person_scores_against_a_loop():
+    rng = np.random.default_rng(0)
+    who = [tuple(rng.choice(9, size=rng.integers(1, 3), replace=False).tolist()) for _ in range(60)]
+    s = rng.normal(size=60)
+    persons, mean, low = membership.person_scores(s, who)
+    assert sorted(persons) == sorted({x for w in who for x in w})
+    for x, a, b in zip(persons, mean, low):
+        mine = [s[i] for i, w in enumerate(who) if x in w]
+        assert a == pytest.approx(sum(mine) / len(mine), abs=1e-14) and b == min(mine)
+    with pytest.raises(ValueError, match="scores for"):
+        membership.person_scores(s[:5], who)
+
+
+def test_person_report_bootstraps_over_persons():
+    rng = np.random.default_rng(1)
+    m, n = rng.normal(1.0, 1, 80), rng.normal(0.0, 1, 70)
+    r = membership.person_attack_report(m, n, n_boot=400, seed=3)
+    lo, hi = r["auc_bootstrap_ci"]
+    assert lo < r["auc"] < hi and hi - lo < 0.3
+    # percentile interval of a bootstrap of the AUC: close to the DeLong interval at this size
+    assert r["auc_ci"][0] == pytest.approx(lo, abs=0.04) and r["auc_ci"][1] == pytest.approx(hi, abs=0.04)
+    t = r["tpr_at_0.01_fpr"]
+    assert t["tpr_bootstrap_ci"][0] <= t["tpr"] <= t["tpr_bootstrap_ci"][1]
+    assert r["bootstrap"]["unit"] == "person"
+    assert r == membership.person_attack_report(m, n, n_boot=400, seed=3)   # seeded
+
+
+def test_person_pii_and_extraction_known_answer():
+    from finetune.evaluation import pii
+
+    who = [(1,), (1,), (2,), (1, 2), (3,), (4,)]
+    items = [[["email", "A@x.org"]], [["name", "Ann"]], [["name", "Bo"]], [["name", "Shared"]],
+             [["phone", "(415) 555-0100"]], [["name", "Dee"]]]
+    per = pii.person_pii(who, items)
+    assert per == {1: {("email", "a@x.org"), ("name", "Ann")}, 2: {("name", "Bo")},
+                   3: {("phone", "4155550100")}, 4: {("name", "Dee")}}
+    members = {x: per[x] for x in (1, 2)}
+    never = {x: per[x] for x in (3, 4)}
+    got = {("email", "a@x.org"), ("phone", "4155550100"), ("name", "Zed")}
+    r = pii.person_extraction(got, members, never)
+    assert r["precision"] == pytest.approx(1 / 3) and r["recall"] == pytest.approx(1 / 3)
+    assert r["never_seen_recall"] == 0.5
+    assert r["member_persons_exposed"] == 0.5 and r["never_seen_persons_exposed"] == 0.5
+    assert (r["n_member_persons"], r["n_never_seen_persons"], r["n_member_pii"]) == (2, 2, 3)
+
+
+def _person_split_corpus(n=200, people=30, seed=0):
+    from finetune import data
+
+    recs = data.generate_records(n, seed=seed, val_fraction=0.5, people=people)
+    tr, va, _ = data.split_by_person(recs, 0.5, seed)
+    return [dict(r, split="train") for r in tr] + [dict(r, split="val") for r in va]
+
+
+def test_person_canaries_one_per_person_inserted_only_for_training_persons(tmp_path, capsys):
+    from finetune.data import load_records, write_jsonl
+    from finetune.evaluation import prepare
+
+    src, out = tmp_path / "d.jsonl", tmp_path / "c.jsonl"
+    corpus = _person_split_corpus()
+    write_jsonl(corpus, src)
+    assert prepare.main(["--data", str(src), "--out", str(out), "--exposure-canaries", "2",
+                         "--audit-canaries", "0", "--digits", "3", "--person-canaries"]) == 0
+    truth = prepare.load_truth(str(out) + prepare.SIDE_SUFFIX)
+    recs = load_records(out)
+    train_p, val_p = prepare.sided_persons(corpus)
+    secrets, inserted = truth["person_secrets"], truth["person_inserted"]
+    assert len(secrets) == len(train_p) + len(val_p) and sum(inserted) == len(train_p)
+    assert len(set(secrets) | set(truth["exposure_secrets"])) == len(secrets) + 2   # all distinct
+    person_recs = [r for r in recs if r.get("canary") and r.get("people")]
+    assert sorted(r["people"][0] for r in person_recs) == sorted(train_p)
+    texts = " ".join(r["text"] for r in recs)
+    for s, ins in zip(secrets, inserted):
+        assert (s in texts) == ins
+    assert all(r["split"] == "train" and len(r["people"]) == 1 for r in person_recs)
+    # a corpus split by record has every person on both sides: refused in one line
+    rec_split = tmp_path / "r.jsonl"
+    from finetune.data import generate_records
+    write_jsonl(generate_records(200, seed=0, val_fraction=0.5, people=30), rec_split)
+    capsys.readouterr()
+    assert prepare.main(["--data", str(rec_split), "--out", str(tmp_path / "x.jsonl"),
+                         "--person-canaries"]) == 2
+    err = capsys.readouterr().err
+    assert "--split person" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_person_extraction_counts_unattributed_pii_of_member_records():
+    """A value from a record naming two member persons is member PII (precision), though it
+    exposes neither person on its own."""
+    from finetune.evaluation import pii
+
+    members = {1: {("name", "Ann")}, 2: {("name", "Bo")}}
+    got = {("name", "Ann"), ("email", "pair@x.org")}
+    r0 = pii.person_extraction(got, members, {3: {("name", "Cy")}})
+    assert r0["precision"] == 0.5
+    r = pii.person_extraction(got, members, {3: {("name", "Cy")}},
+                              member_all={("name", "Ann"), ("name", "Bo"), ("email", "pair@x.org")})
+    assert r["precision"] == 1.0 and r["recall"] == pytest.approx(2 / 3)
+    assert r["member_persons_exposed"] == 0.5
