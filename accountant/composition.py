@@ -93,12 +93,14 @@ def cyclic_self_convolve(probs: np.ndarray, count: int, size: int, kind=np.float
     return irfft(power(rfft(x), count), size)
 
 
-def self_convolve(probs: np.ndarray, count: int, tail: float, kind=np.float64, clip: bool = True):
+def self_convolve(probs: np.ndarray, count: int, tail: float, kind=np.float64, clip: bool = True,
+                  window: tuple[int, int] | None = None):
     """Entries lo..hi of the ``count``-fold self-convolution of ``probs`` on the Chernoff window
     :func:`chernoff_range` (at most ``tail`` of the mass outside, which wraps onto the window).
     Returns (lo, entries as float64, clipped at 0 unless ``clip`` is False (the negative entries
-    then show the round-off), round-off allowance of any sum of them)."""
-    lo, hi = chernoff_range(probs, count, tail)
+    then show the round-off), round-off allowance of any sum of them).  ``window``: the
+    :func:`chernoff_range` already computed for these arguments."""
+    lo, hi = window if window is not None else chernoff_range(probs, count, tail)
     n_out = hi - lo + 1
     size = next_fast_len(max(n_out, probs.size), real=True)
     y = np.roll(cyclic_self_convolve(probs, count, size, kind), -lo)[:n_out]
@@ -203,13 +205,13 @@ class ComposedPMF:
     def lower_tail(self, x: float) -> float:
         return float(np.sum(self.probs[self.losses() < x]))
 
-    def self_compose(self, count: int, budget: float) -> "ComposedPMF":
+    def self_compose(self, count: int, budget: float, window: tuple[int, int] | None = None) -> "ComposedPMF":
         """``count``-fold composition in the precision :func:`precision` picks for ``budget``; tails
         beyond the Chernoff window (at most TRUNCATION) are counted at +inf when pessimistic and as
-        round-off when optimistic."""
+        round-off when optimistic; ``window``: its :func:`chernoff_range` at TRUNCATION, if known."""
         if count == 1:
             return self
-        lo, probs, roundoff = self_convolve(self.probs, count, TRUNCATION, precision(count, budget))
+        lo, probs, roundoff = self_convolve(self.probs, count, TRUNCATION, precision(count, budget), window=window)
         inf_mass = -math.expm1(count * math.log1p(-self.inf_mass)) if self.inf_mass < 1 else 1.0
         if self.pessimistic:
             inf_mass += TRUNCATION

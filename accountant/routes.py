@@ -187,8 +187,9 @@ def _pld_pmfs(pair, direction: str, step: float, max_points: int = MAX_PLD_POINT
 
 def pld_route(groups: Sequence[tuple], delta: float, step: float,
               roundoff_budget: float | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-              coarsen: bool = False) -> RouteResult:
-    """``groups``: sequence of (step_pair, count).  Epsilon interval at ``delta``.
+              coarsen: bool = False, upper_only: bool = False) -> RouteResult:
+    """``groups``: sequence of (step_pair, count).  Epsilon interval at ``delta``; with
+    ``upper_only`` the optimistic PMFs are not composed (half the time; lower bound 0: searches).
 
     Compositions run in float64 unless their round-off allowance would exceed ``roundoff_budget``
     (default 1e-4 delta), then in long double; the allowance is part of both bounds.  No grid has
@@ -202,7 +203,7 @@ def pld_route(groups: Sequence[tuple], delta: float, step: float,
         step = max(step, _composed_step(groups, step, max_points))
     while True:
         try:
-            return _pld_route(groups, delta, step, budget, max_points, memory_budget)
+            return _pld_route(groups, delta, step, budget, max_points, memory_budget, upper_only)
         except GridBudgetExceeded as exc:
             if not coarsen or step >= MAX_PLD_STEP or not math.isfinite(exc.points):
                 raise
@@ -228,16 +229,19 @@ def _composed_step(groups, step: float, max_points: int) -> float:
     return 1.1 * widest / max(max_points, 1)
 
 
-def _pld_route(groups, delta, step, budget, max_points, memory_budget) -> RouteResult:
+def _pld_route(groups, delta, step, budget, max_points, memory_budget, upper_only=False) -> RouteResult:
     # every step's PMFs first, and the size of every composition checked before any is computed
     pmfs = {(d, i): _pld_pmfs(pair, d, step, max_points, memory_budget)
             for d in DIRECTIONS for i, (pair, _) in enumerate(groups)}
+    kinds = (0,) if upper_only else (0, 1)
+    windows = {}
     for direction in DIRECTIONS:
-        for k in (0, 1):
+        for k in kinds:
             total = 0
             for i, (_, count) in enumerate(groups):
                 pmf = pmfs[direction, i][k]
                 lo, hi = chernoff_range(pmf.probs, count, TRUNCATION) if count > 1 else (0, pmf.probs.size - 1)
+                windows[direction, i, k] = (lo, hi)
                 _check_points(max(hi - lo + 1, pmf.probs.size), max_points, f"{count}-fold composition")
                 total += hi - lo + 1
             _check_points(total, max_points, "composition")
@@ -246,11 +250,12 @@ def _pld_route(groups, delta, step, budget, max_points, memory_budget) -> RouteR
     for direction in DIRECTIONS:
         totals = [None, None]
         for i, (pair, count) in enumerate(groups):
-            for k, pmf in enumerate(pmfs[direction, i]):
-                pmf = pmf.self_compose(count, budget)
+            for k in kinds:
+                pmf = pmfs[direction, i][k].self_compose(count, budget, windows[direction, i, k])
                 totals[k] = pmf if totals[k] is None else totals[k].compose(pmf)
         pess_total, opt_total = totals
-        upper, lower = pess_total.epsilon(delta), opt_total.epsilon(delta)
+        upper = pess_total.epsilon(delta)
+        lower = 0.0 if upper_only else opt_total.epsilon(delta)
         per_direction[direction] = {"lower": lower, "upper": upper}
         composed[direction] = (pess_total, opt_total)
         upper_all, lower_all = max(upper_all, upper), max(lower_all, lower)
