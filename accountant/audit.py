@@ -44,6 +44,7 @@ import numba
 import numpy as np
 from scipy import fft as sfft
 
+from accountant import composition
 from accountant.certify import certify
 from accountant.mechanism import Mechanism
 from accountant.noise import GeneralizedGaussian, Gaussian, Laplace, Noise, Tabulated
@@ -438,57 +439,17 @@ def k_coordinate_law(noise: Noise, sensitivity: float, k: int, accuracy: AuditAc
 # ----------------------------------------------------------------------------------------------
 def epsilon_for_delta(losses: np.ndarray, upper: np.ndarray, delta: float) -> float:
     """Smallest eps >= 0 with sum_y upper_y (1 - e^(eps - y))_+ <= delta for a discrete upper
-    measure at sorted ``losses`` (exact for that measure)."""
-    u_above = np.concatenate([np.cumsum(upper[::-1])[::-1][1:], [0.0]])     # losses > y_j
-    with np.errstate(over="ignore", under="ignore", divide="ignore"):
-        # lower masses upper * e^-loss through logarithms: an empty entry far below stays 0, not 0 * inf
-        lower = np.where(upper > 0, np.exp(np.log(np.where(upper > 0, upper, 1.0)) - losses), 0.0)
-        w_above = np.concatenate([np.cumsum(lower[::-1])[::-1][1:], [0.0]])
-        d_at = u_above - np.exp(losses) * w_above                            # delta(y_j)
-    above = np.nonzero(d_at > delta)[0]
-    if len(above) == 0:
-        total_u = float(np.sum(upper))
-        total_w = float(np.sum(lower))
-        if total_u <= delta or total_w <= 0:
-            return 0.0
-        return max(0.0, min(math.log((total_u - delta) / total_w), float(losses[0])))
-    j = int(above[-1])
-    nxt = float(losses[min(j + 1, len(losses) - 1)])
-    if w_above[j] <= 0:
-        return max(0.0, nxt)
-    return max(0.0, min(math.log((u_above[j] - delta) / w_above[j]), nxt))
+    measure at sorted ``losses`` (exact for that measure; :func:`accountant.composition.epsilon_for_delta`)."""
+    return composition.epsilon_for_delta(losses, upper, 0.0, delta)
 
 
 def self_convolve(masses: np.ndarray, times: int, tail_mass: float):
     """``times``-fold convolution of ``masses`` with itself by one real FFT, on the window outside
-    of which the Chernoff bound puts at most ``tail_mass`` of the result (the same window and
-    orders as dp-accounting's ``pld.common.self_convolve``, which this reproduces with a real
-    transform and vectorised moment generating functions). Returns (index of the first entry,
+    of which the Chernoff bound puts at most ``tail_mass`` of the result
+    (:func:`accountant.composition.self_convolve`, float64). Returns (index of the first entry,
     entries); the mass outside the window wraps around onto it, at most ``tail_mass``."""
-    n = len(masses)
-    upper_bound, lower_bound = (n - 1) * times, 0
-    if tail_mass > 0:
-        orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / n
-        with np.errstate(divide="ignore"):
-            logw = np.log(masses)
-        idx = np.arange(n, dtype=np.float64)
-        for order in orders:                      # log E[e^(order I)] by a stable log-sum-exp
-            a = idx * order + logw
-            top = float(np.max(a))
-            if not math.isfinite(top):
-                continue
-            log_mgf = top + math.log(float(np.sum(np.exp(a - top))))
-            bound = (times * log_mgf + math.log(2 / tail_mass)) / order
-            if not math.isfinite(bound):
-                continue
-            if order > 0:
-                upper_bound = min(upper_bound, math.ceil(bound))
-            else:
-                lower_bound = max(lower_bound, math.floor(bound))
-    out_len = upper_bound - lower_bound + 1
-    size = sfft.next_fast_len(max(out_len, n), real=True)
-    cyclic = sfft.irfft(sfft.rfft(masses, size) ** times, size)
-    return lower_bound, np.roll(cyclic, -lower_bound)[:out_len]
+    lo, entries, _ = composition.self_convolve(masses, times, tail_mass, clip=False)
+    return lo, entries
 
 
 def _log_mgf(upper: np.ndarray, dstep: float, lam: float) -> float:

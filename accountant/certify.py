@@ -413,8 +413,8 @@ def pld_epsilon(mechanisms, delta: float, accuracy: Accuracy = Accuracy()) -> fl
     bound = closed_form_bound(groups, delta)
     try:
         _loss_ranges(groups)
-        return routes.pld_route(groups, delta, _pld_step(groups, delta, accuracy),
-                                memory_budget=accuracy.memory_budget, coarsen=accuracy.pld_step is None).upper
+        return routes.pld_route(groups, delta, _pld_step(groups, delta, accuracy), memory_budget=accuracy.memory_budget,
+                                coarsen=accuracy.pld_step is None, upper_only=True).upper
     except (routes.GridBudgetExceeded, routes.RouteFailure):
         return math.inf if bound is None else bound["upper"]
 
@@ -503,14 +503,92 @@ def delta_for_epsilon_pld(mechanisms, epsilon: float, accuracy: Accuracy = Accur
     return routes.pld_route(groups, 0.5, step, roundoff_budget=0.0).delta_at(epsilon)
 
 
+class ScaleNotFound(CertificationError):
+    """No scale below the cap meets the target."""
+
+
+def solve_scale(gap: Callable[[float], float], start: float, rtol: float, max_scale: float,
+                slope: float = -1.0, min_scale: float = 1e-6, error=ScaleNotFound) -> float:
+    """Smallest log-scale x (to ``rtol``) with ``gap(x) <= 0``, for ``gap`` non-increasing in x
+    (more noise, less privacy loss): the one root finder of every calibration.
+
+    Secant steps from ``log(start)`` (the first with the guessed ``slope`` dgap/dx: -1 for
+    log(epsilon / target), since epsilon is close to proportional to 1/scale; 2 log(delta) for
+    log(delta / target) of Gaussian-like noise), so a warm start converges in 3-4 evaluations; if the
+    secant stalls (the near-vertical curves of pure-DP noise), a bracket by factors of 2 and Brent's
+    method.  The answer is on the feasible side: ``gap(x) <= 0`` was evaluated at the returned x."""
+    from scipy.optimize import brentq
+
+    top, bottom = math.log(max_scale), math.log(min_scale)
+    cache = {}
+
+    def g(x):
+        if x not in cache:
+            cache[x] = gap(x)
+        return cache[x]
+
+    def finish(x):
+        while g(x) > 0:
+            x += rtol / 2
+            if x > top + 1e-12:
+                raise error(f"no scale below {max_scale:g} meets the target")
+        return x
+
+    x0 = min(max(math.log(start), bottom), top)
+    f0 = g(x0)
+    x1 = x0 + max(-0.5, min(0.5, -f0 / slope)) if math.isfinite(f0) else x0 + 0.5
+    x1 = min(x1 if x1 != x0 else x0 + rtol, top)
+    f1 = g(x1)
+    for _ in range(10):
+        if abs(x1 - x0) < rtol / 2 and f1 <= 0:
+            return finish(x1)
+        if f1 == f0 or not (math.isfinite(f0) and math.isfinite(f1)):
+            break
+        x2 = min(max(x1 - f1 * (x1 - x0) / (f1 - f0), x1 - 0.7), x1 + 0.7, top)
+        if x2 == x1 and f1 > 0:
+            break
+        x0, f0, x1, f1 = x1, f1, x2, g(x2)
+    # bracket [a, b] with g(a) > 0 >= g(b), then Brent's method
+    step, a = math.log(2.0), min(x1, top)
+    if g(a) > 0:
+        while True:
+            if a >= top - 1e-12:
+                raise error(f"no scale below {max_scale:g} meets the target")
+            b = min(a + step, top)
+            if g(b) <= 0:
+                break
+            a = b
+    else:
+        b, a = a, a - step
+        while g(a) <= 0:
+            if a < bottom:
+                return finish(a)
+            b, a = a, a - step
+    if not (math.isfinite(g(a)) and math.isfinite(g(b))):
+        while b - a > rtol / 2:           # Brent needs finite values: plain bisection
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if g(mid) > 0 else (a, mid)
+        return finish(b)
+    return finish(brentq(g, a, b, xtol=rtol / 2, rtol=1e-12, maxiter=60))
+
+
 def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float, sampling_rate: float,
               steps: int, geometry: str = "scalar", sensitivity: float = 1.0,
-              accuracy: Accuracy = Accuracy(), max_scale: float = 1e4) -> tuple[float, Certificate]:
-    """Smallest scale s (to 1e-4 relative) with certified epsilon <= ``epsilon``; never overshoots.
+              accuracy: Accuracy = Accuracy(), max_scale: float = 1e4, *, start: float | None = None,
+              rtol: float = 1e-4, margin: float = 1.3, max_certificates: int = 40, progress=None,
+              delta_at: Callable[[float, float], float] | None = None) -> tuple[float, Certificate]:
+    """Smallest scale s (to about ``rtol``) with certified epsilon <= ``epsilon``; never overshoots.
+    The one calibrator: ``make_private``, the CLI and noise_search call it.
 
-    Epsilon decreases in the scale.  A bracketed bisection in log-scale runs on the pessimistic PLD,
-    first with a 10x coarser grid, then at full accuracy inside the last bracket; the full two-route
-    certificate follows, and if it exceeds the target the scale grows by 0.05% steps until it does not.
+    Epsilon decreases in the scale.  Stage 1 solves (:func:`solve_scale`) on the PLD route's upper
+    bound alone, first on a 10x coarser grid, then at full accuracy from that answer, for
+    ``epsilon (1 - margin prv_relative_error)``: the certificate is the larger upper bound of both
+    routes, and the PRV route's is its estimate plus ``prv_relative_error`` epsilon, so one full
+    certificate usually follows.  ``delta_at(scale, eps)`` may replace the PLD in stage 1 (e.g. a
+    fast exact delta of one release of a table).  If the certificate still exceeds ``epsilon``, the
+    scale grows by the ratio (epsilon is close to proportional to 1/scale) and is certified again;
+    if a closed form decided the certificate (the exact Gaussian at q 1, a pure bound), the margin
+    was not needed and the solve is repeated without it.  ``progress.update(1)`` per certificate.
     """
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be positive, got {epsilon}")
@@ -519,45 +597,51 @@ def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float
     def mech(s):
         return Mechanism(make_noise(s), sensitivity, geometry, sampling_rate, steps)
 
-    def pld_eps(s, coarse):
-        groups = _groups([mech(s)])
-        try:
-            _loss_ranges(groups)
-            step = _pld_step(groups, delta, accuracy) * (10 if coarse else 1)
-            return routes.pld_route(groups, delta, step, memory_budget=accuracy.memory_budget,
-                                    coarsen=True).upper
-        except (routes.GridBudgetExceeded, routes.RouteFailure):
-            # loss range too wide for a grid (far too little noise): the closed form, if any
-            bound = closed_form_bound(groups, delta)
-            return math.inf if bound is None else bound["upper"]
+    target = epsilon * (1 - margin * accuracy.prv_relative_error)
 
-    lo = hi = 1.0
-    if pld_eps(1.0, True) > epsilon:
-        while pld_eps(hi, True) > epsilon:
-            lo, hi = hi, hi * 2
-            if hi > max_scale:
-                raise CertificationError(
-                    f"target epsilon {epsilon:g} at delta {delta:g} is infeasible for this noise "
-                    f"family: even scale {max_scale:g} times the sensitivity is not enough")
+    def pld_gap(coarse):
+        def gap(x):
+            groups = _groups([mech(math.exp(x))])
+            try:
+                _loss_ranges(groups)
+                step = _pld_step(groups, delta, accuracy) * (10 if coarse else 1)
+                eps = routes.pld_route(groups, delta, step, memory_budget=accuracy.memory_budget,
+                                       coarsen=True, upper_only=True).upper
+            except (routes.GridBudgetExceeded, routes.RouteFailure):
+                # loss range too wide for a grid (far too little noise): the closed form, if any
+                bound = closed_form_bound(groups, delta)
+                eps = math.inf if bound is None else bound["upper"]
+            return math.log(eps / target) if eps > 0 else -math.inf
+        return gap
+
+    infeasible = (f"target epsilon {epsilon:g} at delta {delta:g} is infeasible for this noise family: "
+                  f"even scale {max_scale:g} times the sensitivity is not enough")
+
+    def solve(gap, first, tol, slope):
+        try:
+            return math.exp(solve_scale(gap, first, tol, max_scale, slope))
+        except ScaleNotFound:
+            raise ScaleNotFound(infeasible) from None
+
+    if delta_at is not None:
+        scale = solve(lambda x: math.log(max(delta_at(math.exp(x), target), 1e-300) / delta),
+                      start or 1.0, rtol, 2 * math.log(delta))
     else:
-        while pld_eps(lo, True) <= epsilon and lo > 1e-6:
-            lo, hi = lo / 2, lo
-    for coarse, tol in ((True, 1e-3), (False, 1e-4)):
-        if not coarse:
-            lo = hi / (1 + 2e-2)
-            while pld_eps(lo, False) <= epsilon and lo > 1e-6:
-                lo, hi = lo / (1 + 2e-2), lo
-            if pld_eps(hi, False) > epsilon:
-                lo, hi = hi, hi * (1 + 2e-2)
-                while pld_eps(hi, False) > epsilon:
-                    lo, hi = hi, hi * (1 + 2e-2)
-        while hi / lo > 1 + tol:
-            mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if pld_eps(mid, coarse) > epsilon else (lo, mid)
-    scale = hi
-    for _ in range(400):
+        scale = solve(pld_gap(True), start or 1.0, 1e-3, -1.0)
+        scale = solve(pld_gap(False), scale, rtol, -1.0)
+    for _ in range(max_certificates):
         cert = certify(mech(scale), delta, accuracy)
+        if progress is not None:
+            progress.update(1)
         if cert.epsilon <= epsilon:
+            if margin > 0 and "closed_form" in cert.routes and delta_at is None:
+                tighter = calibrate(make_noise, epsilon, delta, sampling_rate, steps, geometry, sensitivity,
+                                    accuracy, max_scale, start=scale, rtol=rtol, margin=0.0,
+                                    max_certificates=max_certificates, progress=progress)
+                if tighter[0] < scale:
+                    return tighter
             return scale, cert
-        scale *= 1.0005
+        if scale >= max_scale:
+            raise ScaleNotFound(infeasible)
+        scale = min(max_scale, scale * max(cert.epsilon / epsilon, 1.0) * (1 + 1e-4))
     raise CertificationError("calibration did not converge")

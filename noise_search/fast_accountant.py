@@ -17,7 +17,8 @@ and for each pair the privacy-loss random variable ``L = log P(X)/Q(X)``, ``X ~ 
 divergence ``delta(eps) = sum_x max(0, P(x) - e^eps Q(x))``.  For ``T > 1`` the loss distribution is put
 on a uniform grid by a mean-preserving split between the two neighbouring grid points (so composition
 keeps the exact mean and adds at most ``T dl^2 / 4`` of variance) and composed ``T`` times with one FFT
-(Koskela, Jalko & Honkela 2020, "Computing tight differential privacy guarantees using FFT"); the
+(Koskela, Jalko & Honkela 2020, "Computing tight differential privacy guarantees using FFT";
+:mod:`accountant.composition`, the same core as the certificate's, without its error allowance); the
 result is ``delta(eps) = E[(1 - e^(eps - L_T))_+] + P(L_T = inf)``, the hockey-stick divergence written
 with the privacy loss (e.g. Balle & Wang 2018; Sommer, Meiser & Mohammadi 2019).
 Mass that does not fit the window is moved to ``+inf`` (upwards) or clipped to the window floor.
@@ -29,6 +30,7 @@ import math
 import numba
 import numpy as np
 
+from accountant import composition
 from noise_search.families import Binned
 
 #: tail extension stops when the remaining one-sided mass is below this
@@ -152,18 +154,12 @@ def _direction_delta(loss, weight, inf_mass, eps_values, steps, margin=20.0, max
     dl = width / (size - 2)
     lo_index = int(math.ceil((mean_t - lo) / dl))
     pmf, extra_inf = _discretise(loss, weight, mean1, dl, size, lo_index, top - mean_t)
-    spec = np.fft.rfft(pmf)
-    comp = np.fft.irfft(spec ** steps, n=size)
-    comp = np.maximum(comp, 0.0)
+    comp = np.maximum(composition.cyclic_self_convolve(pmf, steps, size), 0.0)
     idx = np.arange(size)
     k = np.where(idx >= size - lo_index, idx - size, idx)   # circular index -> signed grid index
     values = mean_t + k * dl
     p_inf = 1.0 - (1.0 - min(1.0, inf_mass + extra_inf)) ** steps
-    out = np.empty_like(eps_values)
-    for i, e in enumerate(eps_values):
-        sel = values > e
-        out[i] = float(np.dot(comp[sel], -np.expm1(e - values[sel]))) + p_inf
-    return out
+    return np.array([composition.hockey_stick(values, comp, p_inf, e) for e in eps_values])
 
 
 def delta_for(binned: Binned, eps, sampling_rate: float, steps: int):
@@ -202,14 +198,14 @@ def calibrate_scale(make_binned, eps: float, delta: float, sampling_rate: float,
                     start: float, rtol: float = 2e-4, max_scale: float = 1e6):
     """Smallest scale s (to ``rtol``) with fast ``delta(eps) <= delta`` for ``make_binned(s)``.
 
-    Solves ``g(log s) = log delta(eps; s) - log delta = 0``: first by the secant method from ``start``
-    (the first step uses the Gaussian slope ``dg/dlog s ~ 2 log delta``; a warm start converges in
-    3-4 evaluations), falling back to bracketing by factors of 2 and Brent's method when the secant
-    stalls (e.g. the near-vertical curves of pure-DP noise).  Returns ``(scale, binned)`` on the
-    feasible side (``g <= 0``).
+    Solves ``g(log s) = log delta(eps; s) - log delta = 0`` with the one root finder of every
+    calibration, :func:`accountant.certify.solve_scale` (secant from ``start`` with the Gaussian
+    slope ``2 log delta``, a warm start converges in 3-4 evaluations; bracketing and Brent's method
+    when the secant stalls).  Returns ``(scale, binned)`` on the feasible side (``g <= 0``).
     """
+    from accountant.certify import solve_scale
+
     cache = {}
-    top = math.log(max_scale)
 
     def gap(log_s):
         if log_s not in cache:
@@ -220,52 +216,8 @@ def calibrate_scale(make_binned, eps: float, delta: float, sampling_rate: float,
             cache[log_s] = (math.log(max(d, 1e-4 * delta)) - math.log(delta), b)
         return cache[log_s][0]
 
-    def finish(x):
-        while gap(x) > 0:
-            x += rtol / 2
-        if x > top + 1e-12:
-            raise CalibrationError(f"no scale below {max_scale:g} reaches epsilon {eps} at delta {delta}")
-        return math.exp(x), cache[x][1]
-
-    x0 = math.log(min(max(start, 1e-6), max_scale))
-    f0 = gap(x0)
-    x1 = x0 + max(-0.5, min(0.5, f0 / (2 * math.log(1 / delta))))
-    if x1 == x0:
-        x1 = x0 + rtol
-    x1 = min(x1, top)
-    f1 = gap(x1)
-    for _ in range(10):
-        if abs(x1 - x0) < rtol / 2 and f1 <= 0:
-            return finish(x1)
-        if f1 == f0 or not (math.isfinite(f0) and math.isfinite(f1)):
-            break
-        x2 = x1 - f1 * (x1 - x0) / (f1 - f0)
-        x2 = min(max(x2, x1 - 0.7), x1 + 0.7, top)
-        if x2 == x1 and f1 > 0:
-            break
-        x0, f0, x1, f1 = x1, f1, x2, gap(x2)
-    return _bracket_and_solve(gap, finish, x1, rtol, top, eps, delta, max_scale)
-
-
-def _bracket_and_solve(gap, finish, x, rtol, top, eps, delta, max_scale):
-    from scipy.optimize import brentq
-
-    step = math.log(2.0)
-    a = min(x, top)
-    if gap(a) > 0:          # too little noise: walk up
-        while True:
-            if a >= top - 1e-12:
-                raise CalibrationError(f"no scale below {max_scale:g} reaches epsilon {eps} at delta {delta}")
-            b = min(a + step, top)
-            if gap(b) <= 0:
-                break
-            a = b
-    else:                   # enough noise: walk down
-        b = a
-        a = b - step
-        while gap(a) <= 0:
-            if a < math.log(1e-6):
-                return finish(a)
-            b, a = a, a - step
-    root = brentq(gap, a, b, xtol=rtol / 2, rtol=1e-12, maxiter=60)
-    return finish(root)
+    try:
+        x = solve_scale(gap, start, rtol, max_scale, slope=2 * math.log(delta), error=CalibrationError)
+    except CalibrationError:
+        raise CalibrationError(f"no scale below {max_scale:g} reaches epsilon {eps} at delta {delta}") from None
+    return math.exp(x), cache[x][1]

@@ -244,90 +244,27 @@ def _routes(cert) -> dict:
     return out
 
 
-def _mechanism(noise, q, T, geometry):
-    from accountant.mechanism import Mechanism
-
-    return Mechanism(noise, sensitivity=1.0, geometry=geometry, sampling_rate=q, steps=T)
-
-
-def _certify(noise, delta, q, T, geometry):
-    from accountant.certify import certify
-
-    return certify(_mechanism(noise, q, T, geometry), delta)
-
-
-def _prv_relative_error() -> float:
-    from accountant.certify import Accuracy
-
-    return float(Accuracy().prv_relative_error)
-
-
 def calibrate_certified(make_noise, start: float, eps: float, delta: float, q: float, T: int, geometry: str,
                         rtol: float = 5e-5, max_certificates: int = 6, progress=None, margin: float = 1.0,
                         delta_at=None):
-    """Smallest scale (to about ``rtol``) whose certificate meets ``eps``, from a good start.
-
-    Same answer as ``accountant.certify.calibrate`` but cheap when the start is close: the certificate
-    is the larger upper bound of the PLD and PRV routes, and the PRV upper bound is its estimate plus
-    ``eps_error = prv_relative_error * eps``; so the scale is first solved on the pessimistic PLD alone
-    (``accountant.certify.delta_for_epsilon_pld``, a fraction of a second) at
-    ``eps (1 - prv_relative_error)``,
-    then certified once by both routes and, if the certificate still exceeds ``eps``, scaled up
-    (epsilon is close to proportional to 1/scale) and certified again.  ``delta_at(scale, eps)`` may
-    replace the PLD in the first stage (the fast accountant is exact for one release of a table).
-    Returns ``(scale, noise, certificate)``.
+    """Smallest scale (to about ``rtol``) whose certificate meets ``eps``, from a good start: the one
+    calibrator, ``accountant.certify.calibrate`` (PLD-guided, then usually one full certificate).
+    ``delta_at(scale, eps)`` may replace the PLD in its first stage (the fast accountant is exact for
+    one release of a table).  Returns ``(scale, noise, certificate)``.
     """
-    from scipy.optimize import brentq
+    from accountant.certify import CertificationError, ScaleNotFound, calibrate
 
-    from accountant.certify import delta_for_epsilon_pld
-
-    eps_pld = eps * (1 - margin * _prv_relative_error())
-    cache = {}
-
-    def gap(log_s):
-        if log_s not in cache:
-            if delta_at is not None:
-                d = delta_at(math.exp(log_s), eps_pld)
-            else:
-                d = delta_for_epsilon_pld(_mechanism(make_noise(math.exp(log_s)), q, T, geometry), eps_pld)
-            cache[log_s] = math.log(max(d, 1e-300)) - math.log(delta)
-        return cache[log_s]
-
-    x = math.log(start)
-    step = 2e-3
-    fx = gap(x)
-    if fx > 0:
-        lo, hi = x, x + step
-        while gap(hi) > 0:
-            lo, hi, step = hi, hi + 2 * step, 2 * step
-            if hi > math.log(MAX_SCALE):
-                raise TargetError(f"no scale below {MAX_SCALE:g} certifies epsilon {eps:g} at delta {delta:g}")
-    else:
-        lo, hi = x - step, x
-        while gap(lo) <= 0:
-            lo, hi, step = lo - 2 * step, lo, 2 * step
-    if hi - lo > rtol:
-        root = brentq(gap, lo, hi, xtol=rtol / 4, rtol=1e-12, maxiter=40)
-        while gap(root) > 0 and root < hi:
-            root += rtol / 4
-        hi = min(root, hi)
-    scale = math.exp(hi)
-    for _ in range(max_certificates):
-        noise = make_noise(scale)
-        cert = _certify(noise, delta, q, T, geometry)
-        if progress is not None:
-            progress.update(1)
-        if cert.epsilon <= eps:
-            if margin > 0 and "closed_form" in cert.routes and delta_at is None:
-                # a closed form (exact Gaussian at q 1, a pure bound) decided the certificate, so the
-                # PRV route's error margin the first stage left was not needed: solve without it
-                tighter = calibrate_certified(make_noise, scale, eps, delta, q, T, geometry, rtol,
-                                              max_certificates, progress, margin=0.0)
-                if tighter[0] < scale:
-                    return tighter
-            return scale, noise, cert
-        scale *= (cert.epsilon / eps) * (1 + 1e-4)
-    raise fa.CalibrationError(f"no certificate at epsilon {eps:g} after {max_certificates} attempts")
+    try:
+        scale, cert = calibrate(make_noise, eps, delta, q, T, geometry, max_scale=MAX_SCALE, start=start,
+                                rtol=rtol, margin=margin, max_certificates=max_certificates,
+                                progress=progress, delta_at=delta_at)
+    except ScaleNotFound:
+        raise TargetError(f"no scale below {MAX_SCALE:g} certifies epsilon {eps:g} at delta {delta:g}") from None
+    except CertificationError as exc:
+        if "did not converge" not in str(exc):
+            raise
+        raise fa.CalibrationError(f"no certificate at epsilon {eps:g} after {max_certificates} attempts") from None
+    return scale, make_noise(scale), cert
 
 
 def _fast_gaussian_sigma(eps, delta, q, T) -> float:
