@@ -47,7 +47,7 @@ import sys
 import tempfile
 
 from .checkpointing import file_sha256
-from .cli import OneLineParser as _Parser, UserError
+from .cli import OneLineParser as _Parser, Stopper, UserError
 
 PROG = "python -m finetune.evaluate"
 REPORT_FILES = ("summary.json", "details.json", "roc.png", "perplexity_vs_epsilon.png",
@@ -500,10 +500,11 @@ def _publish(stage, out) -> None:
 _STAGE = []  # the staging folder of the evaluation under way, for the signal handler
 
 
-def _on_signal(signum, frame):
-    """SIGINT/SIGTERM: remove the staging folder, say so in one line and exit at once. Raising an
-    exception instead would surface inside MindSpore's graph compiler, which logs it with a stack
-    and leaves an analyze_fail.ir file in the working directory."""
+def _on_signal(signum):
+    """SIGINT/SIGTERM (via :class:`finetune.cli.Stopper`): an evaluation has nothing to save, so
+    remove the staging folder, say so in one line and exit at once. Raising an exception instead
+    would surface inside MindSpore's graph compiler, which logs it with a stack and leaves an
+    analyze_fail.ir file in the working directory."""
     for stage in _STAGE:
         shutil.rmtree(stage, ignore_errors=True)
     name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
@@ -529,33 +530,26 @@ def _internal_error(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    import threading
-
     args = _parser().parse_args(argv)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main:
-        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stage = None
-    try:
-        _check_options(args)
-        stage = _make_stage(args.out)
-        _STAGE.append(stage)
-        s = evaluate_runs(args, stage)
-        _publish(stage, args.out)
-        stage = None
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
-    except Exception as e:  # noqa: BLE001 - one line without data instead of a traceback
-        sys.stderr.write(f"{PROG}: {_internal_error(e)}\n")
-        return 1
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        _STAGE.clear()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with Stopper(on_signal=_on_signal):
+        try:
+            _check_options(args)
+            stage = _make_stage(args.out)
+            _STAGE.append(stage)
+            s = evaluate_runs(args, stage)
+            _publish(stage, args.out)
+            stage = None
+        except UserError as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        except Exception as e:  # noqa: BLE001 - one line without data instead of a traceback
+            sys.stderr.write(f"{PROG}: {_internal_error(e)}\n")
+            return 1
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            _STAGE.clear()
     from .evaluation.report import summary_text
 
     print(summary_text(s, args.out))

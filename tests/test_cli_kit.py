@@ -1,0 +1,103 @@
+"""The command lines' shared kit: one one-line parser, one Stopper (signal handling)."""
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+import pytest
+
+from accountant import cli_common
+from finetune import cli
+
+
+def _send(sig):
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)           # the handler runs at the main thread's next bytecode
+
+
+def test_first_signal_sets_the_flag_second_sigint_interrupts_and_handlers_come_back():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+    with cli.Stopper(on_signal=seen.append) as stopper:
+        assert not stopper.event.is_set()
+        _send(signal.SIGTERM)
+        assert stopper.event.is_set() and stopper.exit_code == 143 and seen == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            _send(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
+    with cli.Stopper() as stopper:
+        _send(signal.SIGINT)
+        assert stopper.event.is_set() and stopper.exit_code == 130
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_outside_the_main_thread_the_stopper_does_nothing():
+    before = signal.getsignal(signal.SIGINT)
+    errors, flags = [], []
+
+    def worker():
+        try:
+            with cli.Stopper() as stopper:
+                flags.append(stopper.event.is_set())
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert errors == [] and flags == [False] and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("parser_class,prefix", [(cli.OneLineParser, "prog: error: "),
+                                                  (cli_common.OneLineParser, "error: ")])
+def test_one_parser_reports_a_usage_mistake_in_one_line(parser_class, prefix, capsys):
+    assert issubclass(cli.OneLineParser, cli_common.OneLineParser)   # one implementation
+    p = parser_class(prog="prog")
+    p.add_argument("--n", type=int, required=True)
+    with pytest.raises(SystemExit) as stop:
+        p.parse_args(["--n", "x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith(prefix)
+    assert "(see: prog --help)" in err
+
+
+def test_bookkeeping_refusals_are_one_error_class_not_a_message():
+    """The CLI tells a refused method='bookkeeping' from an internal ValueError by its class
+    (formerly by the words "book-keeping" in the message)."""
+    import mindspore as ms
+    from mindspore import Parameter, nn, ops
+
+    from finetune.dp.per_example import BookkeepingError, PerExampleGradients, SharedLayerError
+
+    class Scaled(nn.Cell):                   # a bare Parameter in the forward: no rule covers it
+        def __init__(self):
+            super().__init__()
+            self.scale = Parameter(ms.Tensor(np.ones(4, np.float32)), name="scale")
+            self.fc = nn.Dense(4, 3)
+
+        def construct(self, x, y):
+            return ops.cross_entropy(self.fc(x * self.scale), y, reduction="none")
+
+    with pytest.raises(BookkeepingError, match="not covered"):
+        PerExampleGradients(Scaled(), method="bookkeeping")
+    assert issubclass(SharedLayerError, BookkeepingError)
+
+
+def test_a_stopped_federation_begins_no_further_round(tmp_path):
+    """python -m finetune.federated: after SIGTERM the strategy samples and charges no further
+    round (the command then exits 143 with its work folder ready for --resume); before that, each
+    round re-installs the Stopper, which Flower's start_server had replaced with its own handler."""
+    from test_federated import _Manager, _round, _strategy, _table
+
+    table = _table(tmp_path / "q1.npz", 2.0, 1.0, 6)
+    strategy, state = _strategy(tmp_path, table, [(5,)], n_clients=4)
+    with cli.Stopper() as stopper:
+        strategy.stop = stopper.event
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)          # what Flower does at start
+        _round(strategy, _Manager(4))
+        assert state.releases == 1 and signal.getsignal(signal.SIGTERM) == stopper._handle
+        _send(signal.SIGTERM)
+        assert strategy.configure_fit(2, None, _Manager(4)) == []
+        assert strategy.stopped_by_signal and state.releases == 1 and stopper.exit_code == 143
