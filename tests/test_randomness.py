@@ -4,7 +4,6 @@ its law against N(0, 1) (whole law, tail, moments), its resumable slow path, and
 import math
 
 import numpy as np
-import pytest
 from scipy import special, stats
 
 from accountant import randomness as R

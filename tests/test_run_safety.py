@@ -571,19 +571,12 @@ def test_model_train_after_the_budget_is_spent_is_one_clear_error():
     """A second Model.train once every certified step was taken: PrivacyBudgetExceeded with one
     line (MindSpore used to end in "Syntax error" on the empty dataset), both for a dataset built
     afterwards and for one built earlier (the budget callback refuses to begin)."""
-    from mindspore import nn, ops
+    from mindspore import nn
     from mindspore.train import Model
 
     from finetune import make_private
     from finetune.dp.guard import PrivacyBudgetExceeded
-
-    class Clf(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
-
-        def construct(self, x, y):
-            return ops.cross_entropy(self.fc(x), y, reduction="none")
+    from helpers import Clf
 
     ms.set_context(mode=ms.GRAPH_MODE)
     x = np.random.RandomState(0).randn(200, 4).astype(np.float32)
