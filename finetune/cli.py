@@ -2,6 +2,8 @@
 (:class:`UserError`, :class:`OneLineParser`); SIGINT/SIGTERM stop a long run cleanly (:class:`Stopper`)."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -101,3 +103,19 @@ class Stopper:
     def exit_code(self) -> int:
         """128 + the signal's number (130 for SIGINT, 143 for SIGTERM), the shells' convention."""
         return 128 + int(self.signum or signal.SIGINT)
+
+
+def exit_at_once(prog: str, staged: list, what: str = "nothing was written to --out"):
+    """A :class:`Stopper` ``on_signal`` for a program with nothing to save: remove the staging
+    folders in ``staged``, say so in one line and exit with 128 + the signal's number.  Raising an
+    exception instead could surface inside MindSpore's graph compiler, which logs it with a stack
+    and leaves an analyze_fail.ir file behind.  While ``staged`` is empty (the result is being
+    renamed into place) the signal only sets the stop event, so a rename is never cut in half."""
+    def on_signal(signum):
+        if not staged:
+            return
+        for path in list(staged):
+            shutil.rmtree(path, ignore_errors=True)
+        os.write(2, f"{prog}: interrupted by {signal.Signals(signum).name}; {what}\n".encode())
+        os._exit(128 + int(signum))
+    return on_signal

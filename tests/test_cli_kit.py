@@ -2,6 +2,7 @@
 import os
 import signal
 import threading
+from pathlib import Path
 import time
 
 import numpy as np
@@ -101,3 +102,33 @@ def test_a_stopped_federation_begins_no_further_round(tmp_path):
         _send(signal.SIGTERM)
         assert strategy.configure_fit(2, None, _Manager(4)) == []
         assert strategy.stopped_by_signal and state.releases == 1 and stopper.exit_code == 143
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_export_leaves_no_staging_folder(tmp_path, sig):
+    """python -m finetune.export stopped while it writes: one line, exit 128 + signal, and neither
+    --out nor its staging folder is left (SIGTERM used to kill it with the staging folder behind)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "run").mkdir()
+    child = ("import sys, time\n"
+             "from pathlib import Path\n"
+             "from finetune import export\n"
+             "def slow(args, stage):\n"
+             "    (Path(stage) / 'adapter.safetensors').write_bytes(b'partial')\n"
+             "    (Path(stage).parent / 'ready').write_text('')\n"
+             "    time.sleep(600)\n"
+             "export._write = slow\n"
+             "sys.exit(export.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", child, "--run", "run", "--out", "exported"], cwd=tmp_path,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "ready").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(sig)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 128 + sig and err.count("\n") == 1 and "interrupted by" in err, (p.returncode, err)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ready", "run"]
