@@ -45,7 +45,7 @@ import sys
 import warnings
 
 from .checkpointing import file_sha256
-from .cli import OneLineParser as _Parser, Stopper, UserError
+from .cli import Interrupted, OneLineParser as _Parser, UserError, run_guarded
 
 PROG = "python -m finetune"
 
@@ -253,12 +253,6 @@ def _single_step_check(table) -> None:
     if one > certified_epsilon(table):
         raise UserError(f"the table cannot afford a single step: one step costs epsilon {one:.4g}, "
                         f"more than its budget {certified_epsilon(table):.4g}")
-
-
-class Interrupted(Exception):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 def run(args, given=None, stopper=None) -> dict:
@@ -475,22 +469,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     given = _given_flags(argv)
-    try:
-        with Stopper() as stopper:
-            metrics = run(args, given, stopper)
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
-    except Interrupted as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
-        return e.code
-    except KeyboardInterrupt:
+    def at_once():
         from .run_dir import out_of, staging_path
 
         out = out_of(args.resume or args.out)
-        sys.stderr.write(f"{PROG}: interrupted; the last checkpoint (if any) is kept in "
-                         f"{staging_path(out)}: resume with: {PROG} --resume {out}\n")
-        return 130
+        return (f"interrupted; the last checkpoint (if any) is kept in {staging_path(out)}: resume "
+                f"with: {PROG} --resume {out}")
+
+    code, metrics = run_guarded(PROG, lambda stopper: run(args, given, stopper), at_once)
+    if code:
+        return code
     out = metrics.pop("_out")
     eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
                if metrics["private"] else "non-private")

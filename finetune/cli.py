@@ -29,6 +29,32 @@ def warn_known_seed(prog: str, seed) -> None:
     sys.stderr.write(f"{prog}: warning: --seed given: {known_seed_message(seed)}\n")
 
 
+class Interrupted(Exception):
+    """A long run stopped by SIGINT/SIGTERM after saving; ``code`` is the exit code (128 + signal)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def run_guarded(prog: str, work, at_once):
+    """``(exit code, result)`` of ``work(stopper)`` run under a :class:`Stopper`: a
+    :class:`UserError` prints ``PROG: error: ...`` (2), an :class:`Interrupted` its message (its
+    code), a second SIGINT the line ``at_once()`` returns (130); each in one line."""
+    try:
+        with Stopper() as stopper:
+            return 0, work(stopper)
+    except UserError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2, None
+    except Interrupted as e:
+        sys.stderr.write(f"{prog}: {e}\n")
+        return e.code, None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: {at_once()}\n")
+        return 130, None
+
+
 def _c_handler(signum):
     """Address of the C-level handler installed for ``signum`` (Linux/glibc), or None."""
     try:

@@ -132,3 +132,19 @@ def test_an_interrupted_export_leaves_no_staging_folder(tmp_path, sig):
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 128 + sig and err.count("\n") == 1 and "interrupted by" in err, (p.returncode, err)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["ready", "run"]
+
+
+def test_run_guarded_ends_every_outcome_in_one_line(capsys):
+    def fails(exc):
+        def work(stopper):
+            assert isinstance(stopper, cli.Stopper)
+            raise exc
+        return work
+
+    assert cli.run_guarded("prog", lambda stopper: 7, lambda: "x") == (0, 7)
+    cases = [(cli.UserError("bad --x"), 2, "prog: error: bad --x\n"),
+             (cli.Interrupted("stopped after 3 steps", 143), 143, "prog: stopped after 3 steps\n"),
+             (KeyboardInterrupt(), 130, "prog: gone at once\n")]
+    for exc, code, line in cases:
+        assert cli.run_guarded("prog", fails(exc), lambda: "gone at once") == (code, None)
+        assert capsys.readouterr().err == line

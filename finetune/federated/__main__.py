@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..cli import OneLineParser as _Parser, Stopper, UserError, warn_known_seed
+from ..cli import Interrupted, OneLineParser as _Parser, UserError, run_guarded, warn_known_seed
 
 PROG = "python -m finetune.federated"
 #: model initialisation, validation split and partition without --seed (public: they hide nothing)
@@ -186,14 +186,6 @@ def check_capacity(clients: int, train_records, n_parameters: int, available: in
         raise UserError(f"--clients {clients} needs about {clients * each / 1e9:.1f} GB ({clients} "
                         f"organisation processes of about {each / 1e9:.2f} GB for this model) but "
                         f"{available / 1e9:.1f} GB is available; {advice}")
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM stopped the federation after a completed round; ``code`` is the exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 def run(args, stopper=None) -> dict:
@@ -494,19 +486,11 @@ def warnings_for(m: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        with Stopper() as stopper:
-            m = run(args, stopper)
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
-    except Interrupted as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
-        return e.code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted at once (second SIGINT); every completed round is saved "
-                         f"with its ledger; continue with the same command and --resume\n")
-        return 130
+    code, m = run_guarded(PROG, lambda stopper: run(args, stopper),
+                          lambda: "interrupted at once (second SIGINT); every completed round is saved "
+                                  "with its ledger; continue with the same command and --resume")
+    if code:
+        return code
     rec = ""
     if m["record_level"]:
         eps = [v["epsilon"] for v in m["record_level"]["per_client"].values()]
