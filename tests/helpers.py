@@ -11,3 +11,15 @@ class Clf(nn.Cell):
 
     def construct(self, x, y):
         return ops.cross_entropy(self.fc(x), y, reduction="none")
+
+
+def certified_table(path, noise, geometry="l2", q=0.1, steps=8, delta=1e-5):
+    """A table for ``noise`` whose target is its own certified epsilon (the table is always valid)."""
+    from accountant.certify import certify
+    from accountant.mechanism import Mechanism
+    from accountant.table import write_certified_table
+
+    cert = certify(Mechanism(noise, 1.0, geometry, q, steps), delta)
+    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=delta, sampling_rate=q,
+                                 steps=steps, geometry=geometry, certificate=cert,
+                                 gaussian_sigma=noise.params.get("sigma", 1.0))

@@ -23,7 +23,8 @@ from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
-from accountant.table import _checksum, load_table, write_certified_table  # noqa: E402
+from accountant.table import _checksum, load_table  # noqa: E402
+from helpers import certified_table  # noqa: E402
 from finetune import checkpointing, run_dir  # noqa: E402
 from finetune.__main__ import main  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
@@ -34,10 +35,7 @@ SEEDED = ("--seed", "0")
 
 
 def _table(path, sigma=1.0, q=0.1, steps=STEPS, delta=1e-5):
-    noise = Gaussian(sigma)
-    cert = certify(Mechanism(noise, 1.0, "l2", q, steps), delta)
-    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=delta, sampling_rate=q,
-                                 steps=steps, geometry="l2", certificate=cert, gaussian_sigma=sigma)
+    return certified_table(path, Gaussian(sigma), "l2", q, steps, delta)
 
 
 def _forge_claim(src, dst, claim):
