@@ -236,14 +236,16 @@ def _signed(word, x):  # pragma: no cover - compiled
     return -x if (word >> np.uint64(8)) & np.uint64(1) else x
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def _ziggurat_fast(words, zx):  # pragma: no cover - compiled
     """One word per draw; the ~1% of words whose point falls outside the layer's inner rectangle
-    are NaN, to be finished by :func:`_ziggurat_finish`; returns the draws and how many are NaN."""
+    are NaN, to be finished by :func:`_ziggurat_finish`; returns the draws and how many are NaN.
+    Sequential: the loop is bound by memory, and a parallel kernel measured no faster on 2 cores
+    (0.20 s vs 0.22 s for 1e7 words), while it would tie the noise thread to numba's threading layer."""
     n = words.shape[0]
     out = np.empty(n, dtype=np.float64)
     pending = 0
-    for i in numba.prange(n):
+    for i in range(n):
         layer = np.int64(words[i] & np.uint64(255))
         x = _position(words[i]) * zx[layer]
         if x < zx[layer + 1]:
