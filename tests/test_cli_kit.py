@@ -148,3 +148,38 @@ def test_run_guarded_ends_every_outcome_in_one_line(capsys):
     for exc, code, line in cases:
         assert cli.run_guarded("prog", fails(exc), lambda: "gone at once") == (code, None)
         assert capsys.readouterr().err == line
+
+
+def test_sigterm_stops_a_federation_after_its_round_and_resume_finishes_it(tmp_path, monkeypatch, capsys):
+    """python -m finetune.federated (in process, organisations stubbed as in test_federated): SIGTERM
+    during round 1 of 3 ends the command after that round with one line and exit code 143, --out
+    not written and the ledger holding one release; --resume then runs the remaining two rounds."""
+    import json as _json
+
+    import finetune.federated.__main__ as fed
+    from accountant.ledger import PrivacyLedger
+    from test_federated import _Manager, _fed_args, _in_process, _main, _round, _table
+
+    _table(tmp_path / "q1.npz", 2.0, 1.0, 6)
+    _in_process(monkeypatch)
+    signalled = []
+
+    def serve(address, strategy, rounds, round_timeout):
+        for _ in range(rounds):
+            _round(strategy, _Manager(strategy.n_clients))
+            if not signalled:
+                signalled.append(1)
+                _send(signal.SIGTERM)
+
+    monkeypatch.setattr(fed, "serve", serve)
+    args = _fed_args(tmp_path, {"q1_path": tmp_path / "q1.npz"}, "fed", rounds=3)
+    code, err = _main(capsys, *args, "--seed", 2)
+    lines = [x for x in err.splitlines() if "--seed given" not in x]
+    assert code == 143 and len(lines) == 1 and "interrupted after 1 of 3 rounds" in lines[0], err
+    work = tmp_path / ".fed.partial"
+    assert not (tmp_path / "fed").exists() and work.is_dir()
+    assert PrivacyLedger.from_json((work / "ledger.json").read_text()).steps == 1
+    code, err = _main(capsys, *args, "--seed", 2, "--resume")
+    assert code == 0, err
+    assert _json.loads((tmp_path / "fed" / "metrics.json").read_text())["steps"] == 3
+    assert PrivacyLedger.from_json((tmp_path / "fed" / "ledger.json").read_text()).steps == 3
