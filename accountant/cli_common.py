@@ -23,10 +23,14 @@ EPSILON_FLAGS = ("--eps", "--epsilon")   # both spellings, wherever an epsilon i
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (exit code 2), not a usage dump."""
+    """argparse that reports a usage mistake in one line (exit code 2), not a usage dump; the one
+    parser of every command line (``finetune.cli`` names the program first, as its other errors do)."""
+
+    name_the_program = False
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+        head = f"{self.prog}: " if self.name_the_program else ""
+        self.exit(2, f"{head}error: {message} (see: {self.prog} --help)\n")
 
 
 def positive_count(text: str) -> int:

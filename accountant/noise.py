@@ -174,6 +174,13 @@ class Gaussian(Noise):
     def scaled(self, factor):
         return Gaussian(self.sigma * factor)
 
+    def sample(self, n, rng):
+        """Seeded: numpy's ziggurat.  Secure: the ziggurat on ChaCha20 words
+        (``randomness.standard_normal``), about 4x faster than the inverse CDF of the base class."""
+        if isinstance(rng, np.random.Generator):
+            return self._sample_numpy(int(n), rng)
+        return randomness.standard_normal(rng, n) * self.sigma
+
     def _sample_numpy(self, n, rng):
         return rng.standard_normal(n) * self.sigma
 

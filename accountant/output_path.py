@@ -3,7 +3,10 @@
 Every command that writes a file or a run directory calls one of these first, so that a path that
 cannot be written, or that already holds a result, ends in a one-line error within the first second
 rather than in a traceback after minutes of work. Nothing is overwritten unless the user asked for
-it (``--overwrite``).
+it (``--overwrite``).  Every file a program writes is then written by :func:`atomic_write` (or
+:func:`atomic_write_with`), the one implementation, which ``finetune.run_dir`` re-exports: a
+temporary sibling, flushed and fsynced, then ``os.replace``, so a reader sees the old file or the
+new one, never half of one.
 """
 from __future__ import annotations
 
@@ -57,3 +60,45 @@ def check_output_dir(path, *, overwrite: bool = False, allow_existing: bool = Fa
     parent = path.resolve().parent
     _check_writable_dir(parent, f"{what} {str(path)!r}")
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary sibling, fsync, ``os.replace``)."""
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    atomic_write_with(path, write)
+
+
+def atomic_write_with(path, writer) -> None:
+    """``writer(tmp_path)`` writes the file's content to a temporary sibling of ``path``; it is then
+    fsynced and renamed over ``path`` (a crash leaves the old file or the new one)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)

@@ -12,8 +12,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata as _metadata
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 from accountant.certify import Certificate, calibrate, certify
 from accountant.mechanism import Mechanism
 from accountant.noise import Gaussian, Noise, NoiseParameterError, Tabulated, from_name
+from accountant.output_path import atomic_write_with
 
 FORMAT_VERSION = 1
 ARRAY_KEYS = ("edges", "mass", "tail_mass", "tail_rate")
@@ -122,18 +121,11 @@ def save_table(path, noise: Noise, metadata: dict) -> dict:
     meta["sha256"] = _checksum(arrays, meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
             np.savez(handle, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; a table is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(path, write)
     return meta
 
 

@@ -1,13 +1,13 @@
 """DP fine-tuning in MindSpore.
 
-Layout (imports flow downwards only)::
+Layout (imports flow downwards only; docs/architecture.md, checked by tests/test_architecture.py)::
 
-    finetune.__main__, finetune.evaluate, finetune.data   command-line programs
-    finetune.engine                                       make_private: one call to a private run
-    finetune.train                                        the training loop (CLI and API)
-    finetune.evaluation                                   leakage and utility metrics
-    finetune.dp                                           the DP engine (any MindSpore network)
-    finetune.models                                       GPT-2, checkpoints, LoRA/BiTFiT, tokenizer
+    finetune.__main__, evaluate, export, federated,     command-line programs and front ends
+    evaluation, data
+    finetune.engine, finetune.train                     the training engine: make_private, train()
+    finetune.dp                                         per-example clipping, noise, sampling, guard
+    finetune.models; cli, run_dir, checkpointing        models (no privacy); the I/O and CLI kit
+    accountant                                          certificates, ledgers, tables, randomness
 """
 
 __all__ = ["make_private"]

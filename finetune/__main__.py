@@ -41,13 +41,11 @@ import json
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import warnings
 
 from .checkpointing import file_sha256
-from .cli import OneLineParser as _Parser, UserError
+from .cli import Interrupted, OneLineParser as _Parser, UserError, run_guarded
 
 PROG = "python -m finetune"
 
@@ -257,81 +255,6 @@ def _single_step_check(table) -> None:
                         f"more than its budget {certified_epsilon(table):.4g}")
 
 
-def _c_handler(signum):
-    """Address of the C-level handler installed for ``signum`` (Linux/glibc), or None."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(512)          # struct sigaction; handler comes first
-        if libc.sigaction(int(signum), None, buf) != 0:
-            return None
-        return ctypes.c_void_p.from_buffer(buf).value
-    except Exception:  # pragma: no cover - other platforms
-        return None
-
-
-class _StopEvent(threading.Event):
-    """The event the training loop checks; ``rearm()`` (called by the loop after every step)
-    installs the signal handlers again: MindSpore's runtime replaces the SIGINT handler with one
-    that raises SIGTERM when it executes a graph."""
-
-    def __init__(self, owner):
-        super().__init__()
-        self._owner = owner
-
-    def rearm(self):
-        self._owner.install()
-
-
-class _StopOnSignal:
-    """SIGINT/SIGTERM set an event the training loop checks after each step (the step in flight
-    finishes, a checkpoint is written); a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.event = _StopEvent(self)
-        self.signum = None
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGTERM and self._ours is not None and \
-                _c_handler(signal.SIGINT) not in (None, self._ours):
-            # MindSpore's handler was active (a graph was running): it turns SIGINT into SIGTERM
-            signum = signal.SIGINT
-        if self.event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.event.set()
-
-    _ours = None
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old = signal.signal(sig, self._handle)
-                self._old.setdefault(sig, old)
-            self._ours = _c_handler(signal.SIGINT)
-
-    def __enter__(self):
-        self.install()
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum or signal.SIGINT)
-
-
-class Interrupted(Exception):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
 def run(args, given=None, stopper=None) -> dict:
     """Everything after argument parsing; raises UserError for user mistakes."""
     from accountant.output_path import OutputPathError  # noqa: F401 - light import, fails early
@@ -377,6 +300,7 @@ def run(args, given=None, stopper=None) -> dict:
     from .data import DataError, load_dataset
     from .dp.optimizer import GeometryError
     from .dp.guard import PrivacyBudgetExceeded, TableMismatchError
+    from .dp.per_example import BookkeepingError
     from .models.tokenizer import load_tokenizer
     from .train import TrainingInterrupted, train
     from accountant.randomness import KnownSeedWarning
@@ -453,8 +377,8 @@ def run(args, given=None, stopper=None) -> dict:
     except (TableMismatchError, GeometryError, DistributedError, PrivacyBudgetExceeded,
             ValueError) as e:
         user_error = (isinstance(e, (TableMismatchError, GeometryError, DistributedError,
-                                     PrivacyBudgetExceeded))
-                      or "book-keeping" in str(e) or resume is not None)
+                                     PrivacyBudgetExceeded, BookkeepingError))
+                      or resume is not None)
         if not user_error:
             raise
         if write and resume is None:  # nothing was trained: leave nothing behind
@@ -545,22 +469,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     given = _given_flags(argv)
-    try:
-        with _StopOnSignal() as stopper:
-            metrics = run(args, given, stopper)
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
-    except Interrupted as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
-        return e.code
-    except KeyboardInterrupt:
+    def at_once():
         from .run_dir import out_of, staging_path
 
         out = out_of(args.resume or args.out)
-        sys.stderr.write(f"{PROG}: interrupted; the last checkpoint (if any) is kept in "
-                         f"{staging_path(out)}: resume with: {PROG} --resume {out}\n")
-        return 130
+        return (f"interrupted; the last checkpoint (if any) is kept in {staging_path(out)}: resume "
+                f"with: {PROG} --resume {out}")
+
+    code, metrics = run_guarded(PROG, lambda stopper: run(args, given, stopper), at_once)
+    if code:
+        return code
     out = metrics.pop("_out")
     eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
                if metrics["private"] else "non-private")

@@ -49,12 +49,11 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 
 from .checkpointing import file_sha256
-from .cli import OneLineParser as _Parser, UserError
+from .cli import OneLineParser as _Parser, Stopper, UserError, exit_at_once
 
 PROG = "python -m finetune.evaluate"
 REPORT_FILES = ("summary.json", "details.json", "roc.png", "perplexity_vs_epsilon.png",
@@ -557,17 +556,6 @@ def _publish(stage, out) -> None:
 _STAGE = []  # the staging folder of the evaluation under way, for the signal handler
 
 
-def _on_signal(signum, frame):
-    """SIGINT/SIGTERM: remove the staging folder, say so in one line and exit at once. Raising an
-    exception instead would surface inside MindSpore's graph compiler, which logs it with a stack
-    and leaves an analyze_fail.ir file in the working directory."""
-    for stage in _STAGE:
-        shutil.rmtree(stage, ignore_errors=True)
-    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-    os.write(2, f"{PROG}: interrupted by {name}; nothing was written to --out\n".encode())
-    os._exit(128 + signum)
-
-
 def _internal_error(e: BaseException) -> str:
     """One line for an unexpected error: its type and where in this project's code it happened.
     Its message is withheld: it may quote a record, a generated text or a PII value."""
@@ -586,33 +574,27 @@ def _internal_error(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    import threading
-
     args = _parser().parse_args(argv)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main:
-        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stage = None
-    try:
-        _check_options(args)
-        stage = _make_stage(args.out)
-        _STAGE.append(stage)
-        s = evaluate_runs(args, stage)
-        _publish(stage, args.out)
-        stage = None
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
-    except Exception as e:  # noqa: BLE001 - one line without data instead of a traceback
-        sys.stderr.write(f"{PROG}: {_internal_error(e)}\n")
-        return 1
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        _STAGE.clear()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with Stopper(on_signal=exit_at_once(PROG, _STAGE)):
+        try:
+            _check_options(args)
+            stage = _make_stage(args.out)
+            _STAGE.append(stage)
+            s = evaluate_runs(args, stage)
+            _STAGE.clear()                     # from here a signal lets the publishing finish
+            _publish(stage, args.out)
+            stage = None
+        except UserError as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        except Exception as e:  # noqa: BLE001 - one line without data instead of a traceback
+            sys.stderr.write(f"{PROG}: {_internal_error(e)}\n")
+            return 1
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            _STAGE.clear()
     from .evaluation.report import summary_text
 
     print(summary_text(s, args.out))

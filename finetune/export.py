@@ -48,7 +48,7 @@ import sys
 import tempfile
 
 from .checkpointing import file_sha256
-from .cli import OneLineParser, UserError
+from .cli import OneLineParser, Stopper, UserError, exit_at_once
 
 PROG = "python -m finetune.export"
 PEFT_PREFIX = "base_model.model."
@@ -212,6 +212,9 @@ def _write(args, stage: str) -> str:
     return kind
 
 
+_STAGE = []  # the staging folder of the export under way, for the signal handler
+
+
 def export(args) -> str:
     """Check the options, write into a staging sibling of ``--out``, rename it into place."""
     from accountant.output_path import OutputPathError, check_output_dir
@@ -225,8 +228,10 @@ def export(args) -> str:
         raise UserError("--out must not be the run folder")
     parent = os.path.dirname(os.path.abspath(out))
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=parent)
+    _STAGE.append(stage)
     try:
         kind = _write(args, stage)
+        _STAGE.clear()                                # from here a signal lets the rename finish
         if os.path.exists(out):                       # --overwrite: swap, then drop the old folder
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.rename(out, os.path.join(old, "x"))
@@ -237,6 +242,8 @@ def export(args) -> str:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        _STAGE.clear()
     return kind
 
 
@@ -246,7 +253,8 @@ def main(argv=None) -> int:
     except SystemExit as e:            # usage mistake (one line already printed) or --help
         return e.code if isinstance(e.code, int) else 2
     try:
-        kind = export(args)
+        with Stopper(on_signal=exit_at_once(PROG, _STAGE)):   # SIGINT/SIGTERM: no staging folder left
+            kind = export(args)
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2

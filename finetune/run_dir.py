@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from accountant.output_path import OutputPathError, check_output_dir
+from accountant.output_path import (OutputPathError, _fsync_dir, atomic_write,  # noqa: F401 - re-exported
+                                    atomic_write_with, check_output_dir)
 
 __all__ = ["RunDirError", "RunDirectory", "atomic_write", "atomic_write_with", "staging_path",
            "replaced_path", "out_of", "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -56,48 +56,6 @@ def out_of(path) -> Path:
     if name.startswith(".") and name.endswith(".partial") and len(name) > len("..partial"):
         return path.parent / name[1:-len(".partial")]
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary sibling, fsync, ``os.replace``)."""
-    def write(tmp):
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-    atomic_write_with(path, write)
-
-
-def atomic_write_with(path, writer) -> None:
-    """``writer(tmp_path)`` writes the file's content to a temporary sibling of ``path``; it is then
-    fsynced and renamed over ``path`` (a crash leaves the old file or the new one)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 #: files by which ``--overwrite`` recognises a run directory it may clear

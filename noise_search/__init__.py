@@ -3,7 +3,8 @@
 ``search(eps, delta, ...)`` runs the search and writes a certified table (format v1,
 docs/table-format.md); ``load_table(path)`` (the same function as ``accountant.table.load_table``)
 reads and verifies it; ``load_table(path).noise.sample(n, rng)`` draws exactly the certified law.
-Command line: ``python -m noise_search --help``.
+Command line: ``python -m noise_search --help``.  It builds on ``accountant`` only and never imports
+``finetune`` (docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -576,10 +575,9 @@ def write_result(result: SearchResult, path: str, seed: int = 0) -> None:
     refuses a table above the target."""
     from accountant.table import write_certified_table
 
+    from accountant.output_path import atomic_write_with
+
     path = _npz(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".noise_search-", suffix=".npz", dir=directory)
-    os.close(fd)
     extra = {
         "objective": result.objective, "seed": seed, "ratio_to_gaussian": result.ratio_to_gaussian,
         "search_candidates": [c.to_json() for c in result.candidates],
@@ -587,7 +585,8 @@ def write_result(result: SearchResult, path: str, seed: int = 0) -> None:
         "ranking_note": "search_candidates ranking_objective values come from the fast ranking accountant "
                         "and are not privacy certificates; certified_epsilon is the certificate",
     }
-    try:
+
+    def write(tmp):
         table = write_certified_table(tmp, result.noise, eps_target=result.eps_target, delta=result.delta,
                                       sampling_rate=result.sampling_rate, steps=result.steps,
                                       geometry=result.geometry, family=result.family, params=result.params,
@@ -597,9 +596,5 @@ def write_result(result: SearchResult, path: str, seed: int = 0) -> None:
                       else table.certified_epsilon)
         if not final <= result.eps_target:
             raise RuntimeError(f"certificate {final} exceeds the target {result.eps_target}; table not written")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(path, write)
     result.path = path

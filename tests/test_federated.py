@@ -33,7 +33,8 @@ from accountant.ledger import PrivacyLedger  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
 from accountant.randomness import KnownSeedWarning, SecureRandom  # noqa: E402
-from accountant.table import load_table, save_table, write_certified_table  # noqa: E402
+from accountant.table import load_table, save_table  # noqa: E402
+from helpers import certified_table  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 from finetune.federated.mechanism import clip_update, poisson_select  # noqa: E402
 from finetune.federated.partition import split_by_person  # noqa: E402
@@ -47,10 +48,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::accountant.randomness.KnownSeed
 
 
 def _table(path, sigma, q, steps, geometry="l2"):
-    noise = Gaussian(sigma)
-    cert = certify(Mechanism(noise, 1.0, geometry, q, steps), DELTA)
-    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=DELTA, sampling_rate=q,
-                                 steps=steps, geometry=geometry, certificate=cert, gaussian_sigma=sigma)
+    return certified_table(path, Gaussian(sigma), geometry, q, steps, DELTA)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import pytest
 
 import mindspore as ms
 
-from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
-from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
-from accountant.table import write_certified_table  # noqa: E402
+from helpers import certified_table  # noqa: E402
 from finetune.__main__ import main  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
 
@@ -24,10 +22,7 @@ PRIVATE_KEYS = {"train_perplexity", "val_perplexity", "final_train_loss", "mean_
 
 
 def _table(path, sigma, geometry, q, steps, delta=1e-5):
-    noise = Gaussian(sigma)
-    cert = certify(Mechanism(noise, 1.0, geometry, q, steps), delta)
-    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=delta, sampling_rate=q,
-                                 steps=steps, geometry=geometry, certificate=cert, gaussian_sigma=sigma)
+    return certified_table(path, Gaussian(sigma), geometry, q, steps, delta)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,10 @@ from scipy import stats
 import mindspore as ms
 from mindspore import Tensor, nn, ops  # noqa: E402
 
-from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
-from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian, Laplace  # noqa: E402
 from accountant.randomness import SecureRandom  # noqa: E402
-from accountant.table import write_certified_table  # noqa: E402
+from helpers import certified_table  # noqa: E402
 from finetune.dp.optimizer import DPOptimizer, GeometryError  # noqa: E402
 from finetune.dp.per_example import PerExampleGradients, SummedGradients  # noqa: E402
 from finetune.dp.sampling import PoissonSampler, micro_batches  # noqa: E402
@@ -30,13 +28,7 @@ def graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
-def _table(path, noise, geometry, q, steps, delta=1e-5):
-    """A certified table for ``noise`` (its own certified epsilon is the target)."""
-    cert = certify(Mechanism(noise, 1.0, geometry, q, steps), delta)
-    sigma = noise.params.get("sigma", 1.0)
-    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=delta, sampling_rate=q,
-                                 steps=steps, geometry=geometry, certificate=cert,
-                                 gaussian_sigma=sigma)
+_table = certified_table   # a certified table for ``noise`` (its own certified epsilon is the target)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops  # noqa: E402
 
 from finetune import make_private  # noqa: E402
+from helpers import Clf  # noqa: E402
 from finetune.dp.per_example import CLIP_MARGIN, PerExampleGradients, SharedLayerError, \
     register_dense  # noqa: E402
 
@@ -235,13 +236,8 @@ def test_gpt2_vmap_equals_float64_single_example_gradients(geometry, mode):
 # ---------------------------------------------------------------------------------------------
 # make_private learns
 # ---------------------------------------------------------------------------------------------
-class Linear2(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Dense(10, 2, weight_init="zeros", bias_init="zeros")
-
-    def construct(self, x, y):
-        return ops.cross_entropy(self.fc(x), y, reduction="none")
+def Linear2():
+    return Clf(10, 2)
 
 
 def test_make_private_learns_a_separable_problem(mode):

@@ -24,20 +24,10 @@ from finetune.dp.release_guard import SamplingMismatch  # noqa: E402
 from finetune.dp.optimizer import ZeroGradientError  # noqa: E402
 from finetune.dp.per_example import LossShapeError  # noqa: E402
 from finetune.engine import EngineConfigError  # noqa: E402
+from helpers import Clf  # noqa: E402
 
 N, DELTA = 200, 1e-5
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-
-
-class Clf(nn.Cell):
-    """Linear classifier with a deterministic start; per-example cross-entropy [B]."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
-
-    def construct(self, x, y):
-        return ops.cross_entropy(self.fc(x), y, reduction="none")
 
 
 def _data():

@@ -23,7 +23,8 @@ from accountant.certify import certify  # noqa: E402
 from accountant.ledger import PrivacyLedger  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
 from accountant.noise import Gaussian  # noqa: E402
-from accountant.table import _checksum, load_table, write_certified_table  # noqa: E402
+from accountant.table import _checksum, load_table  # noqa: E402
+from helpers import certified_table  # noqa: E402
 from finetune import checkpointing, run_dir  # noqa: E402
 from finetune.__main__ import main  # noqa: E402
 from finetune.data import generate_records, write_jsonl  # noqa: E402
@@ -34,10 +35,7 @@ SEEDED = ("--seed", "0")
 
 
 def _table(path, sigma=1.0, q=0.1, steps=STEPS, delta=1e-5):
-    noise = Gaussian(sigma)
-    cert = certify(Mechanism(noise, 1.0, "l2", q, steps), delta)
-    return write_certified_table(path, noise, eps_target=cert.epsilon, delta=delta, sampling_rate=q,
-                                 steps=steps, geometry="l2", certificate=cert, gaussian_sigma=sigma)
+    return certified_table(path, Gaussian(sigma), "l2", q, steps, delta)
 
 
 def _forge_claim(src, dst, claim):
@@ -571,19 +569,12 @@ def test_model_train_after_the_budget_is_spent_is_one_clear_error():
     """A second Model.train once every certified step was taken: PrivacyBudgetExceeded with one
     line (MindSpore used to end in "Syntax error" on the empty dataset), both for a dataset built
     afterwards and for one built earlier (the budget callback refuses to begin)."""
-    from mindspore import nn, ops
+    from mindspore import nn
     from mindspore.train import Model
 
     from finetune import make_private
     from finetune.dp.guard import PrivacyBudgetExceeded
-
-    class Clf(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
-
-        def construct(self, x, y):
-            return ops.cross_entropy(self.fc(x), y, reduction="none")
+    from helpers import Clf
 
     ms.set_context(mode=ms.GRAPH_MODE)
     x = np.random.RandomState(0).randn(200, 4).astype(np.float32)

@@ -5,5 +5,5 @@ training under ``msrun`` (``distributed``).
 
 It depends on ``accountant`` (certified tables, ledgers, randomness) and on MindSpore, never on
 ``finetune.models`` or the training loop: any MindSpore network that returns per-example losses
-can use it.
+can use it.  It imports nothing else from ``finetune`` (docs/architecture.md).
 """

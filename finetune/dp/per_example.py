@@ -58,7 +58,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 __all__ = ["PerExampleGradients", "SummedGradients", "register_dense", "bookkeeping_coverage", "CLIP_MARGIN",
-           "GEOMETRIES", "METHODS", "SharedLayerError", "LossShapeError"]
+           "GEOMETRIES", "METHODS", "BookkeepingError", "SharedLayerError", "LossShapeError"]
 
 CLIP_MARGIN = 1e-4
 GEOMETRIES = ("l1", "l2")
@@ -232,7 +232,11 @@ def _shadow_network(network: nn.Cell, replacements: dict) -> nn.Cell:
     return visit(network)
 
 
-class SharedLayerError(ValueError):
+class BookkeepingError(ValueError):
+    """Book-keeping was asked for a network it cannot treat exactly (a layer no rule covers)."""
+
+
+class SharedLayerError(BookkeepingError):
     """Book-keeping was asked for a network whose weights are used by more than one layer call."""
 
 
@@ -728,7 +732,7 @@ class PerExampleGradients:
         shared = [] if self.tapped else _shared_parameters(self.network, self.params)
         if method == "bookkeeping":
             if uncovered:
-                raise ValueError("book-keeping covers Dense/Linear, LoRA, LayerNorm and (GPT-2) embedding "
+                raise BookkeepingError("book-keeping covers Dense/Linear, LoRA, LayerNorm and (GPT-2) embedding "
                                  f"parameters only; not covered: {_shown(uncovered)} (use method='vmap')")
             if shared:
                 raise SharedLayerError(f"book-keeping is not exact for shared weights: {_shown(shared)} "

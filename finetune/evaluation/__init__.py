@@ -5,4 +5,5 @@ FPR, the DP hypothesis-testing bound), ``pii`` (PII extraction precision/recall,
 ``canary`` (secret-sharer exposure, Carlini et al. 2019), ``audit`` (one-run audit, Steinke, Nasr and
 Jagielski 2023, and a mechanism-level audit of a noise sampler), ``stats`` (exact binomial
 intervals) and ``plots``. The command ``python -m finetune.evaluate`` glues them to a training run.
+A front end: nothing below it (``finetune.dp``, the engine) imports it (docs/architecture.md).
 """

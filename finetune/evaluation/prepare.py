@@ -122,7 +122,7 @@ def load_truth(path) -> dict:
 
 
 def main(argv=None) -> int:
-    from accountant.cli_common import OneLineParser
+    from finetune.cli import OneLineParser
 
     p = OneLineParser(prog="python -m finetune.evaluation.prepare",
                                 description=__doc__.split("\n\n")[0])
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its ground truth)")
     a = p.parse_args(argv)
     try:
-        from accountant.output_path import check_output_file
+        from accountant.output_path import atomic_write, check_output_file
         from finetune.data import load_records, write_jsonl
 
         check_output_file(a.out, overwrite=a.overwrite, what="--out")
@@ -153,11 +153,8 @@ def main(argv=None) -> int:
                                       a.audit_canaries, a.seed)
         if a.person_canaries:
             recs, truth = insert_person_canaries(recs, truth, a.digits, a.seed)
-        truth_tmp = a.out + SIDE_SUFFIX + ".partial"
-        with open(truth_tmp, "w", encoding="utf-8") as f:
-            json.dump(truth, f, indent=1)
         write_jsonl(recs, a.out)                       # atomic
-        os.replace(truth_tmp, a.out + SIDE_SUFFIX)
+        atomic_write(a.out + SIDE_SUFFIX, json.dumps(truth, indent=1).encode())
     except (ValueError, OSError) as e:
         sys.stderr.write(f"{p.prog}: error: {e}\n")
         return 2

@@ -22,5 +22,6 @@ Pieces: :mod:`.partition` (split a corpus across organisations by person), :mod:
 (sampling, clipping, the noisy sum: pure numpy), :mod:`.state` (ledger + global adapter on disk),
 :mod:`.strategy` (the Flower strategy), :mod:`.client` (the Flower client: k local MindSpore steps,
 optionally record-level DP-SGD), ``python -m finetune.federated`` (one command, real processes on
-127.0.0.1). docs/federated.md states the guarantees and the neighbouring relation each covers.
+127.0.0.1). docs/federated.md states the guarantees and the neighbouring relation each covers; it
+is a front end on top of ``finetune.dp`` and ``finetune.train`` (docs/architecture.md).
 """

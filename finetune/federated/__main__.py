@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..cli import OneLineParser as _Parser, UserError, warn_known_seed
+from ..cli import Interrupted, OneLineParser as _Parser, UserError, run_guarded, warn_known_seed
 
 PROG = "python -m finetune.federated"
 #: model initialisation, validation split and partition without --seed (public: they hide nothing)
@@ -188,7 +188,7 @@ def check_capacity(clients: int, train_records, n_parameters: int, available: in
                         f"{available / 1e9:.1f} GB is available; {advice}")
 
 
-def run(args) -> dict:
+def run(args, stopper=None) -> dict:
     _check_args(args)
     init_seed = PUBLIC_SEED if args.seed is None else args.seed
     from accountant.output_path import OutputPathError, check_output_dir
@@ -302,7 +302,8 @@ def run(args) -> dict:
         warnings.simplefilter("ignore", KnownSeedWarning)
         strategy = DPFedAvg(state, table, n_clients=args.clients, clip_norm=args.clip_norm,
                             max_releases=table.steps, seed=args.seed, server_lr=args.server_lr,
-                            base_sha256=base_sha256(model), on_round=on_round)
+                            base_sha256=base_sha256(model), on_round=on_round,
+                            stop=stopper.event if stopper is not None else None)
     started = time.perf_counter()
     if remaining:
         address = f"127.0.0.1:{args.port or _free_port()}"
@@ -313,6 +314,11 @@ def run(args) -> dict:
             stop_clients(procs)
     if bar is not None:
         bar.close()
+    if strategy.stopped_by_signal:
+        raise Interrupted(f"interrupted after {state.rounds_done} of {args.rounds} rounds, client-level "
+                          f"epsilon spent {state.epsilon():.4g}; the federation (ledger, global adapter) "
+                          f"is in {work}; continue it with the same command and --resume",
+                          stopper.exit_code)
     metrics = finish(args, model, data, state, table, record_table, work, out,
                      time.perf_counter() - started, strategy.stopped_by_budget)
     return metrics
@@ -480,11 +486,11 @@ def warnings_for(m: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        m = run(args)
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
+    code, m = run_guarded(PROG, lambda stopper: run(args, stopper),
+                          lambda: "interrupted at once (second SIGINT); every completed round is saved "
+                                  "with its ledger; continue with the same command and --resume")
+    if code:
+        return code
     rec = ""
     if m["record_level"]:
         eps = [v["epsilon"] for v in m["record_level"]["per_client"].values()]

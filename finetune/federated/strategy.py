@@ -51,7 +51,7 @@ class DPFedAvg(FedAvg):
     def __init__(self, state: FederationState, table, *, n_clients: int, clip_norm: float,
                  max_releases: int, seed: int | None = None, secure: bool = False,
                  server_lr: float = 1.0, wait_timeout: float = 600.0, base_sha256: str = "",
-                 add_noise: bool = True, on_round=None):
+                 add_noise: bool = True, on_round=None, stop=None):
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1,
                          min_evaluate_clients=0, min_available_clients=int(n_clients),
                          accept_failures=True)
@@ -68,6 +68,8 @@ class DPFedAvg(FedAvg):
         self.wait_timeout, self.base_sha256 = float(wait_timeout), str(base_sha256)
         self.add_noise = bool(add_noise)
         self.on_round = on_round
+        self.stop = stop                # an Event (finetune.cli.Stopper): set, no further round begins
+        self.stopped_by_signal = False
         self.names = sorted(state.global_params)
         self.shapes = [tuple(state.global_params[n].shape) for n in self.names]
         self.stopped_by_budget = False
@@ -88,6 +90,13 @@ class DPFedAvg(FedAvg):
 
     # --- one round ----------------------------------------------------------------------------
     def configure_fit(self, server_round, parameters, client_manager):
+        if self.stop is not None:
+            if self.stop.is_set():              # interrupted: nothing sampled, nothing charged
+                self.stopped_by_signal = True
+                return []
+            rearm = getattr(self.stop, "rearm", None)
+            if rearm is not None:               # Flower's start_server installs its own handlers
+                rearm()
         if not self.state.can_release(self.max_releases):
             self.stopped_by_budget = True
             return []
