@@ -44,9 +44,10 @@ class PersonCertificate:
     reason: str = ""
 
     def as_dict(self) -> dict:
-        return {"epsilon": self.epsilon if math.isfinite(self.epsilon) else None, "delta": self.delta,
-                "k": self.k, "method": self.method, "record_epsilon": self.record_epsilon,
-                "routes": self.routes, "reason": self.reason}
+        """JSON-ready (an infinite epsilon is ``None``: strict JSON has no infinity)."""
+        finite = lambda v: v if math.isfinite(v) else None    # noqa: E731
+        return {"epsilon": finite(self.epsilon), "delta": self.delta, "k": self.k, "method": self.method,
+                "record_epsilon": finite(self.record_epsilon), "routes": self.routes, "reason": self.reason}
 
 
 def _as_list(mechanisms) -> list[Mechanism]:

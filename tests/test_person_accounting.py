@@ -7,6 +7,7 @@ privacy (an upper bound), monotonicity in k, and a 2-D grid over the angle betwe
 gradients (the aligned case is the worst)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -363,3 +364,14 @@ def test_closed_form_bound_of_the_mixture_is_the_unsampled_group_shift():
     bound = closed_form_bound([(step_pair(mech), 3)], DELTA)
     assert bound["upper"] == gaussian_epsilon(2 * math.sqrt(3), DELTA) and not bound["exact"]
     assert bound["upper"] >= certify(mech, DELTA).epsilon
+
+
+def test_person_certificate_is_strict_json():
+    """metrics.json / ledger.json carry the person-level numbers: no NaN or infinity in them."""
+    tight = person_epsilon(_gaussian(1, 1), DELTA, 2).as_dict()
+    back = json.loads(json.dumps(tight, allow_nan=False))
+    assert back["method"] == TIGHT and back["k"] == 2 and back["epsilon"] > back["record_epsilon"]
+    infinite = dataclasses.replace(person_epsilon(_gaussian(1, 1), DELTA, 1), epsilon=math.inf,
+                                   record_epsilon=math.inf, method=GROUP)
+    out = json.loads(json.dumps(infinite.as_dict(), allow_nan=False))
+    assert out["epsilon"] is None and out["record_epsilon"] is None
