@@ -10,9 +10,9 @@ neighbours if they differ in *every* record naming one person (docs/privacy.md, 
   record-level certificate, labelled ``"group privacy (fallback)"``, never "tight".  A mechanism
   that is (eps_r, delta_r)-DP for records is (k eps_r, delta_r sum_{i<k} e^{i eps_r})-DP for groups
   of k records (chain k record-level neighbours; Vadhan 2017, "The Complexity of Differential
-  Privacy"; docs/privacy.md gives the two-line proof; the sum is <= k e^{(k-1) eps_r} delta_r).  delta_r is searched so that the
-  group delta is at most the target; if no delta_r >= 1e-13 (the float64 floor of the accountant)
-  achieves it, epsilon is ``inf`` and ``reason`` says so.
+  Privacy"; docs/privacy.md section 9 gives the proof; the sum is <= k e^{(k-1) eps_r} delta_r).
+  delta_r is searched so that the group delta is at most the target; if no delta_r >= 1e-13 (the
+  float64 floor of the accountant) achieves it, epsilon is ``inf`` and ``reason`` says so.
 """
 from __future__ import annotations
 
