@@ -17,6 +17,7 @@ from scipy import special
 
 from accountant import routes, table_check
 from accountant.mechanism import Mechanism, UnsupportedMechanism, step_pair
+from accountant.mixture_pair import MixtureShiftPair
 from accountant.noise import Gaussian, Noise
 from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
 
@@ -326,6 +327,13 @@ def closed_form_bound(groups, delta: float) -> dict | None:
             ratio = pair.shift / pair.noise.sigma
             mu2 += count * ratio * ratio
             exact, gaussian = exact and pair.q == 1, True
+            continue
+        if isinstance(pair, MixtureShiftPair) and isinstance(pair.noise, Gaussian):
+            # joint convexity, then Lemma M (docs/privacy.md, section 9): every component of the
+            # mixture is dominated by the largest shift k C, in both relations
+            ratio = pair.k * pair.shift / pair.noise.sigma
+            mu2 += count * ratio * ratio
+            exact, gaussian = False, True
             continue
         eps = _pure_epsilon(pair)
         if eps is None:

@@ -173,7 +173,7 @@ class PrivacyLedger:
         for entry in data["entries"]:
             m = entry["mechanism"]
             mech = Mechanism(_noise_from_json(m["noise"]), m["sensitivity"], m["geometry"],
-                             m["sampling_rate"], 1)
+                             m["sampling_rate"], 1, m.get("records_per_unit", 1))
             ledger.record(mech, entry["count"])
         return ledger
 

@@ -10,12 +10,19 @@ compose (docs/privacy.md states the theorem behind each case):
 * ``l1``: vector query, ||difference||_1 <= C, i.i.d. noise per coordinate.  Gaussian: the l2 pair
   (||v||_2 <= ||v||_1).  A law whose log-density is L-Lipschitz: every step is pure (C L)-DP in every
   direction, dominated by randomized response (Lemma 2).  Anything else is refused.
+
+``records_per_unit = k > 1`` accounts a *person* named in at most k records of a record-level Poisson
+run (docs/privacy.md, "Person-level DP"): each record is sampled independently, so one step differs
+by a Binomial(k, q) number of shifts.  Gaussian noise (any geometry): the Binomial mixture of shifts
+(:class:`accountant.mixture_pair.MixtureShiftPair`; Lemma M).  Any other law is refused here, and
+:mod:`accountant.person` falls back to labelled group privacy.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from accountant.mixture_pair import binomial_pair
 from accountant.noise import Gaussian, Noise
 from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
 
@@ -33,6 +40,8 @@ class Mechanism:
     geometry: str = "scalar"
     sampling_rate: float = 1.0
     steps: int = 1
+    #: records one protected person may be named in (1: record-level DP)
+    records_per_unit: int = 1
 
     def __post_init__(self):
         if not isinstance(self.noise, Noise):
@@ -45,18 +54,36 @@ class Mechanism:
             raise ValueError(f"sampling rate must lie in (0, 1], got {self.sampling_rate}")
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if int(self.records_per_unit) != self.records_per_unit or self.records_per_unit < 1:
+            raise ValueError(f"records per unit must be a positive integer, got {self.records_per_unit}")
 
     def with_steps(self, steps: int) -> "Mechanism":
-        return Mechanism(self.noise, self.sensitivity, self.geometry, self.sampling_rate, int(steps))
+        return Mechanism(self.noise, self.sensitivity, self.geometry, self.sampling_rate, int(steps),
+                         self.records_per_unit)
 
     def describe(self) -> dict:
-        return {"noise": self.noise.family, "params": self.noise.params, "sensitivity": self.sensitivity,
-                "geometry": self.geometry, "sampling_rate": self.sampling_rate, "steps": int(self.steps)}
+        """JSON-ready description; ``records_per_unit`` appears only when it is not 1, so record-level
+        descriptions (and the certificates stored with tables) are unchanged."""
+        out = {"noise": self.noise.family, "params": self.noise.params, "sensitivity": self.sensitivity,
+               "geometry": self.geometry, "sampling_rate": self.sampling_rate, "steps": int(self.steps)}
+        if self.records_per_unit != 1:
+            out["records_per_unit"] = int(self.records_per_unit)
+        return out
 
 
 def step_pair(mechanism: Mechanism):
     """The dominating pair of one step of ``mechanism`` (see module docstring)."""
     noise, c, q = mechanism.noise, mechanism.sensitivity, mechanism.sampling_rate
+    k = int(mechanism.records_per_unit)
+    if k > 1:
+        if not isinstance(noise, Gaussian):
+            raise UnsupportedMechanism(
+                f"no tight person-level certificate for {noise.family} noise: the Binomial mixture of "
+                "shifts dominates only where every shift can be taken aligned and positive (Gaussian "
+                "noise; docs/privacy.md, Person-level DP); group privacy is the labelled fallback")
+        if q == 1:      # every record is in every step: one shift of k C
+            return ShiftPair(noise, k * c, 1.0)
+        return binomial_pair(noise, c, k, q)
     if mechanism.geometry == "scalar" or isinstance(noise, Gaussian):
         return ShiftPair(noise, c, q)
     if mechanism.geometry == "l2":
