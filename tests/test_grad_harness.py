@@ -103,6 +103,20 @@ class SharedWeight(_TokenCE):
 SHARED = {"shared_call": SharedCall, "shared_weight": SharedWeight}
 
 
+class Embedded(nn.Cell):
+    """A user's Cell with a plain ``nn.Embedding`` (repeated ids inside an example) and a Dense."""
+
+    def __init__(self):
+        super().__init__()
+        rs = np.random.RandomState(8)
+        self.emb = nn.Embedding(7, D, embedding_table=_w(rs, 7, D))
+        self.out = nn.Dense(D, K, weight_init=_w(rs, K, D), bias_init=_w(rs, K))
+
+    def construct(self, ids, y):
+        o = self.out(ops.tanh(self.emb(ids)))
+        return ops.cross_entropy(o.reshape(-1, K), y.reshape(-1), reduction="none").reshape(y.shape).mean(-1)
+
+
 def _batch(seed=11):
     rs = np.random.RandomState(seed)
     return [rs.randn(B, T, D).astype(np.float32), rs.randint(0, K, (B, T)).astype(np.int32)]
@@ -167,6 +181,18 @@ def test_covered_layers_equal_float64_single_example_gradients(mode):
             _check(pe, inputs, single, geometry)
     auto = PerExampleGradients(net, method="auto")
     assert auto.method == "bookkeeping" and "covered layer" in auto.method_reason
+
+
+def test_plain_embedding_gets_bookkeeping_equal_to_float64_single_example_gradients(mode):
+    net = Embedded()
+    rs = np.random.RandomState(13)
+    inputs = [rs.randint(0, 4, (B, T)).astype(np.int32), rs.randint(0, K, (B, T)).astype(np.int32)]
+    single = _reference(net, net.trainable_params(), inputs)
+    auto = PerExampleGradients(net, method="auto")
+    assert auto.method == "bookkeeping", auto.method_reason
+    for geometry in ("l2", "l1"):
+        for method in ("bookkeeping", "vmap"):
+            _check(PerExampleGradients(net, geometry=geometry, method=method), inputs, single, geometry)
 
 
 @pytest.mark.parametrize("kind", SHARED)
