@@ -75,13 +75,13 @@ class BookkeepingCore(nn.Cell):
 
     def _tokens(self, x):
         """[B, ..., d] -> [U, m T, d] (no reshape when already so: every op here is a buffer)."""
-        if self.m == 1 and x.ndim == 3:
+        if (self.m == 1 and x.ndim == 3) or x.shape[0] < self.m:  # (placeholders of unread taps)
             return x
         return x.reshape(x.shape[0] // self.m, -1, x.shape[-1])
 
     def _ids(self, x):
         """[B, ...] token ids -> [U, m T]."""
-        if self.m == 1 and x.ndim == 2:
+        if (self.m == 1 and x.ndim == 2) or x.shape[0] < self.m:
             return x
         return x.reshape(x.shape[0] // self.m, -1)
 

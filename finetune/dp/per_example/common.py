@@ -49,7 +49,10 @@ def unit_mask(mask, rows_per_unit: int):
     """[U * m] row mask -> [U] unit mask (a unit counts when any of its rows is real)."""
     if rows_per_unit == 1:
         return mask
-    return mask.reshape(-1, rows_per_unit).max(1)
+    return _reduce_max(mask.reshape(-1, rows_per_unit), 1)
+
+
+_reduce_max = ops.ReduceMax(keep_dims=False)
 
 
 class MaskedSum(nn.Cell):
