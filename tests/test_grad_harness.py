@@ -456,3 +456,23 @@ def test_rows_per_unit_must_divide_the_micro_batch():
     pe = PerExampleGradients(net, rows_per_unit=3)
     with pytest.raises(ValueError, match="whole units"):
         pe.clipped_sum(_batch(), MASK, 1.0)
+
+
+@pytest.mark.slow     # 34 s on a shared 2-core machine
+def test_gpt2_adapters_get_bookkeeping_equal_to_float64_single_example_gradients():
+    """Houlsby adapters on GPT-2: the adapter's down and up layers are taps of the adapted
+    projection (before: not covered, vmap)."""
+    from finetune.models import peft
+
+    model = _tiny_gpt2()
+    peft.apply_adapters(model, size=3)
+    rs = np.random.RandomState(2)
+    for name, p in model.parameters_and_names():
+        if ".adapter_up." in name:
+            p.set_data(_w(rs, *p.shape, scale=0.3))
+    params = list(model.trainable_params())
+    ids, tokens = _token_batch(6)
+    single = _reference(_GPT2Loss(model), params, [ids, tokens])
+    pe = PerExampleGradients(model, params, geometry="l2", method="auto")
+    assert pe.method == "bookkeeping", pe.method_reason
+    _check(pe, [ids, tokens], single, "l2")
