@@ -408,7 +408,7 @@ def test_ghost_and_materialised_norms_agree_with_single_example_gradients(ghost,
     from finetune.dp import per_example
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    monkeypatch.setattr(per_example, "_use_ghost", lambda slot, *a: ghost and slot.role in (
+    monkeypatch.setattr(per_example.bookkeeping, "_use_ghost", lambda slot, *a: ghost and slot.role in (
         "weight", "lora_A", "lora_B", "wte"))
     model = _tiny_gpt2(seed=1)
     params = list(model.trainable_params())

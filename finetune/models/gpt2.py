@@ -60,6 +60,10 @@ one does not::
     logits, saved = model(input_ids, attention_mask, probes)
     losses, saved = model.loss(input_ids, attention_mask, probes)
 
+A Houlsby-adapted projection (``finetune.models.peft.AdaptedLinear``) holds three taps (``n_taps``):
+the projection, the adapter's ``down`` and ``up``; ``run_tap`` runs any layer with its probes. The
+protocol is documented in ``finetune.dp.per_example.taps``.
+
 Generation for evaluation: ``generate(model, prompts, max_new_tokens, top_k=0)`` (greedy when
 ``top_k`` is 0, otherwise top-k sampling with a seeded generator).
 """
@@ -186,6 +190,8 @@ class Linear(nn.Cell):
     """y = x W^T (+ b) with W stored [out, in] (``ops.dense``); a book-keeping tap.  GPT-2's layers all
     have a bias; ``bias=False`` gives the bias-free projections of Llama-family models."""
 
+    n_taps = 1  # book-keeping taps this layer holds (see ``run_tap``)
+
     def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, std: float, bias: bool = True):
         super().__init__()
         self.n_in, self.n_out = n_in, n_out
@@ -205,9 +211,14 @@ class Linear(nn.Cell):
         """What book-keeping needs to turn an output gradient into parameter gradients."""
         return x
 
+    def taps(self):
+        return (self,)
+
 
 class LayerNorm(nn.Cell):
     """LayerNorm over the last axis (Ba et al. 2016), written out so vmap and grad see plain ops."""
+
+    n_taps = 1
 
     def __init__(self, n: int, eps: float):
         super().__init__()
@@ -232,6 +243,9 @@ class LayerNorm(nn.Cell):
     def saved(self, x):
         return self.normalise(x)
 
+    def taps(self):
+        return (self,)
+
 
 class Embedding(nn.Cell):
     def __init__(self, n: int, dim: int, rng: np.random.Generator, std: float):
@@ -240,6 +254,16 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
+
+
+def run_tap(layer, x, probes, i):
+    """Run tap ``layer`` on ``x`` with its probes from ``probes[i]`` on: (output, saved inputs,
+    index of the next probe).  A layer holding several taps (a Houlsby-adapted projection) has
+    ``n_taps > 1`` and a ``tapped(x, probes)`` of its own."""
+    if layer.n_taps == 1:
+        return layer(x, probes[i]), (layer.saved(x),), i + 1
+    y, saved = layer.tapped(x, probes[i:i + layer.n_taps])
+    return y, saved, i + layer.n_taps
 
 
 def _gelu_tanh(x):
@@ -288,7 +312,12 @@ class Block(nn.Cell):
         self.mlp = MLP(cfg, rng)
 
     def taps(self):
-        return (self.ln_1, self.attn.c_attn, self.attn.c_proj, self.ln_2, self.mlp.c_fc, self.mlp.c_proj)
+        layers = (self.ln_1, self.attn.c_attn, self.attn.c_proj, self.ln_2, self.mlp.c_fc, self.mlp.c_proj)
+        return tuple(t for layer in layers for t in layer.taps())
+
+    def tap_count(self) -> int:
+        return (self.ln_1.n_taps + self.attn.c_attn.n_taps + self.attn.c_proj.n_taps + self.ln_2.n_taps
+                + self.mlp.c_fc.n_taps + self.mlp.c_proj.n_taps)
 
     def construct(self, x, bias):
         h = self.ln_1(x)
@@ -298,21 +327,17 @@ class Block(nn.Cell):
         m = self.mlp.c_proj(_gelu_tanh(self.mlp.c_fc(h)))
         return x + m
 
-    def tapped(self, x, bias, p):
-        """Same as construct, with probes p (6 tensors) added at the taps; returns (x, saved)."""
-        s0 = self.ln_1.saved(x)
-        h = self.ln_1(x, p[0])
-        s1 = self.attn.c_attn.saved(h)
-        z = self.attn.attend(self.attn.c_attn(h, p[1]), bias)
-        s2 = self.attn.c_proj.saved(z)
-        x = x + self.attn.c_proj(z, p[2])
-        s3 = self.ln_2.saved(x)
-        h = self.ln_2(x, p[3])
-        s4 = self.mlp.c_fc.saved(h)
-        z = _gelu_tanh(self.mlp.c_fc(h, p[4]))
-        s5 = self.mlp.c_proj.saved(z)
-        x = x + self.mlp.c_proj(z, p[5])
-        return x, (s0, s1, s2, s3, s4, s5)
+    def tapped(self, x, bias, p, i):
+        """Same as construct, with probes p[i], p[i + 1], ... added at the taps; returns
+        (x, saved, index of the next probe)."""
+        h, s0, i = run_tap(self.ln_1, x, p, i)
+        qkv, s1, i = run_tap(self.attn.c_attn, h, p, i)
+        z, s2, i = run_tap(self.attn.c_proj, self.attn.attend(qkv, bias), p, i)
+        x = x + z
+        h, s3, i = run_tap(self.ln_2, x, p, i)
+        z, s4, i = run_tap(self.mlp.c_fc, h, p, i)
+        z, s5, i = run_tap(self.mlp.c_proj, _gelu_tanh(z), p, i)
+        return x + z, s0 + s1 + s2 + s3 + s4 + s5, i
 
 
 class GPT2Model(nn.Cell):
@@ -342,19 +367,24 @@ class GPT2Model(nn.Cell):
             x = block(x, bias)
         return self.ln_f(x)
 
+    def tap_count(self) -> int:
+        n = self.ln_f.n_taps
+        for block in self.h:
+            n = n + block.tap_count()
+        return n
+
     def tapped(self, input_ids, attention_mask, probes):
         x, bias = self._embed_and_bias(input_ids, attention_mask)
-        n_taps = 6 * len(self.h) + 1
+        n_taps = self.tap_count()
         if len(probes) > n_taps:  # embedding probe (full fine-tuning): dL/dx0 = token and position grads
             x = x + probes[n_taps]
         saved = ()
         i = 0
         for block in self.h:
-            x, s = block.tapped(x, bias, probes[i:i + 6])
+            x, s, i = block.tapped(x, bias, probes, i)
             saved = saved + s
-            i = i + 6
-        s_f = self.ln_f.saved(x)
-        return self.ln_f(x, probes[i]), saved + (s_f,)
+        h, s_f, i = run_tap(self.ln_f, x, probes, i)
+        return h, saved + s_f
 
 
 class GPT2LMHeadModel(nn.Cell):
@@ -382,7 +412,7 @@ class GPT2LMHeadModel(nn.Cell):
             return ops.dense(h, self.transformer.wte.weight)
         h, saved = self.transformer.tapped(input_ids, attention_mask, probes)
         logits = ops.dense(h, self.transformer.wte.weight)
-        if len(probes) > 6 * len(self.transformer.h) + 1:  # tied output projection probe
+        if len(probes) > self.transformer.tap_count():  # tied output projection probe
             logits = logits + probes[-1]
             saved = saved + (input_ids, h)
         return logits, saved
@@ -405,7 +435,7 @@ class GPT2LMHeadModel(nn.Cell):
         out = []
         for block in self.transformer.h:
             out.extend(block.taps())
-        out.append(self.transformer.ln_f)
+        out.extend(self.transformer.ln_f.taps())
         return out
 
     def tap_names(self):

@@ -28,6 +28,14 @@ API (the same as ``finetune.models.gpt2.GPT2LMHeadModel``)::
     losses = model.loss(input_ids, attention_mask)   # [B] per-example mean next-token NLL
 
 Positions are 0..T-1 derived from the (batched) token ids, so ``ops.vmap`` sees a batched gather.
+
+Book-keeping (``finetune.dp.per_example.taps`` documents the protocol): every linear projection
+(q/k/v/o, gate/up/down, an untied ``lm_head``, LoRA or Houlsby-adapted ones included) and every
+RMSNorm is a tap; ``taps()`` lists them in probe order (per layer: input_layernorm, q, k, v, o,
+post_attention_layernorm, gate, up, down; then ``model.norm`` and an untied ``lm_head``).  With
+``probes`` the forward adds probe k to tap k's output and also returns every tap's input (the
+normalised input for an RMSNorm).  ``embeddings()`` gives ``(embed_tokens.weight, None)`` (rotary
+positions have no table) and ``ties_embedding()`` whether it is also the head (Qwen2-style tie).
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .gpt2 import _NEG, Embedding, Linear, _masked_nll, _param, refresh_parameter_names
+from .gpt2 import _NEG, Embedding, Linear, _masked_nll, _param, refresh_parameter_names, run_tap
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "MODEL_TYPES"]
 
@@ -172,7 +180,9 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Cell):
-    """x / sqrt(mean(x^2) + eps) * g over the last axis (Zhang & Sennrich 2019)."""
+    """x / sqrt(mean(x^2) + eps) * g over the last axis (Zhang & Sennrich 2019); a book-keeping tap."""
+
+    n_taps = 1
 
     def __init__(self, n: int, eps: float):
         super().__init__()
@@ -183,8 +193,17 @@ class RMSNorm(nn.Cell):
     def normalise(self, x):
         return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + self.eps)
 
-    def construct(self, x):
-        return self.normalise(x) * self.weight
+    def construct(self, x, probe=None):
+        if probe is None:
+            return self.normalise(x) * self.weight
+        return self.normalise(x) * self.weight + probe
+
+    def saved(self, x):
+        """What book-keeping needs to turn an output gradient into the gain's gradient."""
+        return self.normalise(x)
+
+    def taps(self):
+        return (self,)
 
 
 def _rotate_half(x):
@@ -217,17 +236,19 @@ class Attention(nn.Cell):
         x = ops.broadcast_to(ops.expand_dims(x, 2), (b, n, rep, t, hd))
         return ops.reshape(x, (b, n * rep, t, hd))
 
-    def construct(self, x, cos, sin, bias):
-        b, t, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_head)
-        k = self._heads(self.k_proj(x), self.n_kv)
-        v = self._heads(self.v_proj(x), self.n_kv)
+    def attend(self, q, k, v, cos, sin, bias):
+        """Projected q, k, v [B, T, heads * hd] -> attention output [B, T, n_head * hd]."""
+        b, t, _ = q.shape
+        q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * self.scale + bias
         out = ops.matmul(ops.softmax(scores, -1), v)
-        return self.o_proj(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.n_head * self.head_dim)))
+        return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.n_head * self.head_dim))
+
+    def construct(self, x, cos, sin, bias):
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, bias))
 
 
 class MLP(nn.Cell):
@@ -255,6 +276,34 @@ class DecoderLayer(nn.Cell):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def taps(self):
+        a, m = self.self_attn, self.mlp
+        layers = (self.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                  self.post_attention_layernorm, m.gate_proj, m.up_proj, m.down_proj)
+        return tuple(t for layer in layers for t in layer.taps())
+
+    def tap_count(self) -> int:
+        a, m = self.self_attn, self.mlp
+        return (self.input_layernorm.n_taps + a.q_proj.n_taps + a.k_proj.n_taps + a.v_proj.n_taps
+                + a.o_proj.n_taps + self.post_attention_layernorm.n_taps + m.gate_proj.n_taps
+                + m.up_proj.n_taps + m.down_proj.n_taps)
+
+    def tapped(self, x, cos, sin, bias, p, i):
+        """Same as construct, with probes p[i], p[i + 1], ... added at the taps; returns (x, saved,
+        index of the next probe)."""
+        a, m = self.self_attn, self.mlp
+        h, s, i = run_tap(self.input_layernorm, x, p, i)
+        q, sq, i = run_tap(a.q_proj, h, p, i)
+        k, sk, i = run_tap(a.k_proj, h, p, i)
+        v, sv, i = run_tap(a.v_proj, h, p, i)
+        z, so, i = run_tap(a.o_proj, a.attend(q, k, v, cos, sin, bias), p, i)
+        x = x + z
+        h, s2, i = run_tap(self.post_attention_layernorm, x, p, i)
+        gate, sg, i = run_tap(m.gate_proj, h, p, i)
+        up, su, i = run_tap(m.up_proj, h, p, i)
+        z, sd, i = run_tap(m.down_proj, gate * ops.sigmoid(gate) * up, p, i)
+        return x + z, s + sq + sk + sv + so + s2 + sg + su + sd, i
+
 
 def rotary_tables(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [max_position_embeddings, head_dim] of RoFormer's rotation, Hugging Face layout:
@@ -278,9 +327,8 @@ class LlamaModel(nn.Cell):
         cos, sin = rotary_tables(cfg)
         self._cos, self._sin = Tensor(cos), Tensor(sin)
 
-    def construct(self, input_ids, attention_mask):
+    def _rope_and_bias(self, input_ids, attention_mask):
         pos = ops.cumsum(input_ids * 0 + 1, -1) - 1                              # [B, T]
-        x = self.embed_tokens(input_ids)
         cos = ops.expand_dims(ops.gather(self._cos, pos, 0), 1)                  # [B, 1, T, hd]
         sin = ops.expand_dims(ops.gather(self._sin, pos, 0), 1)
         diff = ops.expand_dims(pos, -1) - ops.expand_dims(pos, -2)              # query - key
@@ -288,9 +336,35 @@ class LlamaModel(nn.Cell):
         if self.config.sliding_window:
             keep = ops.logical_and(keep, diff < self.config.sliding_window)
         bias = ops.expand_dims((1.0 - keep.astype(ms.float32)) * _NEG, 1)      # [B, 1, T, T]
+        return cos, sin, bias
+
+    def construct(self, input_ids, attention_mask):
+        x = self.embed_tokens(input_ids)
+        cos, sin, bias = self._rope_and_bias(input_ids, attention_mask)
         for layer in self.layers:
             x = layer(x, cos, sin, bias)
         return self.norm(x)
+
+    def taps(self):
+        out = ()
+        for layer in self.layers:
+            out = out + layer.taps()
+        return out + self.norm.taps()
+
+    def tapped(self, input_ids, attention_mask, probes, embedding_probe=None):
+        """The trunk with probes added at its taps (and ``embedding_probe`` on the input
+        embedding); returns (h, saved, index of the next probe)."""
+        x = self.embed_tokens(input_ids)
+        if embedding_probe is not None:
+            x = x + embedding_probe
+        cos, sin, bias = self._rope_and_bias(input_ids, attention_mask)
+        saved = ()
+        i = 0
+        for layer in self.layers:
+            x, s, i = layer.tapped(x, cos, sin, bias, probes, i)
+            saved = saved + s
+        h, s, i = run_tap(self.norm, x, probes, i)
+        return h, saved + s, i
 
 
 class LlamaForCausalLM(nn.Cell):
@@ -310,16 +384,66 @@ class LlamaForCausalLM(nn.Cell):
     def head_weight(self) -> Parameter:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def construct(self, input_ids, attention_mask):
-        return ops.dense(self.model(input_ids, attention_mask), self.head_weight())
+    def construct(self, input_ids, attention_mask, probes=None):
+        return self.forward(input_ids, attention_mask, probes)
 
-    def loss(self, input_ids, attention_mask):
-        """Per-example mean next-token NLL (nats), shape [B]; padding masked (as GPT-2's)."""
-        return _masked_nll(self(input_ids, attention_mask), input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, probes=None):
+        """[B, T] ids (int32) and mask (float32, 1 = real token) -> logits [B, T, vocab]; with
+        ``probes`` ``(logits, saved)`` (book-keeping hook, see module docstring)."""
+        if probes is None:
+            return ops.dense(self.model(input_ids, attention_mask), self.head_weight())
+        n_taps = self.model.norm.n_taps
+        if not self.config.tie_word_embeddings:
+            n_taps = n_taps + self.lm_head.n_taps
+        for layer in self.model.layers:
+            n_taps = n_taps + layer.tap_count()
+        embedding_probes = len(probes) > n_taps
+        embedding_probe = probes[n_taps] if embedding_probes else None
+        h, saved, i = self.model.tapped(input_ids, attention_mask, probes, embedding_probe)
+        if self.config.tie_word_embeddings:
+            logits = ops.dense(h, self.model.embed_tokens.weight)
+            if embedding_probes:
+                logits = logits + probes[n_taps + 1]
+        else:
+            logits, s, i = run_tap(self.lm_head, h, probes, i)
+            saved = saved + s
+        if embedding_probes:
+            saved = saved + (input_ids, h)
+        return logits, saved
+
+    def loss(self, input_ids, attention_mask, probes=None):
+        """Per-example mean next-token NLL (nats), shape [B]; padding masked (as GPT-2's).  With
+        ``probes`` returns ``(losses, saved)``."""
+        if probes is None:
+            return _masked_nll(self.forward(input_ids, attention_mask), input_ids, attention_mask)
+        logits, saved = self.forward(input_ids, attention_mask, probes)
+        return _masked_nll(logits, input_ids, attention_mask), saved
 
     def loss_single(self, input_ids, attention_mask):
         """Loss of one example ([T] ids, [T] mask) -> scalar. Safe inside ``ops.vmap``."""
         return self.loss(ops.expand_dims(input_ids, 0), ops.expand_dims(attention_mask, 0))[0]
+
+    # -- book-keeping (finetune.dp.per_example.taps) --------------------------------------------
+    def taps(self):
+        out = self.model.taps()
+        return list(out if self.config.tie_word_embeddings else out + self.lm_head.taps())
+
+    def tap_names(self):
+        ids = {id(c): n for n, c in self.cells_and_names()}
+        return [ids[id(c)] for c in self.taps()]
+
+    def probe_shapes(self, batch: int, seq: int):
+        return [(batch, seq, c.n_out) for c in self.taps()]
+
+    def embeddings(self):
+        """(token embedding, None): rotary positions have no table."""
+        return self.model.embed_tokens.weight, None
+
+    def ties_embedding(self) -> bool:
+        return bool(self.config.tie_word_embeddings)
+
+    def embedding_probe_shapes(self, batch: int, seq: int):
+        return [(batch, seq, self.config.hidden_size), (batch, seq, self.config.vocab_size)]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         ps = self.trainable_params() if trainable_only else self.get_parameters()

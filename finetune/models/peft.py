@@ -133,7 +133,12 @@ class LoRALinear(Linear):
 class AdaptedLinear(Linear):
     """A frozen ``Linear`` followed by a Houlsby bottleneck adapter (see module docstring):
     ``h = x W^T + b``, ``y = h + up(gelu(down(h)))``; ``down`` [size, out], ``up`` [out, size], both
-    ``Linear`` with bias; ``up`` starts at zero so ``y == h`` at initialisation."""
+    ``Linear`` with bias; ``up`` starts at zero so ``y == h`` at initialisation.
+
+    Book-keeping: three taps (the frozen projection, ``down`` and ``up``), each an ordinary linear
+    tap whose input is kept: ``x``, ``h`` and ``gelu(down(h))`` (:meth:`tapped`)."""
+
+    n_taps = 3
 
     def __init__(self, base: Linear, size: int, rng: np.random.Generator):
         super(Linear, self).__init__()          # reuse the base Parameters, as LoRALinear does
@@ -150,6 +155,21 @@ class AdaptedLinear(Linear):
         if probe is not None:
             h = h + probe
         return h + self.adapter_up(_gelu_tanh(self.adapter_down(h)))
+
+    def taps(self):
+        return (self, self.adapter_down, self.adapter_up)
+
+    def tapped(self, x, p):
+        """The forward with probes ``p`` (3) at the projection, ``down`` and ``up``; returns
+        (y, (x, h, gelu(down(h))))."""
+        if self.bias is None:
+            h = ops.dense(x, self.weight) + p[0]
+        elif _per_example(p[0]):
+            h = ops.dense(x, self.weight) + (self.bias + p[0])
+        else:
+            h = ops.dense(x, self.weight, self.bias) + p[0]
+        a = _gelu_tanh(self.adapter_down(h, p[1]))
+        return h + self.adapter_up(a, p[2]), (x, h, a)
 
 
 def _linear_layers(model):
