@@ -115,8 +115,7 @@ def test_step_pair_choice_and_json_round_trip():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps,k,expected", [
     (1, 1, 1.0328), (1, 2, 2.2019), (1, 4, 4.5539), (1, 8, 9.2039),
-    (100, 1, 3.5021), (100, 2, 7.7020), (100, 4, 17.4961),
-    pytest.param(100, 8, 41.9954, marks=pytest.mark.slow)])      # 25 s on the shared machine
+    (100, 1, 3.5021), (100, 2, 7.7020), (100, 4, 17.4961), (100, 8, 41.9954)])
 def test_person_epsilon_matches_independent_values(steps, k, expected):
     """``expected``: dp-accounting's mixture-of-Gaussians PLD (pessimistic, interval 1e-4), computed
     apart (the live comparison is the slow test below: dp-accounting needs minutes per mixture).
@@ -275,7 +274,6 @@ def test_group_privacy_none_finite_is_infinite():
     assert eps == math.inf and math.isnan(delta_r)
 
 
-@pytest.mark.slow
 def test_person_epsilon_none_finite_says_why():
     # a Gaussian-shaped law that is not the Gaussian class: no tight pair, and at k 8 group privacy
     # finds no record-level delta (as for the Gaussian) -> inf, labelled, with the reason
