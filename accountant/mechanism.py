@@ -10,16 +10,25 @@ compose (docs/privacy.md states the theorem behind each case):
 * ``l1``: vector query, ||difference||_1 <= C, i.i.d. noise per coordinate.  Gaussian: the l2 pair
   (||v||_2 <= ||v||_1).  A law whose log-density is L-Lipschitz: every step is pure (C L)-DP in every
   direction, dominated by randomized response (Lemma 2).  Anything else is refused.
+
+``sampling`` is how each step draws its batch: ``poisson`` (rate ``sampling_rate``, certified under
+add/remove of one example) or ``fixed`` (exactly ``B = sampling_rate * N`` examples without replacement,
+certified under substitution of one example; :mod:`accountant.fixed_pair`, docs/privacy.md Section 9).
+``sensitivity`` is the largest change of the query between neighbours under that relation: ``C`` for
+add/remove, ``2C`` for substitution when contributions are clipped to norm ``C``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from accountant.fixed_pair import fixed_pair
 from accountant.noise import Gaussian, Noise
 from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
 
 GEOMETRIES = ("scalar", "l1", "l2")
+#: sampling scheme -> the neighbouring relation its certificate covers
+SAMPLING_RELATION = {"poisson": "add/remove", "fixed": "substitution"}
 
 
 class UnsupportedMechanism(ValueError):
@@ -33,8 +42,17 @@ class Mechanism:
     geometry: str = "scalar"
     sampling_rate: float = 1.0
     steps: int = 1
+    sampling: str = "poisson"
+    relation: str | None = None
 
     def __post_init__(self):
+        if self.sampling not in SAMPLING_RELATION:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLING_RELATION)}, got {self.sampling!r}")
+        if self.relation is None:
+            object.__setattr__(self, "relation", SAMPLING_RELATION[self.sampling])
+        if self.relation != SAMPLING_RELATION[self.sampling]:
+            raise UnsupportedMechanism(f"{self.sampling} sampling is certified under "
+                                       f"{SAMPLING_RELATION[self.sampling]}, not {self.relation!r}")
         if not isinstance(self.noise, Noise):
             raise TypeError("noise must be an accountant.noise.Noise")
         if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
@@ -47,15 +65,28 @@ class Mechanism:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
 
     def with_steps(self, steps: int) -> "Mechanism":
-        return Mechanism(self.noise, self.sensitivity, self.geometry, self.sampling_rate, int(steps))
+        return Mechanism(self.noise, self.sensitivity, self.geometry, self.sampling_rate, int(steps),
+                         self.sampling, self.relation)
 
     def describe(self) -> dict:
-        return {"noise": self.noise.family, "params": self.noise.params, "sensitivity": self.sensitivity,
-                "geometry": self.geometry, "sampling_rate": self.sampling_rate, "steps": int(self.steps)}
+        out = {"noise": self.noise.family, "params": self.noise.params, "sensitivity": self.sensitivity,
+               "geometry": self.geometry, "sampling_rate": self.sampling_rate, "steps": int(self.steps)}
+        if self.sampling != "poisson":      # Poisson records stay as they were (add/remove)
+            out.update(sampling=self.sampling, relation=self.relation)
+        return out
 
 
 def step_pair(mechanism: Mechanism):
-    """The dominating pair of one step of ``mechanism`` (see module docstring)."""
+    """The dominating pair of one step of ``mechanism`` (see module docstring).  Fixed-size sampling:
+    the substitution pair built from the Poisson remove pair at gamma = B / N (at gamma 1 the
+    unsampled pair itself, which is symmetric)."""
+    pair = _poisson_pair(mechanism)
+    if mechanism.sampling == "fixed" and mechanism.sampling_rate < 1:
+        return fixed_pair(pair)
+    return pair
+
+
+def _poisson_pair(mechanism: Mechanism):
     noise, c, q = mechanism.noise, mechanism.sensitivity, mechanism.sampling_rate
     if mechanism.geometry == "scalar" or isinstance(noise, Gaussian):
         return ShiftPair(noise, c, q)
