@@ -505,7 +505,8 @@ def delta_for_epsilon_pld(mechanisms, epsilon: float, accuracy: Accuracy = Accur
 
 def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float, sampling_rate: float,
               steps: int, geometry: str = "scalar", sensitivity: float = 1.0,
-              accuracy: Accuracy = Accuracy(), max_scale: float = 1e4) -> tuple[float, Certificate]:
+              accuracy: Accuracy = Accuracy(), max_scale: float = 1e4,
+              sampling: str = "poisson") -> tuple[float, Certificate]:
     """Smallest scale s (to 1e-4 relative) with certified epsilon <= ``epsilon``; never overshoots.
 
     Epsilon decreases in the scale.  A bracketed bisection in log-scale runs on the pessimistic PLD,
@@ -517,7 +518,7 @@ def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float
     _check_delta(delta)
 
     def mech(s):
-        return Mechanism(make_noise(s), sensitivity, geometry, sampling_rate, steps)
+        return Mechanism(make_noise(s), sensitivity, geometry, sampling_rate, steps, sampling)
 
     def pld_eps(s, coarse):
         groups = _groups([mech(s)])
