@@ -44,17 +44,29 @@ from accountant.cli_common import (DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, EPSILON
                                    failure_line, marked, positive_count, round_down, round_up, run_settings,
                                    settings_json)
 from accountant.certify import Accuracy, CertificationError, calibrate, certify, delta_for_epsilon
-from accountant.mechanism import GEOMETRIES, Mechanism
-from accountant.noise import LMO, GeneralizedGaussian, Gaussian, Laplace, NoiseParameterError
+from accountant.laws import cli_laws
+from accountant.mechanism import GEOMETRIES, SAMPLING_RELATION, Mechanism
+from accountant.noise import LMO, NoiseParameterError
 from accountant.output_path import check_output_file
 from accountant.table import TableError, compare_claim, load_table, table_mechanism, write_certified_table
 
-FAMILIES = ("gaussian", "laplace", "gengauss", "lmo", "table")
-# the noise options each --noise reads; any other one given is refused (it would be silently ignored)
-FAMILY_OPTIONS = {"gaussian": ("sigma",), "laplace": ("scale",), "gengauss": ("scale", "beta"),
-                  "lmo": ("params", "exp_lambda_as_scale"), "table": ("table",)}
-NOISE_OPTIONS = ("sigma", "scale", "beta", "params", "exp_lambda_as_scale", "table")
 LMO_KEYS = ("a1", "a3", "a4", "G_k", "G_theta", "E_lambda", "U_a", "U_b")
+# laws read from files, not from --PARAM options
+_FILE_OPTIONS = {"lmo": ("params", "exp_lambda_as_scale"), "table": ("table",)}
+
+
+def _families() -> tuple:
+    """Every registered law with ``cli_params`` (accountant.laws), then the file-based ones."""
+    return tuple(cli_laws()) + tuple(_FILE_OPTIONS)
+
+
+def _family_options() -> dict:
+    """The noise options each --noise reads; any other one given is refused (it would be silently ignored)."""
+    return {**{name: tuple(cls.cli_params) for name, cls in cli_laws().items()}, **_FILE_OPTIONS}
+
+
+def _noise_options() -> tuple:
+    return tuple(dict.fromkeys(o for opts in _family_options().values() for o in opts))
 
 
 class UsageError(Exception):
@@ -89,13 +101,16 @@ def _rate(text):
 
 def _add_noise_args(p: argparse.ArgumentParser, with_scale: bool = True):
     g = p.add_argument_group("noise")
-    g.add_argument("--noise", required=True, choices=FAMILIES if with_scale else FAMILIES[:-1],
+    families = _families()
+    g.add_argument("--noise", required=True, choices=families if with_scale else families[:-1],
                    help="noise family")
-    if with_scale:
-        g.add_argument("--sigma", type=_positive(float), help="gaussian: standard deviation")
-        g.add_argument("--scale", type=_positive(float),
-                       help="laplace: scale b; gengauss: scale A in exp(-|x/A|^beta)")
-    g.add_argument("--beta", type=_positive(float), help="gengauss: exponent beta")
+    helps: dict = {}
+    for cls in cli_laws().values():
+        for name, text in cls.cli_params.items():
+            if with_scale or name != cls.scale_param:      # calibrate finds the scale
+                helps.setdefault(name, []).append(text)
+    for name, texts in helps.items():
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=_positive(float), help="; ".join(texts))
     g.add_argument("--params", metavar="FILE.json",
                    help="lmo: LMO-DP parameter JSON (a1, a3, a4, G_k, G_theta, E_lambda, U_a, U_b)")
     g.add_argument("--exp-lambda-as-scale", action="store_true",
@@ -115,6 +130,10 @@ def _add_mechanism_args(p: argparse.ArgumentParser):
                    help=f"number of composed steps T (default {DEFAULT_STEPS}, as python -m noise_search)")
     g.add_argument("--sensitivity", "--max-grad-norm", dest="sensitivity", type=_positive(float), default=1.0,
                    help="sensitivity / clipping norm C (default 1)")
+    g.add_argument("--sampling", choices=tuple(SAMPLING_RELATION), default="poisson",
+                   help="poisson: each example joins a step with probability q (add/remove); fixed: "
+                        "batches of exactly B = q N without replacement (substitution: the sum moves "
+                        "by 2 x --sensitivity; docs/privacy.md section 10)")
     g.add_argument("--geometry", choices=GEOMETRIES,
                    help="scalar: one real query; l2 / l1: vector query clipped in that norm (default scalar)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -131,9 +150,10 @@ def _add_mechanism_args(p: argparse.ArgumentParser):
 
 def _refuse_irrelevant(args) -> None:
     """One line for a noise option the chosen --noise does not read (``--noise gaussian --scale 5``)."""
-    for name in NOISE_OPTIONS:
-        if getattr(args, name, None) not in (None, False) and name not in FAMILY_OPTIONS[args.noise]:
-            reads = ", ".join("--" + n.replace("_", "-") for n in FAMILY_OPTIONS[args.noise])
+    options = _family_options()
+    for name in _noise_options():
+        if getattr(args, name, None) not in (None, False) and name not in options[args.noise]:
+            reads = ", ".join("--" + n.replace("_", "-") for n in options[args.noise])
             raise UsageError(f"--{name.replace('_', '-')} does not apply to --noise {args.noise} "
                              f"(it reads {reads})")
 
@@ -189,16 +209,10 @@ def _load_lmo(args) -> LMO:
 def _noise_and_defaults(args):
     """(noise, defaults dict) from the family arguments."""
     _refuse_irrelevant(args)
-    need = {"gaussian": ["sigma"], "laplace": ["scale"], "gengauss": ["scale", "beta"]}
-    for name in need.get(args.noise, []):
-        if getattr(args, name) is None:
-            raise UsageError(f"--noise {args.noise} needs --{name}")
-    if args.noise == "gaussian":
-        return Gaussian(args.sigma), {}
-    if args.noise == "laplace":
-        return Laplace(args.scale), {}
-    if args.noise == "gengauss":
-        return GeneralizedGaussian(args.scale, args.beta), {}
+    laws = cli_laws()
+    if args.noise in laws:
+        cls = laws[args.noise]
+        return cls(**_law_values(args, cls, cls.cli_params)), {}
     if args.noise == "lmo":
         return _load_lmo(args), {}
     if not args.table:
@@ -208,10 +222,24 @@ def _noise_and_defaults(args):
                          "geometry": table.geometry, "delta": table.delta, "table": table}
 
 
+def _law_values(args, cls, names) -> dict:
+    """The constructor arguments of a registered law from its --PARAM options (all required)."""
+    for name in names:
+        if getattr(args, name, None) is None:
+            raise UsageError(f"--noise {cls.family} needs --{name.replace('_', '-')}")
+    return {name: getattr(args, name) for name in names}
+
+
+def _sensitivity(args) -> float:
+    """The change of the query under the certified relation: C (add/remove), 2C (substitution)."""
+    return args.sensitivity * (2.0 if getattr(args, "sampling", "poisson") == "fixed" else 1.0)
+
+
 def _mechanism(args):
     noise, defaults = _noise_and_defaults(args)
     values, sources = run_settings(args, defaults)
-    mech = Mechanism(noise, args.sensitivity, values["geometry"], values["sampling_rate"], values["steps"])
+    mech = Mechanism(noise, _sensitivity(args), values["geometry"], values["sampling_rate"], values["steps"],
+                     sampling=getattr(args, "sampling", "poisson"))
     return mech, defaults, sources
 
 
@@ -219,10 +247,12 @@ def _describe(mech: Mechanism, sources: dict | None = None, scale_up: bool = Fal
     """One line for people.  ``scale_up``: the scale parameters (sigma, scale) are rounded up, so
     the printed noise is at least the certified one."""
     sources = sources or {}
-    up = scale_up and mech.noise.family in ("gaussian", "laplace", "gengauss")
-    params = ", ".join(f"{k}={round_up(v, 6) if up and k in ('sigma', 'scale') else f'{v:.6g}'}"
+    up = scale_up and mech.noise.family in cli_laws()
+    params = ", ".join(f"{k}={round_up(v, 6) if up and k == mech.noise.scale_param else f'{v:.6g}'}"
                        for k, v in mech.noise.params.items())
-    return (f"{mech.noise.family}({params}), E|Z| = {mech.noise.expected_abs():.6g}, sensitivity "
+    sampling = (f"fixed-size batches without replacement (gamma = B/N), relation {mech.relation}, "
+                if mech.sampling == "fixed" else "")
+    return (f"{mech.noise.family}({params}), E|Z| = {mech.noise.expected_abs():.6g}, {sampling}sensitivity "
             f"{mech.sensitivity:g}, geometry {marked(mech.geometry, sources.get('geometry'))}, "
             f"q = {marked(f'{mech.sampling_rate:g}', sources.get('sampling_rate'))}, "
             f"T = {marked(str(mech.steps), sources.get('steps'))}")
@@ -256,7 +286,9 @@ def cmd_epsilon(args) -> dict:
     if not args.json:
         print(f"mechanism : {_describe(mech, sources)}")
         delta_source = "table's" if args.delta is None else None
-        print(f"delta     : {marked(f'{delta:g}', delta_source)}  (max over add and remove relations)")
+        relation = ("substitution of one example" if mech.relation == "substitution"
+                    else "max over add and remove relations")
+        print(f"delta     : {marked(f'{delta:g}', delta_source)}  ({relation})")
         for name, r in cert.routes.items():
             print(f"  {name:5s} : epsilon in [{round_down(r['lower'])}, {round_up(r['upper'])}]")
         if "table" in cert.checks:
@@ -315,21 +347,26 @@ def cmd_calibrate(args) -> dict:
     _refuse_irrelevant(args)
     if args.out:   # before any work: a path that cannot be written fails in the first second
         check_output_file(args.out, overwrite=args.overwrite, what="--out")
-    base = {"gaussian": Gaussian, "laplace": Laplace}
-    if args.noise == "gengauss":
-        if args.beta is None:
-            raise UsageError("--noise gengauss needs --beta")
-        make = lambda s: GeneralizedGaussian(s, args.beta)  # noqa: E731
-    elif args.noise == "lmo":
+    if args.noise == "lmo":
         shape = _load_lmo(args)
         make = shape.scaled
     else:
-        make = base[args.noise]
+        cls = cli_laws()[args.noise]
+        if cls.scale_param is None:
+            raise UsageError(f"--noise {args.noise} names no scale parameter to calibrate")
+        fixed = _law_values(args, cls, [n for n in cls.cli_params if n != cls.scale_param])
+        make = lambda s: cls(**fixed, **{cls.scale_param: s})  # noqa: E731
     values, sources = run_settings(args, {})
     q, steps, geometry = values["sampling_rate"], values["steps"], values["geometry"]
+    sampling = getattr(args, "sampling", "poisson")
+    if sampling == "fixed" and args.out:
+        raise UsageError("--out writes a table certified for Poisson sampling; drop --out with --sampling fixed")
     # The mechanism is scale invariant (noise s*C at sensitivity C is noise s at sensitivity 1), so
     # calibrate in units of C: that certificate is also the one of the table, which is in units of C.
-    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, 1.0, accuracy=_accuracy(args))
+    unit = _sensitivity(args) / args.sensitivity
+    extra = {"sampling": sampling} if sampling != "poisson" else {}
+    unit_scale, cert = calibrate(make, args.eps, args.delta, q, steps, geometry, unit, accuracy=_accuracy(args),
+                                 **extra)
     scale = unit_scale * args.sensitivity
     noise = make(scale)
     out = {"scale": scale, "scale_per_unit_sensitivity": unit_scale, "noise": noise.family,
@@ -341,7 +378,7 @@ def cmd_calibrate(args) -> dict:
                               sampling_rate=q, steps=steps, geometry=geometry, certificate=cert)
         out["table"] = args.out
     if not args.json:
-        mech = Mechanism(noise, args.sensitivity, geometry, q, steps)
+        mech = Mechanism(noise, _sensitivity(args), geometry, q, steps, sampling=sampling)
         print(f"calibrated: {_describe(mech, sources, scale_up=True)}")
         print(f"certified epsilon {round_up(cert.epsilon)} <= target {args.eps:g} at delta {args.delta:g}")
         if args.out:

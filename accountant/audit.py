@@ -47,7 +47,7 @@ from scipy import fft as sfft
 from accountant import composition
 from accountant.certify import certify
 from accountant.mechanism import Mechanism
-from accountant.noise import GeneralizedGaussian, Gaussian, Laplace, Noise, Tabulated
+from accountant.noise import Gaussian, Noise, Tabulated
 from accountant.privacy_loss import TAIL_NEGLIGIBLE, level_set_masses
 
 #: lattice points snap onto a lattice value within this fraction of a step (a stated float tolerance)
@@ -582,26 +582,8 @@ def compose_lower(law: LatticeLaw, q: float, steps: int, delta: float,
 # References: Fisher information and the Gaussian limit
 # ----------------------------------------------------------------------------------------------
 def fisher_information(noise: Noise) -> float:
-    """I = E[(d/dx log p(X))^2]; infinite for densities with jumps (tables)."""
-    if isinstance(noise, Gaussian):
-        return 1 / noise.sigma ** 2
-    if isinstance(noise, Laplace):
-        return 1 / noise.scale ** 2
-    if isinstance(noise, GeneralizedGaussian):
-        b, a = noise.beta, noise.scale
-        if b <= 0.5:
-            return math.inf
-        return b * b * math.exp(math.lgamma(2 - 1 / b) - math.lgamma(1 / b)) / (a * a)
-    if isinstance(noise, Tabulated):
-        return math.inf
-    # symmetric law: 2 * int_0^inf (log p)'(x)^2 p(x) dx, central differences of log p on an
-    # asinh-spaced grid reaching the 1e-16 quantile, trapezoid rule (heavy tails included)
-    reach = float(noise.isf(1e-16))
-    xs = np.sinh(np.linspace(math.asinh(1e-9), math.asinh(reach), 400001))
-    hstep = 1e-6 * np.maximum(xs, 1e-3)
-    with np.errstate(over="ignore", invalid="ignore"):
-        d = (noise.logpdf(xs + hstep) - noise.logpdf(np.maximum(xs - hstep, 0.0))) / (xs + hstep - np.maximum(xs - hstep, 0.0))
-        return float(2 * np.trapz(d * d * noise.pdf(xs), xs))
+    """I = E[(d/dx log p(X))^2], from the law (``Noise.fisher_information``; infinite for tables)."""
+    return noise.fisher_information()
 
 
 def gaussian_limit(noise: Noise, sensitivity: float, q: float, steps: int, delta: float):

@@ -584,7 +584,8 @@ def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float
               steps: int, geometry: str = "scalar", sensitivity: float = 1.0,
               accuracy: Accuracy = Accuracy(), max_scale: float = 1e4, *, start: float | None = None,
               rtol: float = 1e-4, margin: float = 1.3, max_certificates: int = 40, progress=None,
-              delta_at: Callable[[float, float], float] | None = None) -> tuple[float, Certificate]:
+              delta_at: Callable[[float, float], float] | None = None,
+              sampling: str = "poisson") -> tuple[float, Certificate]:
     """Smallest scale s (to about ``rtol``) with certified epsilon <= ``epsilon``; never overshoots.
     The one calibrator: ``make_private``, the CLI and noise_search call it.
 
@@ -603,7 +604,7 @@ def calibrate(make_noise: Callable[[float], Noise], epsilon: float, delta: float
     _check_delta(delta)
 
     def mech(s):
-        return Mechanism(make_noise(s), sensitivity, geometry, sampling_rate, steps)
+        return Mechanism(make_noise(s), sensitivity, geometry, sampling_rate, steps, sampling=sampling)
 
     target = epsilon * (1 - margin * accuracy.prv_relative_error)
 

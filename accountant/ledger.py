@@ -23,23 +23,19 @@ import math
 
 from accountant.certify import Accuracy, certify, pld_epsilon
 from accountant.mechanism import Mechanism
-from accountant.noise import Noise, Tabulated, from_name
+from accountant import laws
+from accountant.noise import Noise
 from accountant.shuffle import check_sampling
 
 LEDGER_VERSION = 1
 
 
 def _noise_to_json(noise: Noise) -> dict:
-    if isinstance(noise, Tabulated):
-        return {"family": "tabulated", "edges": noise.edges.tolist(), "mass": noise.mass.tolist(),
-                "tail_mass": noise.tail_mass, "tail_rate": noise.tail_rate}
-    return {"family": noise.family, "params": noise.params}
+    return laws.to_json(noise)
 
 
 def _noise_from_json(data: dict) -> Noise:
-    if data["family"] == "tabulated":
-        return Tabulated(data["edges"], data["mass"], data["tail_mass"], data["tail_rate"])
-    return from_name(data["family"], **data["params"])
+    return laws.from_json(data)
 
 
 class PrivacyLedger:
@@ -173,7 +169,8 @@ class PrivacyLedger:
         for entry in data["entries"]:
             m = entry["mechanism"]
             mech = Mechanism(_noise_from_json(m["noise"]), m["sensitivity"], m["geometry"],
-                             m["sampling_rate"], 1, m.get("records_per_unit", 1))
+                             m["sampling_rate"], 1, records_per_unit=m.get("records_per_unit", 1),
+                             sampling=m.get("sampling", "poisson"), relation=m.get("relation"))
             ledger.record(mech, entry["count"])
         return ledger
 

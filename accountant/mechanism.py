@@ -16,17 +16,26 @@ run (docs/privacy.md, "Person-level DP"): each record is sampled independently, 
 by a Binomial(k, q) number of shifts.  Gaussian noise (any geometry): the Binomial mixture of shifts
 (:class:`accountant.mixture_pair.MixtureShiftPair`; Lemma M).  Any other law is refused here, and
 :mod:`accountant.person` falls back to labelled group privacy.
+
+``sampling`` is how each step draws its batch: ``poisson`` (rate ``sampling_rate``, certified under
+add/remove of one example) or ``fixed`` (exactly ``B = sampling_rate * N`` examples without replacement,
+certified under substitution of one example; :mod:`accountant.fixed_pair`, docs/privacy.md Section 10).
+``sensitivity`` is the largest change of the query between neighbours under that relation: ``C`` for
+add/remove, ``2C`` for substitution when contributions are clipped to norm ``C``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from accountant.mixture_pair import binomial_pair
+from accountant.fixed_pair import fixed_pair
 from accountant.noise import Gaussian, Noise
 from accountant.privacy_loss import RandomizedResponsePair, ShiftPair
 
 GEOMETRIES = ("scalar", "l1", "l2")
+#: sampling scheme -> the neighbouring relation its certificate covers
+SAMPLING_RELATION = {"poisson": "add/remove", "fixed": "substitution"}
 
 
 class UnsupportedMechanism(ValueError):
@@ -40,10 +49,20 @@ class Mechanism:
     geometry: str = "scalar"
     sampling_rate: float = 1.0
     steps: int = 1
+    _: KW_ONLY
     #: records one protected person may be named in (1: record-level DP)
     records_per_unit: int = 1
+    sampling: str = "poisson"
+    relation: str | None = None
 
     def __post_init__(self):
+        if self.sampling not in SAMPLING_RELATION:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLING_RELATION)}, got {self.sampling!r}")
+        if self.relation is None:
+            object.__setattr__(self, "relation", SAMPLING_RELATION[self.sampling])
+        if self.relation != SAMPLING_RELATION[self.sampling]:
+            raise UnsupportedMechanism(f"{self.sampling} sampling is certified under "
+                                       f"{SAMPLING_RELATION[self.sampling]}, not {self.relation!r}")
         if not isinstance(self.noise, Noise):
             raise TypeError("noise must be an accountant.noise.Noise")
         if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
@@ -56,23 +75,39 @@ class Mechanism:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
         if int(self.records_per_unit) != self.records_per_unit or self.records_per_unit < 1:
             raise ValueError(f"records per unit must be a positive integer, got {self.records_per_unit}")
+        if self.records_per_unit != 1 and self.sampling != "poisson":
+            raise UnsupportedMechanism("person-level accounting (records_per_unit > 1) is certified for "
+                                       "Poisson sampling only")
 
     def with_steps(self, steps: int) -> "Mechanism":
         return Mechanism(self.noise, self.sensitivity, self.geometry, self.sampling_rate, int(steps),
-                         self.records_per_unit)
+                         records_per_unit=self.records_per_unit, sampling=self.sampling,
+                         relation=self.relation)
 
     def describe(self) -> dict:
-        """JSON-ready description; ``records_per_unit`` appears only when it is not 1, so record-level
-        descriptions (and the certificates stored with tables) are unchanged."""
+        """JSON-ready description; ``records_per_unit`` appears only when it is not 1 and ``sampling``
+        only when it is not Poisson, so record-level Poisson descriptions (and the certificates stored
+        with tables) are unchanged."""
         out = {"noise": self.noise.family, "params": self.noise.params, "sensitivity": self.sensitivity,
                "geometry": self.geometry, "sampling_rate": self.sampling_rate, "steps": int(self.steps)}
         if self.records_per_unit != 1:
             out["records_per_unit"] = int(self.records_per_unit)
+        if self.sampling != "poisson":      # Poisson records stay as they were (add/remove)
+            out.update(sampling=self.sampling, relation=self.relation)
         return out
 
 
 def step_pair(mechanism: Mechanism):
-    """The dominating pair of one step of ``mechanism`` (see module docstring)."""
+    """The dominating pair of one step of ``mechanism`` (see module docstring).  Fixed-size sampling:
+    the substitution pair built from the Poisson remove pair at gamma = B / N (at gamma 1 the
+    unsampled pair itself, which is symmetric)."""
+    pair = _poisson_pair(mechanism)
+    if mechanism.sampling == "fixed" and mechanism.sampling_rate < 1:
+        return fixed_pair(pair)
+    return pair
+
+
+def _poisson_pair(mechanism: Mechanism):
     noise, c, q = mechanism.noise, mechanism.sensitivity, mechanism.sampling_rate
     k = int(mechanism.records_per_unit)
     if k > 1:

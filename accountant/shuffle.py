@@ -13,6 +13,11 @@
     another) with sensitivity ``2C``.  Add/remove is not covered: adding an example changes ``N``
     and shifts every later batch.
 
+``fixed``
+    Each step draws exactly ``B`` of the ``N`` examples uniformly without replacement, independently
+    across steps; ``T`` steps certified with amplification under *substitution* (sensitivity ``2C``;
+    ``accountant.fixed_pair``, docs/privacy.md Section 10).
+
 A release is what the ledger charges: one step under Poisson sampling, one epoch under shuffling
 (charged when the epoch's first step runs, so a partial epoch counts in full).
 """
@@ -21,9 +26,9 @@ from __future__ import annotations
 from accountant.mechanism import Mechanism
 from accountant.noise import Noise
 
-SAMPLINGS = ("poisson", "shuffle")
-RELATIONS = {"poisson": ("add/remove",), "shuffle": ("zero-out", "substitution")}
-DEFAULT_RELATION = {"poisson": "add/remove", "shuffle": "zero-out"}
+SAMPLINGS = ("poisson", "shuffle", "fixed")
+RELATIONS = {"poisson": ("add/remove",), "shuffle": ("zero-out", "substitution"), "fixed": ("substitution",)}
+DEFAULT_RELATION = {"poisson": "add/remove", "shuffle": "zero-out", "fixed": "substitution"}
 
 #: what each relation means, printed next to the epsilon it qualifies
 RELATION_TEXT = {
@@ -64,18 +69,19 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
 
 def release_mechanism(noise: Noise, geometry: str, sampling: str, relation: str,
                       sampling_rate: float | None = None) -> Mechanism:
-    """The mechanism of ONE release: a Poisson step at rate ``q``, or one shuffled epoch (q = 1)."""
+    """The mechanism of ONE release: a Poisson step at rate ``q``, a fixed-size step at ``B / N``, or one
+    shuffled epoch (q = 1)."""
     relation = check_sampling(sampling, relation)
-    if sampling == "poisson":
+    if sampling in ("poisson", "fixed"):
         if sampling_rate is None:
-            raise SamplingError("Poisson sampling needs its sampling rate")
-        return Mechanism(noise, 1.0, geometry, float(sampling_rate), 1)
+            raise SamplingError(f"{sampling} sampling needs its sampling rate")
+        return Mechanism(noise, sensitivity(relation), geometry, float(sampling_rate), 1, sampling=sampling)
     return Mechanism(noise, sensitivity(relation), geometry, 1.0, 1)
 
 
 def releases(steps_taken: int, sampling: str, steps_in_epoch: int | None = None) -> int:
     """Releases charged after ``steps_taken`` steps: the steps (Poisson), or the epochs begun (shuffle)."""
-    if sampling == "poisson":
+    if sampling in ("poisson", "fixed"):
         return int(steps_taken)
     return -(-int(steps_taken) // int(steps_in_epoch))
 

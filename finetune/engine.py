@@ -125,6 +125,7 @@ class PrivateEngine:
         self._sample_rng, self._noise_rng = sample_rng, noise_rng
         self._table = table
         self.poisson_epsilon = None
+        self.shuffle_epsilon = None     # sampling="fixed": what shuffling would certify at the same noise
         self.summary = ""
         self.ticket = int.from_bytes(os.urandom(6), "little")   # names this engine's sampler
 
@@ -140,7 +141,7 @@ class PrivateEngine:
         return out
 
     def _indices(self, step: int) -> np.ndarray:
-        if self.sampling == "poisson":
+        if self.sampling in ("poisson", "fixed"):
             return self.sampler.sample()
         return self.sampler.batch(step)
 
@@ -405,6 +406,17 @@ def _plan(sampling, n, batch_size, epochs, steps, table) -> _Plan:
         if steps is None:
             raise EngineConfigError("give epochs= or steps=")
         return _Plan(q, steps, steps / per_epoch, None, q * n, q, steps)
+    if sampling == "fixed":
+        if batch_size is None:
+            raise EngineConfigError("sampling='fixed' needs batch_size (exactly that many examples per step)")
+        if table is not None:
+            raise EngineConfigError("noise tables certify Poisson or shuffled runs; with sampling='fixed' give "
+                                    "noise_multiplier= or target_epsilon=")
+        per_epoch = steps_per_epoch(n, batch_size)
+        steps = epochs * per_epoch if steps is None and epochs is not None else steps
+        if steps is None:
+            raise EngineConfigError("give epochs= or steps=")
+        return _Plan(batch_size / n, steps, steps / per_epoch, None, float(batch_size), batch_size / n, steps)
     if batch_size is None:
         raise EngineConfigError("sampling='shuffle' needs batch_size")
     per_epoch = steps_per_epoch(n, batch_size)
@@ -447,15 +459,16 @@ def _noise_and_certificate(plan: _Plan, sampling, relation, delta, table, target
                                     f"above target_epsilon {target_epsilon:g}")
         sigma = noise_law.params.get("sigma") if isinstance(noise_law, Gaussian) else None
         return noise_law, geometry, sigma, cert
+    kind = "fixed" if sampling == "fixed" else "poisson"     # shuffle: q 1, the pair is symmetric
     if noise_multiplier is not None:
         sigma = float(noise_multiplier)
-        cert = certify(Mechanism(Gaussian(sigma), s, "l2", plan.accounted_rate, plan.releases), delta)
+        cert = certify(Mechanism(Gaussian(sigma), s, "l2", plan.accounted_rate, plan.releases, sampling=kind), delta)
     else:
         if verbose:
             print(f"make_private: calibrating Gaussian noise to epsilon {target_epsilon:g} at delta "
                   f"{delta:g} ({plan.releases} releases) ...", flush=True)
         sigma, cert = calibrate(Gaussian, float(target_epsilon), delta, plan.accounted_rate, plan.releases,
-                                "l2", sensitivity=s)
+                                "l2", sensitivity=s, sampling=kind)
     return Gaussian(sigma), "l2", sigma, cert
 
 
@@ -493,7 +506,7 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     """
     from .dp.optimizer import DPOptimizer
     from .dp.release_guard import ReleaseGuard
-    from .dp.sampling import PoissonSampler
+    from .dp.sampling import FixedSizeSampler, PoissonSampler
     from .dp.shuffle import ShuffleSampler
 
     try:
@@ -523,6 +536,9 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise EngineConfigError(f"noise_multiplier must be positive, got {noise_multiplier!r}")
     table = _load(noise) if noise is not None else None
+    if save_table is not None and sampling == "fixed":
+        raise EngineConfigError("save_table writes a table certified for Poisson or shuffled runs, not for "
+                                "sampling='fixed'")
     if save_table is not None:
         _check_save_path(save_table, table)
     if table is not None:
@@ -549,6 +565,8 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
 
     if sampling == "poisson":
         sampler = PoissonSampler(n, q, steps, rng=sample_rng)
+    elif sampling == "fixed":
+        sampler = FixedSizeSampler(n, batch_size, steps, rng=sample_rng)
     else:
         sampler = ShuffleSampler(n, batch_size, plan.epochs, rng=sample_rng)
     release = release_mechanism(noise_law, geometry, sampling, relation, plan.accounted_rate)
@@ -565,8 +583,11 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
         steps=steps, epochs=plan.epochs, sampling_rate=q, delta=delta, noise=noise_law, geometry=geometry,
         certificate=cert, noise_multiplier=sigma, epsilon_target=target_epsilon, secure=bool(secure),
         sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=steps_in_epoch, table=table)
-    if sampling == "shuffle" and compare_poisson:
+    if sampling in ("shuffle", "fixed") and compare_poisson:
         engine.poisson_epsilon = certify(Mechanism(noise_law, 1.0, geometry, q, steps), delta).epsilon
+    if sampling == "fixed" and compare_poisson:
+        shuffled = run_mechanism(noise_law, geometry, "shuffle", "substitution", steps, q, steps_per_epoch(n, batch_size))
+        engine.shuffle_epsilon = certify(shuffled, delta).epsilon
     engine.summary = _summary(engine, max_grad_norm)
     if save_table is not None:
         _save(engine, save_table)
@@ -581,7 +602,10 @@ def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
            f"max_grad_norm {max_grad_norm:g})" if e.noise_multiplier is not None
            else f"{e.noise.family} noise {e.noise.params} x max_grad_norm {max_grad_norm:g}")
     lines = [f"make_private: {law}, {e.geometry} clipping"]
-    if e.sampling == "poisson":
+    if e.sampling == "fixed":
+        lines.append(f"  sampling: fixed, exactly {e.batch_size} of {e.dataset_size} examples per step without "
+                     f"replacement (gamma = {e.sampling_rate:.6g}), T = {e.steps} steps ({e.epochs:.3g} epochs)")
+    elif e.sampling == "poisson":
         lines.append(f"  sampling: poisson, rate q = {e.sampling_rate:.6g} (expected batch "
                      f"{e.sampling_rate * e.dataset_size:.4g} of {e.dataset_size}), T = {e.steps} steps "
                      f"({e.epochs:.3g} epochs)")
@@ -598,6 +622,10 @@ def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
                      f"would certify epsilon {e.poisson_epsilon:.4f} (add/remove) instead "
                      f"of {e.certificate.epsilon:.4f}: "
                      f"{e.certificate.epsilon / e.poisson_epsilon:.2f}x smaller")
+    if getattr(e, "shuffle_epsilon", None) is not None:
+        lines.append(f"  shuffling into batches of {e.batch_size} for the same steps with the same noise would "
+                     f"certify epsilon {e.shuffle_epsilon:.4f} (substitution, no amplification) instead of "
+                     f"{e.certificate.epsilon:.4f}")
     return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from accountant.laws import gengauss as gengauss_law, laplace as laplace_law, lmo as lmo_law
+
 #: one-sided tail mass (in units of the total) beyond the core of a binned table
 TAIL_TARGET = 1e-13
 #: hard cap on the number of bins on each side of a binned table
@@ -51,53 +53,11 @@ LOG_DROP = 80.0
 # --------------------------------------------------------------------------------------------------
 # Compiled log-densities (unnormalised, x >= 0, in units of C)
 # --------------------------------------------------------------------------------------------------
-@numba.njit(cache=True)
-def _logp_gengauss(x, scale, beta):  # pragma: no cover - compiled
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = -(abs(x[i]) / scale) ** beta
-    return out
-
-
-@numba.njit(cache=True)
-def _logp_laplace(x, scale):  # pragma: no cover - compiled
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = -abs(x[i]) / scale
-    return out
-
-
-@numba.njit(cache=True)
-def _lmo_terms(s, a1, a3, a4, k, theta, lam, ua, ub):  # pragma: no cover - compiled
-    """(log M_u(s), d/ds log M_u(s)) for s <= 0 (independent Gamma + Exp(rate) + Uniform terms)."""
-    logm = 0.0
-    dlog = 0.0
-    if a1 > 0:
-        logm -= k * math.log1p(-theta * a1 * s)
-        dlog += a1 * k * theta / (1.0 - theta * a1 * s)
-    if a3 > 0:
-        logm -= math.log1p(-a3 * s / lam)
-        dlog += a3 / (lam - a3 * s)
-    if a4 > 0:
-        t = a4 * s
-        d = ub - ua
-        w = t * d
-        if abs(w) < 1e-6:
-            logm += t * ua + w / 2
-            dlog += a4 * (ua + d * (0.5 + w / 12))
-        else:
-            logm += t * ua + math.log(math.expm1(w) / w)
-            dlog += a4 * (ua + d * (-1.0 / math.expm1(-w) - 1.0 / w))
-    return logm, dlog
-
-
-@numba.njit(cache=True)
-def _logp_lmo(x, a1, a3, a4, k, theta, lam, ua, ub):  # pragma: no cover - compiled
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        logm, dlog = _lmo_terms(-abs(x[i]), a1, a3, a4, k, theta, lam, ua, ub)
-        out[i] = math.log(0.5) + logm + math.log(dlog)
-    return out
+# the laws' own compiled log-densities (accountant.laws, ``Noise.compiled_logpdf``)
+_logp_gengauss = gengauss_law.logp_compiled
+_logp_laplace = laplace_law._logp
+_logp_lmo = lmo_law.logp_compiled
+_lmo_terms = lmo_law._lmo_terms
 
 
 @numba.njit(cache=True)

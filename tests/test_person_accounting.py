@@ -28,7 +28,7 @@ Q, DELTA = 0.05, 1e-5
 
 
 def _gaussian(k: int, steps: int, sigma: float = 1.0, q: float = Q) -> Mechanism:
-    return Mechanism(Gaussian(sigma), 1.0, "l2", q, steps, k)
+    return Mechanism(Gaussian(sigma), 1.0, "l2", q, steps, records_per_unit=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_step_pair_choice_and_json_round_trip():
     assert pair.weights == pytest.approx([0.95 ** 3, 3 * 0.05 * 0.95 ** 2, 3 * 0.05 ** 2 * 0.95, 0.05 ** 3],
                                          rel=1e-14)
     # q = 1: every record in every step, one shift of k C
-    full = step_pair(Mechanism(Gaussian(1.0), 1.0, "l2", 1.0, 1, 4))
+    full = step_pair(Mechanism(Gaussian(1.0), 1.0, "l2", 1.0, 1, records_per_unit=4))
     assert isinstance(full, ShiftPair) and full.shift == 4.0
     assert "records_per_unit" not in _gaussian(1, 5).describe()      # record-level unchanged
     assert _gaussian(4, 5).describe()["records_per_unit"] == 4
@@ -336,7 +336,7 @@ def test_non_gaussian_laws_fall_back_to_labelled_group_privacy():
                  Mechanism(Laplace(4.0), 1.0, "l1", Q, 1),
                  Mechanism(LMO(0.5, 0.3, 0.2, 2.5, 1.0, 2.0, 0.1, 1.0).scaled(4.0), 1.0, "l1", Q, 1)):
         with pytest.raises(UnsupportedMechanism):
-            step_pair(Mechanism(mech.noise, 1.0, mech.geometry, Q, 1, 2))
+            step_pair(Mechanism(mech.noise, 1.0, mech.geometry, Q, 1, records_per_unit=2))
         cert = person_epsilon(mech, DELTA, 2)
         assert cert.method == GROUP and "group privacy" in cert.reason
         record = certify(mech, cert.routes["record_delta"]).epsilon

@@ -21,7 +21,7 @@ import numpy as np
 
 from accountant.randomness import make_rng, raw_words
 
-__all__ = ["PoissonSampler", "MicroBatch", "micro_batches", "pack"]
+__all__ = ["PoissonSampler", "FixedSizeSampler", "MicroBatch", "micro_batches", "pack"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,92 @@ class PoissonSampler:
         words = raw_words(self.rng, self.dataset_size) >> np.uint64(11)
         self.position += 1
         return np.flatnonzero(words < self._threshold)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for _ in range(self.steps):
+            yield self.sample()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def uniform_below(rng, bounds: np.ndarray) -> np.ndarray:
+    """One exactly uniform integer in ``[0, m)`` for every ``m`` in ``bounds`` (``1 <= m < 2^63``), from
+    raw 64-bit words by rejection: a word is used only below the largest multiple of ``m`` under
+    2^64, so every residue is equally likely (no modulo bias)."""
+    bounds = np.asarray(bounds, dtype=np.uint64)
+    out = np.empty(bounds.size, dtype=np.uint64)
+    todo = np.arange(bounds.size)
+    while todo.size:
+        words = raw_words(rng, todo.size)
+        m = bounds[todo]
+        limit = np.uint64(2 ** 64 - 1) - (np.uint64(2 ** 64 - 1) % m + np.uint64(1)) % m   # last usable word
+        ok = words <= limit
+        out[todo[ok]] = words[ok] % m[ok]
+        todo = todo[~ok]
+    return out.astype(np.int64)
+
+
+class FixedSizeSampler:
+    """Yields, for each step, exactly ``batch_size`` distinct examples drawn uniformly without
+    replacement from ``dataset_size``, independently across steps: the sampling that
+    ``Mechanism(..., sampling="fixed")`` certifies under substitution (docs/privacy.md, section 10).
+
+    The draw is a partial Fisher-Yates shuffle whose swap positions are exactly uniform integers
+    (:func:`uniform_below`), so every B-subset has probability exactly 1 / C(N, B).  Randomness as in
+    :class:`PoissonSampler`: secret by default (ChaCha20 keyed by the OS), a seed only on request.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, steps: int, *, rng=None,
+                 seed: int | None = None, secure: bool | None = None):
+        if int(dataset_size) < 1:
+            raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+        if not 1 <= int(batch_size) <= int(dataset_size):
+            raise ValueError(f"batch_size must lie in [1, dataset_size = {dataset_size}], got {batch_size}")
+        if int(steps) < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.dataset_size, self.batch_size, self.steps = int(dataset_size), int(batch_size), int(steps)
+        if rng is None:
+            rng = make_rng(seed=seed, secure=seed is None if secure is None else bool(secure))
+        self.rng = rng
+        self.position = 0  # batches drawn so far
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    expected_batch_size = property(lambda self: float(self.batch_size))
+
+    def sample(self) -> np.ndarray:
+        """One batch: the sorted indices of ``batch_size`` distinct examples."""
+        n, b = self.dataset_size, self.batch_size
+        picks = uniform_below(self.rng, np.arange(n, n - b, -1)) + np.arange(b)   # j_i uniform in [i, n)
+        moved: dict = {}
+        out = np.empty(b, dtype=np.int64)
+        for i, j in enumerate(picks.tolist()):
+            out[i] = moved.get(j, j)
+            moved[j] = moved.get(i, i)
+        self.position += 1
+        return np.sort(out)
+
+    def state_dict(self) -> dict:
+        """As :meth:`PoissonSampler.state_dict`: configuration, position and, for a seeded numpy
+        generator, its state; a secure generator's key is never saved."""
+        rng = (self.rng.bit_generator.state if isinstance(self.rng, np.random.Generator)
+               else {"secure": True})
+        return {"dataset_size": self.dataset_size, "batch_size": self.batch_size, "steps": self.steps,
+                "position": self.position, "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; refuses another dataset size or batch size."""
+        if (int(state["dataset_size"]) != self.dataset_size or int(state["batch_size"]) != self.batch_size):
+            raise ValueError("the saved sampler state is for another dataset size or batch size")
+        seeded = isinstance(self.rng, np.random.Generator)
+        if seeded != ("secure" not in state["rng"]):
+            raise ValueError("the saved sampler used another kind of generator (seeded vs secure)")
+        if seeded:
+            self.rng.bit_generator.state = state["rng"]
+        self.position = int(state["position"])
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for _ in range(self.steps):
