@@ -3,8 +3,8 @@
 Layout (imports flow downwards only)::
 
     finetune.__main__, finetune.evaluate, finetune.data   command-line programs
-    finetune.engine                                       make_private: one call to a private run
-    finetune.train                                        the training loop (CLI and API)
+    finetune.train                                        the CLI's loop over the engine
+    finetune.engine                                       make_private: the one training engine
     finetune.evaluation                                   leakage and utility metrics
     finetune.dp                                           the DP engine (any MindSpore network)
     finetune.models                                       GPT-2, checkpoints, LoRA/BiTFiT, tokenizer
@@ -15,7 +15,7 @@ __all__ = ["make_private"]
 
 def __getattr__(name):
     """``from finetune import make_private`` without importing MindSpore for other submodules."""
-    if name in ("make_private", "PrivateEngine"):
+    if name in ("make_private", "make_baseline", "PrivateEngine"):
         from . import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")
