@@ -23,6 +23,9 @@
    optimizer update).  The device phases are differences of separately compiled prefixes of the
    step (forward; + backward; + norms; the whole clipped sum).  ``--json`` prints, as the last
    line, ``{"bitfit": {"time_ratio": .., "memory_ratio": .., ...}, "lora": {...}, "full": {...}}``.
+   Each DP step is also timed through ``make_private``'s engine (``engine.step`` on the batches of
+   ``engine.batches``, rate 1 so the batch is the same 16 examples): its ratio to the bare
+   ``DPOptimizer`` step is the engine's overhead.
 5. ``--checkpoint`` (only this section): the cost of one training checkpoint
    (``finetune.checkpointing``: trained weights, optimizer state, ledger and generator state in one
    checksummed safetensors file, written atomically with fsync) and of loading it back, for the
@@ -62,6 +65,9 @@ CONFIGS = {  # name -> (method, mode); mode: dp (book-keeping), dp-vmap, nodp (p
     "DP-full": ("full", "dp"),
     "full no-DP pipeline": ("full", "nodp"),
     "full fused": ("full", "fused"),
+    "DP-BiTFiT (make_private)": ("bitfit", "engine"),
+    "DP-LoRA (make_private)": ("lora", "engine"),
+    "DP-full (make_private)": ("full", "engine"),
 }
 LABEL = {"bitfit": "BiTFiT", "lora": "LoRA", "full": "full"}
 
@@ -128,6 +134,18 @@ class _Runner:
 
             self.fused = Fused()
             self.t_ids, self.t_mask = Tensor(self.ids), Tensor(self.mask)
+        elif mode == "engine":   # the same DP step through the engine (q = 1: the whole batch)
+            import warnings
+
+            from finetune import make_private
+
+            with warnings.catch_warnings():  # a seeded benchmark, not a release
+                warnings.simplefilter("ignore")
+                self.engine = make_private(self.model, opt, dataset_size=b, batch_size=b, steps=1000,
+                                           noise_multiplier=1.0, target_delta=1e-5, seed=seed,
+                                           micro_batch_size=b)
+            self.dp = self.engine.optimizer
+            self.batches = self.engine.batches(self.ids, self.mask)
         else:
             self.dp = DPOptimizer(opt, self.model, table if mode != "nodp" else None,
                                   max_grad_norm=1.0, expected_batch_size=float(b),
@@ -138,6 +156,8 @@ class _Runner:
         start = time.perf_counter()
         if self.mode == "fused":
             self.fused(self.t_ids, self.t_mask).asnumpy()
+        elif self.mode == "engine":
+            self.engine.step(next(self.batches))
         else:
             self.dp.step([([self.ids, self.mask], self.rows)])
         return time.perf_counter() - start
@@ -325,13 +345,12 @@ def bench_checkpoint(specs=("tiny", "small"), methods=("bitfit", "lora", "full")
     import mindspore as ms
     from mindspore import nn
 
-    from finetune import checkpointing
-    from finetune.dp.guard import PrivacyGuard
-    from finetune.dp.optimizer import DPOptimizer
-    from finetune.dp.sampling import PoissonSampler
+    import warnings
+
+    from finetune import make_private
     from finetune.models import peft
     from finetune.models.checkpoint import from_pretrained
-    from finetune.train import DEFAULT_CHECKPOINT_SECONDS, _restore, loop_state
+    from finetune.train import DEFAULT_CHECKPOINT_SECONDS
 
     ms.set_context(mode=ms.GRAPH_MODE)
     print("\n== one training checkpoint: write (atomic, fsync) and load, median of "
@@ -348,19 +367,18 @@ def bench_checkpoint(specs=("tiny", "small"), methods=("bitfit", "lora", "full")
                 elif method == "bitfit":
                     peft.apply_bitfit(model)
                 params = list(model.trainable_params())
-                guard = PrivacyGuard(table, dataset_size=1000)
-                dp = DPOptimizer(nn.Adam(params, learning_rate=1e-3), model, table,
-                                 expected_batch_size=16.0, guard=guard, seed=0)
-                sampler = PoissonSampler(1000, table.sampling_rate, table.steps, rng=dp.rng)
-                history = {"times": [0.1] * 100, "losses": [1.0] * 100, "batch_sizes": [16] * 100}
+                with warnings.catch_warnings():  # a seeded benchmark, not a release
+                    warnings.simplefilter("ignore")
+                    engine = make_private(model, nn.Adam(params, learning_rate=1e-3),
+                                          dataset_size=1000, noise=table, seed=0)
+                history = {"history": {"losses": [1.0] * 100, "batch_sizes": [16] * 100}}
                 writes, loads = [], []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    arrays, state = loop_state(dp, sampler, history, table.steps)
-                    checkpointing.save_checkpoint(path, arrays, state)
+                    engine.save(path, extra=history, overwrite=True)
                     writes.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    _restore(dp, sampler, checkpointing.load_checkpoint(path))
+                    engine._resume(path)     # what make_private(..., resume=path) loads
                     loads.append(time.perf_counter() - t0)
                 size = os.path.getsize(path) / 2 ** 20
                 w, r = float(np.median(writes)), float(np.median(loads))
@@ -370,7 +388,7 @@ def bench_checkpoint(specs=("tiny", "small"), methods=("bitfit", "lora", "full")
                 print(f"  {spec:5s} {method:6s} {n / 1e6:8.2f} M trained  file {size:8.1f} MB"
                       f"  write {w:7.3f} s  load {r:7.3f} s  = {100 * w / DEFAULT_CHECKPOINT_SECONDS:.2f}%"
                       f" of the {DEFAULT_CHECKPOINT_SECONDS / 60:.0f}-minute interval")
-                del model, dp, arrays, state
+                del model, engine
     return out
 
 
@@ -471,6 +489,8 @@ def bench_timing(args, tables) -> None:
             vm = f"   vmap {dpv / b:5.2f}" if dpv is not None else ""
             print(f"  ratio DP-{m} / {m} {base:15s}: book-keeping {dp / b:5.2f}{vm}"
                   f"   (GPT-2 small target <= {target})")
+        print(f"  ratio DP-{m} through make_private / DPOptimizer direct: "
+              f"{med[f'DP-{m} (make_private)'] / dp:5.2f}")
 
     print("\n== noise for 1e7 coordinates (best of 3) ==")
     noise = bench_noise()

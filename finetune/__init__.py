@@ -15,7 +15,7 @@ __all__ = ["make_private"]
 
 def __getattr__(name):
     """``from finetune import make_private`` without importing MindSpore for other submodules."""
-    if name in ("make_private", "PrivateEngine"):
+    if name in ("make_private", "make_baseline", "PrivateEngine"):
         from . import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -301,6 +301,7 @@ def run(args, given=None, stopper=None) -> dict:
     from .dp.optimizer import GeometryError
     from .dp.guard import PrivacyBudgetExceeded, TableMismatchError
     from .dp.per_example import BookkeepingError
+    from .engine import EngineConfigError
     from .models.tokenizer import load_tokenizer
     from .train import TrainingInterrupted, train
     from accountant.randomness import KnownSeedWarning
@@ -377,7 +378,7 @@ def run(args, given=None, stopper=None) -> dict:
     except (TableMismatchError, GeometryError, DistributedError, PrivacyBudgetExceeded,
             ValueError) as e:
         user_error = (isinstance(e, (TableMismatchError, GeometryError, DistributedError,
-                                     PrivacyBudgetExceeded, BookkeepingError))
+                                     PrivacyBudgetExceeded, BookkeepingError, EngineConfigError))
                       or resume is not None)
         if not user_error:
             raise
@@ -415,14 +416,13 @@ def _run_info(args, resume) -> dict:
 
 
 def _checkpoint_writer(run_dir, run_info):
-    from .checkpointing import save_checkpoint
     from .run_dir import CHECKPOINT_NAME, atomic_write
 
-    def write(arrays, state, reason):
-        state = dict(state, run=run_info, reason=reason)
-        save_checkpoint(run_dir.path(CHECKPOINT_NAME), arrays, state)
-        if state["dp"]["ledger"] is not None:   # the privacy record, readable beside it
-            atomic_write(run_dir.path("ledger.json"), state["dp"]["ledger"].encode())
+    def write(engine, state, reason):
+        engine.save(run_dir.path(CHECKPOINT_NAME), extra=dict(state, run=run_info, reason=reason),
+                    overwrite=True)
+        if engine.guard.ledger is not None:   # the privacy record, readable beside it
+            atomic_write(run_dir.path("ledger.json"), engine.guard.ledger.to_json().encode())
     return write
 
 

@@ -1,12 +1,14 @@
 """Training checkpoints: one safetensors file of arrays plus a JSON state, checksummed; no pickle.
 
-A checkpoint holds what a resumed run needs to continue exactly where the saved one stopped
-(``finetune.train.train(resume=...)``): the trained weights and the wrapped optimizer's state
-(arrays), and a JSON state with the privacy ledger, the Poisson sampler's position and generator
-state, the noise generator state (seeded runs; a secure run's key is never stored), the mean step
-time (the per-step loss and batch size only with ``--log-private-stats``: statistics of the
-private data that the epsilon does not cover), the run's arguments and the sha256 of its table
-and data files.
+A checkpoint holds what a resumed run needs to continue exactly where the saved one stopped; it is
+written by ``PrivateEngine.save`` (``finetune.make_private``'s engine: every training path, the CLI
+included) and read by ``make_private(..., resume=...)``: the trained weights and the wrapped
+optimizer's state (arrays ``params/*`` and ``optimizer/*``), and a JSON state whose ``"engine"``
+entry holds the privacy ledger, the steps taken, the sampler's position and the seeded generators'
+states (a secure run's key is never stored).  Callers add their own JSON beside it (the CLI: the
+run's arguments, the sha256 of its table and data files, the mean step time; the per-step loss and
+batch size only with ``--log-private-stats``: statistics of the private data that the epsilon does
+not cover).
 
 File layout (format version :data:`FORMAT_VERSION`): a safetensors file whose tensors are named
 ``<group>/<name>`` and whose string metadata holds ``format`` (``"finetune-checkpoint"``),

@@ -7,6 +7,7 @@
                           target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0)
     for batch in engine.batches(x, y):
         engine.step(batch)
+    engine.save("run.safetensors")       # weights, optimizer moments, ledger, sampler position
     print(engine.epsilon())
 
 It turns ``batch_size`` / ``epochs`` (or ``steps``) into the sampling rate ``q = B / N`` and ``T``
@@ -23,11 +24,29 @@ Sampling (``accountant.shuffle``; docs/privacy.md Section 7):
   (sensitivity C, default) or ``"substitution"`` (2C).  The engine prints what Poisson sampling
   would certify at the same noise.
 
-Randomness: ``seed`` makes sampling and noise reproducible (two independent PCG64 streams);
-``secure=True`` draws both from OS-keyed ChaCha20 (docs/soundness.md rule 8), one switch.
+Data: ``engine.batches(x, y, ...)`` takes numpy arrays (rows = examples) or one random-access source
+(``len(source)`` and ``source[i]`` returning a tuple of arrays, e.g. what a
+``mindspore.dataset.GeneratorDataset`` wraps); rows are gathered by the sampler's indices.  A
+``mindspore.dataset`` pipeline (``.shuffle().batch()``) draws its own batches, which no certificate
+accounts for, and is refused.
+
+Randomness (docs/soundness.md rule 8): by default sampling and noise come from two ChaCha20 streams
+keyed from OS entropy (``accountant.randomness.SecureRandom``), the same policy as
+``python -m finetune``.  ``seed`` makes both reproducible (two independent PCG64 streams) and warns
+(``KnownSeedWarning``); ``secure=False`` without a seed uses PCG64 seeded from the OS.
+
+Checkpoints: ``engine.save(path)`` writes one ``finetune.checkpointing`` file (safetensors weights
+and optimizer state, JSON run state: ledger, steps, sampler and generator positions; no pickle);
+``make_private(..., resume=path)`` continues it.  A secure run is keyed afresh from the OS on
+resume (its key is never stored); a seeded run resumes bit-identically.  A checkpoint of another
+configuration is refused with :class:`CheckpointMismatch`.
+
+Output: one INFO line on the ``finetune.engine`` logger (``logging``); ``verbose=True`` also prints
+the full summary (``engine.summary``).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -43,14 +62,21 @@ from accountant.randomness import SecureRandom, warn_known_seed
 from accountant.shuffle import RELATION_TEXT, check_sampling, run_mechanism, release_mechanism, \
     sensitivity, steps_per_epoch
 
-__all__ = ["make_private", "PrivateEngine", "LogicalBatch", "EngineConfigError"]
+__all__ = ["make_private", "make_baseline", "PrivateEngine", "LogicalBatch", "EngineConfigError",
+           "CheckpointMismatch"]
 
 STATE_FORMAT = "finetune.engine"
 STATE_VERSION = 1
 
+log = logging.getLogger(__name__)
+
 
 class EngineConfigError(ValueError):
     """make_private was called with settings that do not describe one certifiable run."""
+
+
+class CheckpointMismatch(EngineConfigError):
+    """A checkpoint (or state) that belongs to another run configuration, or is not readable."""
 
 
 @dataclass(frozen=True)
@@ -78,16 +104,89 @@ class _NoiseSpec:
     geometry: str
 
 
-def _rng_pair(seed, secure: bool):
-    """Independent generators for sampling and for noise (a data pipeline may sample ahead)."""
-    if secure:
-        if seed is not None:
-            raise EngineConfigError("secure=True draws from the OS CSPRNG and cannot be seeded; drop seed")
-        return SecureRandom(), SecureRandom()
+def _rng_pair(seed, secure, dist=None):
+    """``(sampling generator, noise generator, secure)``: independent streams (a data pipeline may
+    sample ahead).  ``secure=None`` means secure unless a seed is given.  Under ``dist`` with more
+    than one worker every rank holds the same two generators (rank 0's OS key, or the seed)."""
+    secure = seed is None if secure is None else bool(secure)
+    if secure and seed is not None:
+        raise EngineConfigError("secure=True draws from the OS CSPRNG and cannot be seeded; drop seed")
     if seed is not None:
-        warn_known_seed(seed, stacklevel=3)     # the same policy as train() and the CLIs
+        warn_known_seed(seed, stacklevel=4)     # the same policy as train() and the CLIs
+    if dist is not None:
+        if secure:
+            return dist.shared_rng(secure=True), dist.shared_rng(secure=True), True
+        if seed is None:
+            raise EngineConfigError("data-parallel training needs a seed or secure randomness, so that "
+                                    "all workers draw the same batches and the same noise")
+        dist.check_same("the random seed", str(int(seed)).encode())
+    if secure:
+        return SecureRandom(), SecureRandom(), True
     children = np.random.SeedSequence(seed).spawn(2)
-    return tuple(np.random.Generator(np.random.PCG64(c)) for c in children)
+    return (*(np.random.Generator(np.random.PCG64(c)) for c in children), False)
+
+
+def _is_pipeline(obj) -> bool:
+    """A ``mindspore.dataset`` pipeline (it samples, shuffles and batches by itself)."""
+    return type(obj).__module__.startswith("mindspore.dataset") and hasattr(obj, "create_tuple_iterator")
+
+
+def refuse_pipeline(*data) -> None:
+    """Raise :class:`EngineConfigError` if any of ``data`` is a ``mindspore.dataset`` pipeline."""
+    if any(_is_pipeline(d) for d in data):
+        raise EngineConfigError(
+            "a mindspore.dataset pipeline draws its own (shuffled, fixed-size) batches, which the "
+            "certificate does not account for; pass numpy arrays or the random-access source "
+            "itself (the object with __len__/__getitem__ a GeneratorDataset would wrap)")
+
+
+class _Rows:
+    """The examples, gathered by row index: numpy arrays (rows = examples) or one random-access
+    source (``len(source)``, ``source[i]`` -> tuple of arrays).  Nothing is cached beyond one call."""
+
+    def __init__(self, data: tuple, dataset_size: int):
+        if not data:
+            raise EngineConfigError("give the data, e.g. engine.batches(x, y) or engine.batches(source)")
+        refuse_pipeline(*data)
+        one = data[0]
+        self.source = None
+        if len(data) == 1 and not isinstance(one, np.ndarray) and hasattr(one, "__getitem__") \
+                and hasattr(one, "__len__") and not isinstance(one, (list, tuple)) \
+                and not hasattr(one, "asnumpy"):
+            self.source, size = one, len(one)
+            self.arrays = None
+        else:
+            for k, d in enumerate(data):
+                if not hasattr(d, "__len__"):
+                    raise EngineConfigError(
+                        f"data argument {k} ({type(d).__name__}) is neither an array nor a random-access "
+                        "source (__len__ and __getitem__); an iterator's batches are not the sampler's")
+            self.arrays = [np.asarray(a) for a in data]
+            for k, a in enumerate(self.arrays):
+                if a.ndim == 0 or len(a) != dataset_size:
+                    raise EngineConfigError(
+                        f"data array {k} has {len(a) if a.ndim else 0} rows, but the run was accounted "
+                        f"for dataset_size={dataset_size}")
+            return
+        if size != dataset_size:
+            raise EngineConfigError(f"the data source has {size} rows, but the run was accounted for "
+                                    f"dataset_size={dataset_size}")
+
+    @property
+    def width(self) -> int:
+        return len(self.arrays) if self.arrays is not None else len(self._row(0))
+
+    def _row(self, i: int) -> tuple:
+        row = self.source[int(i)]
+        return tuple(row) if isinstance(row, (tuple, list)) else (row,)
+
+    def take(self, idx: np.ndarray) -> list[np.ndarray]:
+        """The columns of rows ``idx`` (in order; padding repeats row 0)."""
+        if self.arrays is not None:
+            return [a[idx] for a in self.arrays]
+        uniq, where = np.unique(np.asarray(idx, np.int64), return_inverse=True)
+        rows = [self._row(i) for i in uniq]
+        return [np.stack([np.asarray(r[c]) for r in rows])[where] for c in range(len(rows[0]))]
 
 
 def _rng_state(rng):
@@ -108,7 +207,7 @@ class PrivateEngine:
     def __init__(self, *, dp_optimizer, guard, sampler, sampling, relation, dataset_size, batch_size,
                  micro_batch_size, steps, epochs, sampling_rate, delta, noise, geometry, certificate,
                  noise_multiplier, epsilon_target, secure, sample_rng, noise_rng, steps_in_epoch,
-                 table=None):
+                 table=None, dist=None, private=True, seeded=False):
         self.optimizer = dp_optimizer
         self.guard = guard
         self.sampler = sampler
@@ -121,43 +220,47 @@ class PrivateEngine:
         self.certificate: Certificate = certificate
         self.noise_multiplier = noise_multiplier
         self.epsilon_target = epsilon_target
-        self.secure = secure
+        self.secure, self.seeded, self.private = secure, seeded, private
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
         self._sample_rng, self._noise_rng = sample_rng, noise_rng
         self._table = table
         self.poisson_epsilon = None
         self.shuffle_epsilon = None     # sampling="fixed": what shuffling would certify at the same noise
         self.summary = ""
+        self.checkpoint_state = None   # the JSON state of the checkpoint this engine resumed
         self.ticket = int.from_bytes(os.urandom(6), "little")   # names this engine's sampler
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _check_arrays(self, arrays) -> list[np.ndarray]:
-        if not arrays:
-            raise EngineConfigError("give the data arrays, e.g. engine.batches(x, y)")
-        out = [np.asarray(a) for a in arrays]
-        for k, a in enumerate(out):
-            if a.ndim == 0 or len(a) != self.dataset_size:
-                raise EngineConfigError(f"data array {k} has {len(a) if a.ndim else 0} rows, but the run "
-                                        f"was accounted for dataset_size={self.dataset_size}")
-        return out
-
     def _indices(self, step: int) -> np.ndarray:
+        """Step ``step``'s global index batch, drawn from the accounted sampler."""
         if self.sampling in ("poisson", "fixed"):
             return self.sampler.sample()
         return self.sampler.batch(step)
+
+    def _local(self, idx: np.ndarray) -> np.ndarray:
+        """This worker's share of a global batch (all of it in one process)."""
+        if self.dist is None:
+            return idx
+        from .dp.distributed import shard
+        return shard(idx, self.dist)
 
     def plan(self) -> Iterator[tuple[int, np.ndarray]]:
         """The index batches of the remaining steps, drawn in order from the accounted sampler."""
         for step in range(self.guard.steps_taken, self.guard.limit):
             yield step, self._indices(step)
 
-    def batches(self, *arrays) -> Iterator[LogicalBatch]:
-        """The remaining steps' logical batches of ``arrays`` (rows = examples), as micro-batches."""
+    def batches(self, *data) -> Iterator[LogicalBatch]:
+        """The remaining steps' logical batches, as micro-batches, of ``data``: numpy arrays (rows =
+        examples) or one random-access source (see the module docstring)."""
+        rows = _Rows(data, self.dataset_size)      # refused here, not at the first next()
+        return self._batches(rows)
+
+    def _batches(self, rows: _Rows) -> Iterator[LogicalBatch]:
         from .dp.sampling import micro_batches
 
-        data = self._check_arrays(arrays)
         for step, idx in self.plan():
-            micro = [([a[m.indices] for a in data], m.mask)
-                     for m in micro_batches(idx, self.micro_batch_size)]
+            idx = self._local(idx)
+            micro = [(rows.take(m.indices), m.mask) for m in micro_batches(idx, self.micro_batch_size)]
             yield LogicalBatch(step, self.sampling, self.ticket, int(idx.size), micro)
 
     def step(self, batch: LogicalBatch):
@@ -187,21 +290,30 @@ class PrivateEngine:
         """Why this per-example method runs (book-keeping only where it is exact)."""
         return self.optimizer.grads.method_reason
 
-    def epsilon(self) -> float:
-        """Certified epsilon (at ``delta``, under ``relation``) of the steps taken so far."""
-        return self.guard.epsilon_spent()
+    def epsilon(self, exact: bool = False) -> float:
+        """Epsilon (at ``delta``, under ``relation``) of the steps taken so far.
+
+        Cheap enough to call every step: an upper bound that is never below the certificate of the
+        steps taken (``ReleaseGuard.epsilon_bound``: 0 before the first step, the run's certificate
+        after its last, in between the smaller of the whole planned run's certificate and a coarse
+        pessimistic PLD bound computed in the background).  ``exact=True`` certifies the ledger
+        itself (both accountants; seconds)."""
+        return self.guard.epsilon_spent() if exact else self.guard.epsilon_bound()
 
     # ---- mindspore.train.Model -------------------------------------------------------------------
     def dataset(self, *arrays, column_names: Sequence[str] | None = None):
-        """A ``mindspore.dataset`` of the remaining steps' micro-batches (``finetune.dp.dataset``)."""
+        """A ``mindspore.dataset`` of the remaining steps' micro-batches (``finetune.dp.dataset``);
+        ``arrays`` as for :meth:`batches` (arrays or one random-access source)."""
         from .dp.dataset import MicroBatchRows, make_dataset
 
         self.guard.check_next()  # no step left: one line, not MindSpore's error on an empty dataset
-        data = self._check_arrays(arrays)
-        names = list(column_names) if column_names is not None else [f"x{k}" for k in range(len(data))]
-        if len(names) != len(data):
-            raise EngineConfigError(f"{len(names)} column names for {len(data)} data arrays")
-        rows = MicroBatchRows(data, list(self.plan()), self.micro_batch_size, self.ticket)
+        data = _Rows(arrays, self.dataset_size)
+        width = data.width
+        names = list(column_names) if column_names is not None else [f"x{k}" for k in range(width)]
+        if len(names) != width:
+            raise EngineConfigError(f"{len(names)} column names for {width} data columns")
+        plan = [(step, self._local(idx)) for step, idx in self.plan()]
+        rows = MicroBatchRows(data.take, plan, self.micro_batch_size, self.ticket)
         return make_dataset(rows, names)
 
     def train_network(self):
@@ -226,10 +338,13 @@ class PrivateEngine:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"sampling": self.sampling, "relation": self.relation, "dataset_size": self.dataset_size,
-                "batch_size": self.batch_size, "steps": self.steps, "sampling_rate": self.sampling_rate,
-                "delta": self.delta, "geometry": self.geometry, "noise": self.noise.family,
-                "params": self.noise.params, "max_grad_norm": self.optimizer.max_grad_norm,
+        noise = self.noise
+        return {"private": self.private, "sampling": self.sampling, "relation": self.relation,
+                "dataset_size": self.dataset_size, "batch_size": self.batch_size, "steps": self.steps,
+                "sampling_rate": self.sampling_rate, "delta": self.delta, "geometry": self.geometry,
+                "noise": None if noise is None else noise.family,
+                "params": None if noise is None else noise.params,
+                "max_grad_norm": self.optimizer.max_grad_norm if self.private else None,
                 "secure": self.secure}
 
     def state_dict(self) -> dict:
@@ -253,28 +368,75 @@ class PrivateEngine:
     def load_state_dict(self, state: dict) -> None:
         """Continue a run from :meth:`state_dict` (into a fresh engine); refuse another run's state."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise EngineConfigError("not a make_private engine state")
+            raise CheckpointMismatch("not a make_private engine state")
         if state.get("version") != STATE_VERSION:
-            raise EngineConfigError(f"unsupported engine state version {state.get('version')!r}")
+            raise CheckpointMismatch(f"unsupported engine state version {state.get('version')!r}")
         mine = self._identity()
-        theirs = state.get("run", {})
+        theirs = dict(state.get("run", {}))
+        theirs.setdefault("private", True)
+        if not self.private:
+            theirs.setdefault("max_grad_norm", None)
         diff = [k for k in mine if theirs.get(k) != mine[k]]
         if diff:
-            raise EngineConfigError("the saved state belongs to another run: "
-                                    + ", ".join(f"{k} {theirs.get(k)!r} != {mine[k]!r}" for k in diff))
-        if self.guard.steps_taken or self.guard.ledger.steps:
+            raise CheckpointMismatch("the saved state belongs to another run: "
+                                     + ", ".join(f"{k} {theirs.get(k)!r} != {mine[k]!r}" for k in diff))
+        if self.guard.steps_taken or getattr(self.guard.ledger, "steps", 0):
             raise EngineConfigError("this engine has already taken steps; load a state into a new engine")
-        self.guard.load_state_dict(state["guard"])
+        try:
+            self.guard.load_state_dict(state["guard"])
+        except ValueError as exc:
+            raise CheckpointMismatch(str(exc)) from None
         if state.get("optimizer") is not None:
-            if not hasattr(self.optimizer, "load_state_dict"):
-                raise EngineConfigError("the saved state holds optimizer state this version cannot load")
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as exc:
+                raise CheckpointMismatch(f"the saved weights or optimizer state do not fit: {exc}") from None
         for rng, key in ((self._sample_rng, "sample_rng"), (self._noise_rng, "noise_rng")):
             saved = state.get(key)
             if saved is not None and isinstance(rng, np.random.Generator):
                 rng.bit_generator.state = saved
         if self.sampling == "shuffle":
             self.sampler.load_state_dict(state.get("shuffle", {}))
+
+    def save(self, path, *, extra: dict | None = None, overwrite: bool = False) -> None:
+        """Write the run to one checkpoint file (``finetune.checkpointing``: safetensors arrays
+        ``params/*`` and ``optimizer/*``, the rest of :meth:`state_dict` as JSON under ``"engine"``,
+        sha256 over both; written atomically).  ``extra`` (JSON) is stored beside it, e.g. a
+        script's own progress.  An existing file is refused unless ``overwrite=True``.  Continue
+        with ``make_private(..., resume=path)``."""
+        from .checkpointing import save_checkpoint
+
+        if not overwrite and Path(path).exists():
+            raise EngineConfigError(f"{str(path)!r} exists; choose another path or pass overwrite=True")
+        state = self.state_dict()
+        inner = dict(state.pop("optimizer"))
+        arrays = {f"params/{k}": v for k, v in inner.pop("params").items()}
+        arrays.update({f"optimizer/{k}": v for k, v in inner.pop("optimizer").items()})
+        state["optimizer"] = inner
+        save_checkpoint(path, arrays, {**(extra or {}), "engine": state})
+
+    def _resume(self, resume) -> dict:
+        """Load a checkpoint (a path, or ``(arrays, state)`` of ``load_checkpoint``) into this fresh
+        engine; returns the checkpoint's whole JSON state (with any ``extra`` of :meth:`save`)."""
+        from .checkpointing import CheckpointFileError, load_checkpoint
+
+        if isinstance(resume, (str, os.PathLike)):
+            try:
+                resume = load_checkpoint(resume)
+            except CheckpointFileError as exc:
+                raise CheckpointMismatch(str(exc)) from None
+        arrays, state = resume
+        if not isinstance(state, dict) or not isinstance(state.get("engine"), dict):
+            raise CheckpointMismatch("the checkpoint holds no make_private engine state (written by "
+                                     "another version or tool)")
+        engine_state = dict(state["engine"])
+        inner = dict(engine_state.get("optimizer") or {})
+        inner["params"] = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
+        inner["optimizer"] = {k[len("optimizer/"):]: v for k, v in arrays.items()
+                              if k.startswith("optimizer/")}
+        engine_state["optimizer"] = inner
+        self.load_state_dict(engine_state)
+        return state
 
 
 def _in_memory_table(engine: PrivateEngine):
@@ -462,11 +624,11 @@ def _noise_and_certificate(plan: _Plan, sampling, relation, delta, table, target
     kind = "fixed" if sampling == "fixed" else "poisson"     # shuffle: q 1, the pair is symmetric
     if noise_multiplier is not None:
         sigma = float(noise_multiplier)
-        cert = certify(Mechanism(Gaussian(sigma), s, "l2", plan.accounted_rate, plan.releases, sampling=kind), delta)
+        cert = certify(Mechanism(Gaussian(sigma), s, "l2", plan.accounted_rate, plan.releases, sampling=kind),
+                       delta)
     else:
-        if verbose:
-            print(f"make_private: calibrating Gaussian noise to epsilon {target_epsilon:g} at delta "
-                  f"{delta:g} ({plan.releases} releases) ...", flush=True)
+        log.debug("make_private: calibrating Gaussian noise to epsilon %g at delta %g (%d releases)",
+                  target_epsilon, delta, plan.releases)
         sigma, cert = calibrate(Gaussian, float(target_epsilon), delta, plan.accounted_rate, plan.releases,
                                 "l2", sensitivity=s, sampling=kind)
     return Gaussian(sigma), "l2", sigma, cert
@@ -476,10 +638,11 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
                  epochs: int | None = None, steps: int | None = None,
                  target_epsilon: float | None = None, target_delta: float | None = None,
                  max_grad_norm: float = 1.0, noise_multiplier: float | None = None, noise=None,
-                 sampling: str = "poisson", relation: str | None = None, secure: bool = False,
+                 sampling: str = "poisson", relation: str | None = None, secure: bool | None = None,
                  seed: int | None = None, micro_batch_size: int | None = None,
                  per_example: str = "auto", save_table=None, compare_poisson: bool = True,
-                 verbose: bool = True) -> PrivateEngine:
+                 epsilon_budget: float | None = None, resume=None, dist=None,
+                 verbose: bool = False) -> PrivateEngine:
     """Make ``optimizer`` (any MindSpore optimizer over the parameters to train) private for ``net``.
 
     ``net(*inputs)`` returns per-example losses (shape [B]; a mean loss is refused at the first
@@ -501,13 +664,24 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     ``target_delta`` must be well below ``1 / dataset_size`` (``delta * N <= 0.1``).
     ``per_example``: ``"auto"`` (book-keeping where it is exact, else vmap; the reason is
     ``engine.per_example_reason`` and a line of the summary), ``"vmap"`` or ``"bookkeeping"``.
-    ``save_table=PATH`` writes the calibrated table (refuses an existing file).  Prints a summary
-    unless ``verbose=False``; the numbers are attributes of the returned :class:`PrivateEngine`.
+    ``save_table=PATH`` writes the calibrated table (refuses an existing file).  Logs one INFO
+    line (``finetune.engine`` logger); ``verbose=True`` also prints the full summary.  The numbers
+    are attributes of the returned :class:`PrivateEngine`.
+
+    Randomness: secure by default (OS-keyed ChaCha20 for sampling and noise); ``seed`` warns and
+    makes the run reproducible; ``secure=False`` without a seed uses OS-seeded PCG64.
+    ``resume``: a checkpoint path of :meth:`PrivateEngine.save` (or ``(arrays, state)`` of
+    ``finetune.checkpointing.load_checkpoint``) of the same configuration; the engine continues it.
+    ``dist``: ``finetune.dp.distributed.Distributed`` under ``msrun``: every rank draws the same
+    global batch and noise, trains on its shard, and the clipped sums are summed exactly before the
+    noise is added once.
+
+    ``epsilon_budget`` (e.g. a table's claimed epsilon; ``train()`` passes it): a ceiling: a run
+    whose certificate exceeds it stops before the first step that would take the certified epsilon
+    above it (``PrivacyBudgetExceeded`` at once if no step fits).
     """
     from .dp.optimizer import DPOptimizer
     from .dp.release_guard import ReleaseGuard
-    from .dp.sampling import FixedSizeSampler, PoissonSampler
-    from .dp.shuffle import ShuffleSampler
 
     try:
         relation = check_sampling(sampling, relation)
@@ -535,6 +709,8 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
         raise EngineConfigError(f"target_epsilon must be positive, got {target_epsilon!r}")
     if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise EngineConfigError(f"noise_multiplier must be positive, got {noise_multiplier!r}")
+    if epsilon_budget is not None and not (math.isfinite(epsilon_budget) and epsilon_budget > 0):
+        raise EngineConfigError(f"epsilon_budget must be positive, got {epsilon_budget!r}")
     table = _load(noise) if noise is not None else None
     if save_table is not None and sampling == "fixed":
         raise EngineConfigError("save_table writes a table certified for Poisson or shuffled runs, not for "
@@ -556,45 +732,108 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     _check_optimizer_params(net, optimizer)
 
     micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
-    sample_rng, noise_rng = _rng_pair(seed, bool(secure))
+    dist = dist if dist is not None and dist.world_size > 1 else None
+    sample_rng, noise_rng, secure = _rng_pair(seed, secure, dist)
     plan = _plan(sampling, n, batch_size, epochs, steps, table)
     n_coords = int(sum(int(np.prod(p.shape)) for p in optimizer.parameters))
     noise_law, geometry, sigma, cert = _noise_and_certificate(
         plan, sampling, relation, delta, table, target_epsilon, noise_multiplier, n_coords, verbose)
     q, steps, steps_in_epoch, expected_batch = plan.q, plan.steps, plan.steps_in_epoch, plan.expected_batch
 
-    if sampling == "poisson":
-        sampler = PoissonSampler(n, q, steps, rng=sample_rng)
-    elif sampling == "fixed":
-        sampler = FixedSizeSampler(n, batch_size, steps, rng=sample_rng)
-    else:
-        sampler = ShuffleSampler(n, batch_size, plan.epochs, rng=sample_rng)
+    sampler = _sampler(sampling, n, q, batch_size, plan, sample_rng)
     release = release_mechanism(noise_law, geometry, sampling, relation, plan.accounted_rate)
     guard = ReleaseGuard(release, sampling=sampling, relation=relation, steps=steps,
                          steps_in_epoch=steps_in_epoch, delta=delta, budget=cert.epsilon,
-                         expected_batch_size=expected_batch)
+                         expected_batch_size=expected_batch, cap=epsilon_budget)
     dp = DPOptimizer(optimizer, net, _NoiseSpec(noise_law, geometry), max_grad_norm=max_grad_norm,
                      expected_batch_size=expected_batch, per_example=per_example, rng=noise_rng,
-                     guard=guard)
+                     guard=guard, reduce_sum=None if dist is None else dist.allreduce_sum_f64)
     engine = PrivateEngine(
         dp_optimizer=dp, guard=guard, sampler=sampler, sampling=sampling, relation=relation,
         dataset_size=n, batch_size=batch_size if batch_size is not None else q * n,
         micro_batch_size=micro_batch_size or int(min(32, max(1, round(expected_batch)))),
         steps=steps, epochs=plan.epochs, sampling_rate=q, delta=delta, noise=noise_law, geometry=geometry,
-        certificate=cert, noise_multiplier=sigma, epsilon_target=target_epsilon, secure=bool(secure),
-        sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=steps_in_epoch, table=table)
+        certificate=cert, noise_multiplier=sigma, epsilon_target=target_epsilon, secure=secure,
+        sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=steps_in_epoch, table=table,
+        dist=dist, seeded=seed is not None)
     if sampling in ("shuffle", "fixed") and compare_poisson:
         engine.poisson_epsilon = certify(Mechanism(noise_law, 1.0, geometry, q, steps), delta).epsilon
     if sampling == "fixed" and compare_poisson:
-        shuffled = run_mechanism(noise_law, geometry, "shuffle", "substitution", steps, q, steps_per_epoch(n, batch_size))
+        shuffled = run_mechanism(noise_law, geometry, "shuffle", "substitution", steps, q,
+                                 steps_per_epoch(n, batch_size))
         engine.shuffle_epsilon = certify(shuffled, delta).epsilon
     engine.summary = _summary(engine, max_grad_norm)
     if save_table is not None:
         _save(engine, save_table)
         engine.summary += f"\n  table written to {save_table}"
+    return _finish(engine, net, resume, verbose)
+
+
+def _sampler(sampling, n, q, batch_size, plan, rng):
+    """The run's sampler: Poisson at rate ``q``, exactly ``batch_size`` without replacement each step
+    (``fixed``), or a shuffle into batches of ``batch_size``."""
+    from .dp.sampling import FixedSizeSampler, PoissonSampler
+    from .dp.shuffle import ShuffleSampler
+
+    if sampling == "poisson":
+        return PoissonSampler(n, q, plan.steps, rng=rng)
+    if sampling == "fixed":
+        return FixedSizeSampler(n, batch_size, plan.steps, rng=rng)
+    return ShuffleSampler(n, batch_size, plan.epochs, rng=rng)
+
+
+def _finish(engine: PrivateEngine, net, resume, verbose: bool) -> PrivateEngine:
+    """Resume (if asked), check data-parallel replicas, report."""
+    if resume is not None:
+        engine.checkpoint_state = engine._resume(resume)
+    if engine.dist is not None:
+        engine.dist.assert_in_sync(net.get_parameters())
+    head = engine.summary.splitlines()[0] if engine.summary else "make_private"
+    cert = (f"epsilon {engine.certificate.epsilon:.4g} at delta {engine.delta:g} ({engine.relation})"
+            if engine.certificate is not None else "no certificate")
+    log.info("%s; %s; %d steps%s", head, cert, engine.steps,
+             f", resumed at step {engine.guard.steps_taken}" if resume is not None else "")
     if verbose:
         print(engine.summary, flush=True)
     return engine
+
+
+def make_baseline(net, optimizer, *, dataset_size: int, sampling_rate: float, steps: int,
+                  seed: int | None = None, secure: bool | None = None,
+                  micro_batch_size: int | None = None, resume=None, dist=None,
+                  verbose: bool = False) -> PrivateEngine:
+    """The same engine without clipping or noise: a NON-private baseline (no certificate).
+
+    Poisson sampling at ``sampling_rate`` for ``steps`` steps, the summed gradient divided by the
+    expected batch size; ``engine.epsilon()`` is ``inf``.  For comparisons only."""
+    from .dp.optimizer import DPOptimizer
+    from .dp.release_guard import StepCounter
+
+    n = _positive_int("dataset_size", dataset_size)
+    steps = _positive_int("steps", steps)
+    if n is None or steps is None or not 0 < float(sampling_rate) <= 1:
+        raise EngineConfigError("make_baseline needs dataset_size, steps and a sampling_rate in (0, 1]")
+    _check_optimizer_params(net, optimizer)
+    dist = dist if dist is not None and dist.world_size > 1 else None
+    sample_rng, noise_rng, secure = _rng_pair(seed, secure, dist)
+    q = float(sampling_rate)
+    expected = q * n
+    plan = _Plan(q, steps, steps / steps_per_epoch(n, max(1, round(expected))), None, expected, q, steps)
+    guard = StepCounter(steps, expected)
+    dp = DPOptimizer(optimizer, net, None, expected_batch_size=expected, rng=noise_rng, guard=guard,
+                     private=False, reduce_sum=None if dist is None else dist.allreduce_sum_f64)
+    engine = PrivateEngine(
+        dp_optimizer=dp, guard=guard, sampler=_sampler("poisson", n, q, None, plan, sample_rng),
+        sampling="poisson", relation=None, dataset_size=n, batch_size=expected,
+        micro_batch_size=_positive_int("micro_batch_size", micro_batch_size)
+        or int(min(32, max(1, round(expected)))),
+        steps=steps, epochs=plan.epochs, sampling_rate=q, delta=None, noise=None, geometry=None,
+        certificate=None, noise_multiplier=None, epsilon_target=None, secure=secure,
+        sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=None, dist=dist, private=False,
+        seeded=seed is not None)
+    engine.summary = (f"make_baseline: NON-PRIVATE, no clipping or noise; poisson sampling at rate "
+                      f"{q:.6g}, {steps} steps")
+    return _finish(engine, net, resume, verbose)
 
 
 def _summary(e: PrivateEngine, max_grad_norm: float) -> str:

@@ -17,8 +17,8 @@ from helpers import certified_table  # noqa: E402
 from finetune.dp.optimizer import DPOptimizer, GeometryError  # noqa: E402
 from finetune.dp.per_example import PerExampleGradients, SummedGradients  # noqa: E402
 from finetune.dp.sampling import PoissonSampler, micro_batches  # noqa: E402
-from finetune.dp.guard import (PrivacyBudgetExceeded, PrivacyGuard,  # noqa: E402
-                              TableMismatchError, check_table)
+from finetune.dp.guard import PrivacyBudgetExceeded, TableMismatchError, check_table  # noqa: E402
+from finetune.dp.release_guard import ReleaseGuard  # noqa: E402
 
 B, T, D, H, K = 4, 5, 6, 7, 3
 
@@ -358,8 +358,10 @@ def test_mismatched_table_refused(tables):
 
 
 def test_guard_stops_before_the_budget(tables):
+    """The one guard (ReleaseGuard, as make_private builds it for a table) stops before step T + 1,
+    and a smaller budget (a table whose claim is below the run's certificate) stops earlier."""
     table = tables["l2"]
-    guard = PrivacyGuard(table, dataset_size=40)
+    guard = ReleaseGuard.for_table(table, dataset_size=40)
     assert guard.limit == 6 and guard.expected_batch_size == 10
     net = Wide()
     dp = DPOptimizer(nn.SGD(net.trainable_params(), learning_rate=0.1), net, table,
@@ -373,13 +375,17 @@ def test_guard_stops_before_the_budget(tables):
     np.testing.assert_array_equal(before, net.fc.bias.asnumpy())  # no update leaked
     assert guard.ledger.steps == 6
     assert guard.epsilon_spent() <= table.certified_epsilon * (1 + 1e-9)
-    # a ledger with a smaller budget stops earlier, before exceeding it
-    small = PrivacyLedger(table.delta, 0.6 * table.certified_epsilon)
-    g2 = PrivacyGuard(table, dataset_size=40, ledger=small)
+    # a smaller budget stops earlier, before exceeding it
+    g2 = ReleaseGuard(guard.release, sampling="poisson", relation=guard.relation, steps=6,
+                      steps_in_epoch=None, delta=table.delta, budget=guard.budget,
+                      expected_batch_size=10, cap=0.6 * table.certified_epsilon)
     assert 0 < g2.limit < 6
     for _ in range(g2.limit):
         g2.record_step()
-    assert g2.epsilon_spent() <= 0.6 * table.certified_epsilon
+    assert g2.epsilon_spent() <= 0.6 * table.certified_epsilon * (1 + 1e-9)
+    assert g2.epsilon_spent() == pytest.approx(PrivacyLedger.from_json(g2.ledger.to_json()).epsilon())
+    assert PrivacyLedger(table.delta).epsilon_after(g2.limit + 1, guard.release) > 0.6 * table.certified_epsilon
+    assert g2.stop_reason() is not None and "would be exceeded" in g2.stop_reason()
     with pytest.raises(PrivacyBudgetExceeded):
         g2.check_next()
 

@@ -258,31 +258,32 @@ def test_early_stop_is_explained_in_output_and_metrics(files, tmp_path, capsys, 
 
 # ---------------------------------------------------------------------------- Python API
 def test_restored_guard_reports_what_was_spent(files):
-    from finetune.dp.guard import PrivacyGuard
+    from finetune.dp.release_guard import ReleaseGuard
 
     table = load_table(files / "t.npz")
-    first = PrivacyGuard(table, dataset_size=120)
+    first = ReleaseGuard.for_table(table, dataset_size=120)
     for _ in range(3):
         first.record_step()
-    saved = first.ledger.to_json()
-    restored = PrivacyGuard(table, dataset_size=120, ledger=PrivacyLedger.from_json(saved))
-    assert restored.epsilon_spent() == pytest.approx(first.epsilon_spent(), rel=1e-12)
-    assert restored.epsilon_spent() > 0
-    resumed = PrivacyGuard(table, dataset_size=120)
-    resumed.restore(PrivacyLedger.from_json(saved))
+    saved = first.state_dict()
+    resumed = ReleaseGuard.for_table(table, dataset_size=120)
+    resumed.load_state_dict(json.loads(json.dumps(saved)))
+    assert resumed.epsilon_spent() == pytest.approx(first.epsilon_spent(), rel=1e-12)
+    assert resumed.epsilon_spent() > 0
     assert resumed.steps_taken == 3 and resumed.remaining() == STEPS - 3
     other = PrivacyLedger(table.delta, 99.0)
-    with pytest.raises(ValueError, match="budget"):
-        PrivacyGuard(table, dataset_size=120).restore(other)
+    other.record(Mechanism(Gaussian(2.0), 1.0, "l2", 0.1, 1), 3)
+    with pytest.raises(ValueError, match="another run"):
+        ReleaseGuard.for_table(table, dataset_size=120).load_state_dict(
+            {"steps_taken": 3, "ledger": other.to_json()})
 
 
 def _dp(model, table, seed=0, secure=False):
     from mindspore import nn
 
-    from finetune.dp.guard import PrivacyGuard
     from finetune.dp.optimizer import DPOptimizer
+    from finetune.dp.release_guard import ReleaseGuard
 
-    guard = PrivacyGuard(table, dataset_size=40)
+    guard = ReleaseGuard.for_table(table, dataset_size=40)
     opt = nn.Adam(list(model.trainable_params()), learning_rate=0.01)
     return DPOptimizer(opt, model, table, expected_batch_size=4.0, guard=guard,
                        seed=None if secure else seed, secure=secure)
@@ -516,8 +517,8 @@ def test_sigkill_at_random_moments_leaves_a_consistent_checkpoint(files, referen
         ckpt = staging / run_dir.CHECKPOINT_NAME
         if ckpt.exists():
             _, state = checkpointing.load_checkpoint(ckpt)        # never half-written
-            ledger = PrivacyLedger.from_json(state["dp"]["ledger"])
-            assert ledger.steps == state["steps_done"]
+            ledger = PrivacyLedger.from_json(state["engine"]["guard"]["ledger"])
+            assert ledger.steps == state["engine"]["guard"]["steps_taken"]
             cmd = [sys.executable, "-m", "finetune", "--resume", str(out), "--quiet"]
         else:  # killed before the first checkpoint: nothing but perhaps an empty staging folder
             assert not out.exists()

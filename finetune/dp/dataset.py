@@ -14,7 +14,7 @@ the DP step, on a dataset whose rows are the micro-batches of the accounted samp
   running sum and, on the last row of a step, releases the noisy sum and updates the parameters.  It
   refuses rows of another sampler or out of order (docs/soundness.md rule 7: sampling matches
   accounting), so a ``dataset.shuffle().batch(64)`` pipeline cannot be trained by mistake.
-* ``finetune.dp.guard.PrivacyBudgetCallback`` ends ``Model.train`` before a step the certificate does
+* ``finetune.dp.guard.PrivacyBudgetCallback`` (over the engine's ``ReleaseGuard``) ends ``Model.train`` before a step the certificate does
   not cover.
 
 Use ``dataset_sink_mode=False`` (the step runs on the host).
@@ -38,9 +38,14 @@ EXTRA_COLUMNS = ("mask", "step", "last", "ticket")
 class MicroBatchRows:
     """Random-access rows (one per micro-batch) for ``GeneratorDataset``; see the module docstring."""
 
-    def __init__(self, arrays: Sequence[np.ndarray], plan: Sequence[tuple[int, np.ndarray]],
-                 micro_batch_size: int, ticket: int):
-        self.arrays = [np.asarray(a) for a in arrays]
+    def __init__(self, take, plan: Sequence[tuple[int, np.ndarray]], micro_batch_size: int,
+                 ticket: int):
+        """``take(indices)`` returns the data columns of those rows (``finetune.engine``'s gatherer;
+        a sequence of arrays is accepted too)."""
+        if not callable(take):
+            arrays = [np.asarray(a) for a in take]
+            take = lambda idx: [a[idx] for a in arrays]  # noqa: E731
+        self._take = take
         self.ticket = np.int64(ticket)
         self._rows = []                                  # (step, MicroBatch, is_last)
         for step, idx in plan:
@@ -53,7 +58,7 @@ class MicroBatchRows:
 
     def __getitem__(self, i: int):
         step, micro, last = self._rows[int(i)]
-        data = tuple(a[micro.indices] for a in self.arrays)
+        data = tuple(self._take(micro.indices))
         return data + (micro.mask, np.int64(step), np.int32(last), self.ticket)
 
 

@@ -112,7 +112,8 @@ class DPOptimizer:
     expected_batch_size: ``q * N``; the noisy sum is divided by it.
     per_example: ``"auto"``, ``"vmap"`` or ``"bookkeeping"``.
     seed / secure / rng: the noise source (seeded PCG64, OS-keyed ChaCha20, or your own).
-    guard: optional ``finetune.dp.guard.PrivacyGuard``; checked before and charged after each step.
+    guard: optional ``finetune.dp.release_guard.ReleaseGuard`` (built by ``finetune.make_private``,
+        the one training engine); checked before and charged after each step.
     private: ``False`` runs the same pipeline without clipping or noise (non-private baseline).
     add_noise: testing switch; ``False`` makes the step non-private.
     reduce_sum: data-parallel hook. ``None`` (one process) or a callable that receives one float64
@@ -411,7 +412,8 @@ class DPOptimizer:
         return {"version": self.STATE_VERSION, "private": self.private, "method": self.method,
                 "steps_taken": self.steps_taken, "rng": rng,
                 "secure_rekeys": int(getattr(self, "secure_rekeys", 0)),
-                "ledger": self.guard.ledger.to_json() if self.guard is not None else None,
+                "ledger": (self.guard.ledger.to_json()
+                           if getattr(self.guard, "ledger", None) is not None else None),
                 "params": {p.name: p.asnumpy().copy() for p in self.params},
                 "optimizer": {n: p.asnumpy().copy() for n, p in self._optimizer_state().items()}}
 
@@ -419,8 +421,6 @@ class DPOptimizer:
         """Restore :meth:`state_dict`: weights, optimizer state, step count, generator state and the
         guard's ledger (which then reports what was spent).  Refuses a state of another shape, kind
         (private or not, seeded or secure) or a saved ledger with no guard to carry it."""
-        from accountant.ledger import PrivacyLedger
-
         if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"unsupported optimizer state version {state.get('version')!r}")
         if bool(state["private"]) != self.private:
@@ -447,8 +447,9 @@ class DPOptimizer:
             value = state["params"][name] if name in targets else state["optimizer"][name]
             value = np.asarray(value).astype(ms.dtype_to_nptype(p.dtype), copy=False)
             p.set_data(Tensor(value.reshape(tuple(p.shape))))
-        if state["ledger"] is not None:
-            self.guard.restore(PrivacyLedger.from_json(state["ledger"]))
+        if state["ledger"] is not None:    # the guard checks that the ledger is this run's
+            self.guard.load_state_dict({"steps_taken": int(state["steps_taken"]),
+                                        "ledger": state["ledger"]})
         if seeded:
             self.rng.bit_generator.state = state["rng"]
             self.secure_rekeys = int(state.get("secure_rekeys", 0))

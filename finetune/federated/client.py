@@ -6,17 +6,18 @@ steps and returns the trained tensors -- and nothing else: ``num_examples`` is t
 the metrics are empty, because a shard size or a local loss sent to the server would be a release
 that no certificate covers.  The server computes the update (returned minus sent) and clips it.
 
-Local steps sample the shard by Poisson sampling (``finetune.dp.sampling``).  Sampling and the
-DP-SGD noise come from an OS-keyed ChaCha20 generator (``accountant.randomness.SecureRandom``, a new
-key in every process) unless a seed is given for an experiment (then ``KnownSeedWarning``).  The
-client answers Flower's ``get_properties`` with its organisation index (the operator's numbering,
-no data), so the server can say which organisation failed in which round.  With a record-level
-table (``record_table``) they are DP-SGD steps of the project's ``DPOptimizer`` (per-example
-clipping, noise from that table) charged to the organisation's own ``PrivacyGuard``: a guarantee for
-one record of this organisation, whatever the server does (docs/federated.md).  When that budget is
-spent the client returns the adapter it received unchanged (a zero update).  The guard's ledger is
-saved after every round to ``record_ledger_path`` and read back from there when the process starts
-again (a resumed federation), so the record-level account continues and never restarts.
+Local steps run on the library's one training engine: with a record-level table
+(``record_table``) ``finetune.make_private(model, Adam, noise=record_table, ...)`` (Poisson sampling
+at the table's rate, per-example clipping, noise from that table, the organisation's own
+``ReleaseGuard`` ledger): a guarantee for one record of this organisation, whatever the server does
+(docs/federated.md); without one ``finetune.engine.make_baseline`` (the same loop, no clipping or
+noise).  Sampling and noise come from OS-keyed ChaCha20 (a new key in every process) unless a seed
+is given for an experiment (then ``KnownSeedWarning``).  The client answers Flower's
+``get_properties`` with its organisation index (the operator's numbering, no data), so the server
+can say which organisation failed in which round.  When the record-level budget is spent the client
+returns the adapter it received unchanged (a zero update).  The ledger is saved after every round
+to ``record_ledger_path`` and read back from there when the process starts again (a resumed
+federation), so the record-level account continues and never restarts.
 
 Run as a process by ``python -m finetune.federated`` (``python -m finetune.federated.client``).
 """
@@ -78,10 +79,9 @@ class OrganisationClient:
                  seed: int | None = None, secure: bool = False, index: int | None = None):
         from mindspore import nn
 
-        from accountant.randomness import make_rng
-        from finetune.dp.guard import PrivacyGuard
-        from finetune.dp.optimizer import DPOptimizer
-        from finetune.dp.sampling import PoissonSampler
+        from finetune.engine import make_baseline, make_private, refuse_pipeline
+
+        refuse_pipeline(train_ids, train_mask)
 
         self.model = model
         self.ids, self.mask = train_ids, train_mask
@@ -89,35 +89,44 @@ class OrganisationClient:
         self.names = sorted(n for n, p in model.parameters_and_names() if p.requires_grad)
         self.params = dict((n, p) for n, p in model.parameters_and_names() if p.requires_grad)
         self.base = base_sha256(model)
-        n = len(train_ids)
         if secure and seed is not None:
             raise ValueError("a secure generator cannot be seeded; drop the seed or secure=True")
-        if seed is not None:
-            from accountant.randomness import warn_known_seed
-            warn_known_seed(seed)
-        rng = make_rng(seed=seed, secure=seed is None)
-        self.guard = None
-        if record_table is not None:
-            saved = None
+        n = len(train_ids)
+        opt = nn.Adam([self.params[k] for k in self.names], learning_rate=lr)
+        rand = dict(seed=seed, secure=None if seed is None else False,
+                    micro_batch_size=self.micro_batch)
+        self.engine = self.guard = self.sampler = None
+        if n and record_table is not None:
+            from finetune.dp.guard import certified_epsilon
+            self.engine = make_private(model, opt, dataset_size=n, noise=record_table,
+                                       max_grad_norm=record_clip,
+                                       epsilon_budget=certified_epsilon(record_table), **rand)
+            self.guard = self.engine.guard
             if record_ledger_path and os.path.exists(record_ledger_path):
-                from accountant.ledger import PrivacyLedger
-                with open(record_ledger_path) as f:
-                    saved = PrivacyLedger.from_json(f.read())
-            self.guard = PrivacyGuard(record_table, dataset_size=n, ledger=saved)
-            if saved is not None and (saved.delta, saved.epsilon_budget) != (self.guard.delta,
-                                                                             self.guard.budget):
-                raise ValueError(f"{record_ledger_path}: the saved record-level ledger belongs to "
-                                 "another table (delta or budget differ)")
-            q = self.guard.sampling_rate
-        else:
-            q = min(1.0, local_batch / max(n, 1))
-        self.sampler = PoissonSampler(max(n, 1), q, 0, rng=rng)
-        self.dp = DPOptimizer(nn.Adam([self.params[k] for k in self.names], learning_rate=lr), model,
-                              record_table, max_grad_norm=record_clip, expected_batch_size=q * max(n, 1),
-                              rng=rng, guard=self.guard, private=record_table is not None)
+                self._load_ledger(record_ledger_path)
+        elif n:   # no record-level table: the same engine without clipping or noise
+            self.engine = make_baseline(model, opt, dataset_size=n, steps=10 ** 12,
+                                        sampling_rate=min(1.0, local_batch / n), **rand)
+        if self.engine is not None:
+            self.sampler = self.engine.sampler
+            self.dp = self.engine.optimizer
+        self._batches = None
         self.record_ledger_path = record_ledger_path
         self.rounds = 0
         self.index = index
+
+    def _load_ledger(self, path: str) -> None:
+        """Continue the record-level account of an earlier process of this organisation."""
+        from accountant.ledger import PrivacyLedger
+
+        with open(path) as f:
+            text = f.read()
+        try:
+            steps = PrivacyLedger.from_json(text).steps
+            self.guard.load_state_dict({"steps_taken": steps, "ledger": text})
+        except ValueError as exc:
+            raise ValueError(f"{path}: the saved record-level ledger belongs to another table or run "
+                             f"({exc})") from None
 
     def get_parameters(self) -> list:
         return [self.params[n].asnumpy().copy() for n in self.names]
@@ -132,20 +141,18 @@ class OrganisationClient:
 
     def fit(self, arrays, config) -> tuple[list, int, dict]:
         """Load the global adapter, take k local steps, return the trained adapter (only)."""
-        from finetune.dp.sampling import micro_batches
-
         expected = config.get("base_sha256")
         if expected and expected != self.base:
             raise RuntimeError("this organisation's base model differs from the server's")
         self.set_parameters(arrays)
-        if len(self.ids):
+        if self.engine is not None:
+            if self._batches is None:   # one pass over the engine's planned steps, across rounds
+                self._batches = self.engine.batches(self.ids, self.mask)
             for _ in range(self.local_steps):
-                if self.guard is not None and self.guard.remaining() == 0:
+                if self.engine.guard.remaining() == 0:
                     self.set_parameters(arrays)       # record budget spent: a zero update
                     break
-                idx = self.sampler.sample()
-                self.dp.step([([self.ids[m.indices], self.mask[m.indices]], m.mask)
-                              for m in micro_batches(idx, self.micro_batch)])
+                self.engine.step(next(self._batches))
         self.rounds += 1
         if self.guard is not None and self.record_ledger_path:
             from .state import atomic_write
