@@ -122,6 +122,8 @@ class DPOptimizer:
         *before* the noise is added, so the noise is added once to the global sum (never per worker
         and then averaged, which would divide its variance by the number of workers).
         ``finetune.dp.distributed.Distributed.allreduce_sum_f64`` is such a callable.
+    rows_per_unit: unit-level clipping (``finetune.dp.units``): micro-batches are unit-major with
+        this many rows per unit and each unit's summed gradient is clipped as one.
     prefetch_noise: draw each step's noise in a background thread while the device computes
         (:meth:`step` only; same draws as without).  ``last_timings`` holds the host-side phases
         of the last step in seconds (``clipped_sum``: device work of all micro-batches; ``d2h``;
@@ -133,7 +135,7 @@ class DPOptimizer:
                  max_grad_norm: float = 1.0, expected_batch_size: float,
                  per_example: str = "auto", seed: int | None = None, secure: bool = False,
                  rng=None, guard=None, private: bool = True, add_noise: bool = True,
-                 reduce_sum=None, prefetch_noise: bool = True):
+                 reduce_sum=None, prefetch_noise: bool = True, rows_per_unit: int | None = None):
         if reduce_sum is not None and not callable(reduce_sum):
             raise TypeError("reduce_sum must be a callable (or None for one process)")
         self.reduce_sum = reduce_sum
@@ -156,7 +158,7 @@ class DPOptimizer:
                 raise ValueError(f"max_grad_norm must be positive and finite, got {max_grad_norm}")
             self.noise = table.noise
             self.grads = PerExampleGradients(network, self.params, geometry=self.geometry,
-                                             method=per_example)
+                                             method=per_example, rows_per_unit=rows_per_unit)
         else:
             self.geometry = None
             self.max_grad_norm = math.inf

@@ -311,13 +311,18 @@ class _SingleLoss(nn.Cell):
 
 
 class _VmapClipSum(nn.Cell):
-    def __init__(self, network, params, geometry, n_inputs):
+    """Per-example gradients by vmap, clipped and summed.  With ``rows_per_unit = m`` the rows come
+    unit-major (``finetune.dp.units``): each unit's ``m`` masked per-example gradients are summed
+    first and the unit's gradient is clipped as one; its norm is reported on each of its real rows."""
+
+    def __init__(self, network, params, geometry, n_inputs, rows_per_unit=None):
         super().__init__(auto_prefix=False)
         self.params = ms.ParameterTuple(params)
         self.single = _SingleLoss(network)
         grad = ms.value_and_grad(self.single, grad_position=None, weights=self.params)
         self.per_example = ops.vmap(grad, in_axes=tuple([0] * n_inputs))
         self.l1 = geometry == "l1"
+        self.m = rows_per_unit
 
     def _norms(self, grads):
         total = None
@@ -327,8 +332,27 @@ class _VmapClipSum(nn.Cell):
             total = part if total is None else total + part
         return total if self.l1 else ops.sqrt(total)
 
+    def _units(self, grads, mask):
+        """Segment sums of the masked per-example gradients over each unit's ``m`` rows."""
+        out = []
+        for g in grads:
+            rows = g * mask.reshape((-1,) + (1,) * (g.ndim - 1))
+            out.append(rows.reshape((g.shape[0] // self.m, self.m) + g.shape[1:]).sum(1))
+        return tuple(out)
+
     def construct(self, inputs, mask, clip):
         losses, grads = self.per_example(*inputs)
+        if self.m is not None:
+            units = self._units(grads, mask)
+            unit_mask = ops.minimum(mask.reshape(-1, self.m).sum(1), 1.0)   # 1 iff a real row
+            unit_norms = self._norms(units)
+            factors = _clip_factors(unit_norms, unit_mask, clip)
+            out = []
+            for g in units:
+                shape = (-1,) + (1,) * (g.ndim - 1)
+                out.append((g * factors.reshape(shape)).sum(0))
+            row_norms = ops.broadcast_to(unit_norms.reshape(-1, 1), (unit_norms.shape[0], self.m))
+            return tuple(out), losses * mask, row_norms.reshape(-1) * mask
         norms = self._norms(grads)
         factors = _clip_factors(norms, mask, clip)
         out = []
@@ -701,7 +725,15 @@ class PerExampleGradients:
     """
 
     def __init__(self, network: nn.Cell, params: Sequence[Parameter] | None = None,
-                 geometry: str = "l2", method: str = "auto"):
+                 geometry: str = "l2", method: str = "auto", rows_per_unit: int | None = None):
+        if rows_per_unit is not None:
+            if isinstance(rows_per_unit, bool) or int(rows_per_unit) != rows_per_unit or rows_per_unit < 1:
+                raise ValueError(f"rows_per_unit must be a positive integer, got {rows_per_unit!r}")
+            if method == "bookkeeping":
+                raise ValueError("unit-level clipping (rows_per_unit) runs on vmap here; use "
+                                 "method='vmap' or 'auto'")
+            rows_per_unit = int(rows_per_unit)
+        self.rows_per_unit = rows_per_unit
         if geometry not in GEOMETRIES:
             raise ValueError(f"per-example clipping needs geometry 'l1' or 'l2', got {geometry!r}")
         if method not in METHODS:
@@ -724,6 +756,9 @@ class PerExampleGradients:
         """(method, reason): book-keeping only where it is exact, else vmap (never silently)."""
         if method == "vmap":
             return "vmap", "vmap: requested"
+        if self.rows_per_unit is not None:
+            return "vmap", (f"vmap: unit-level clipping, the summed gradient of each unit's "
+                            f"{self.rows_per_unit} rows clipped as one")
         uncovered = self.uncovered()
         shared = [] if self.tapped else _shared_parameters(self.network, self.params)
         if method == "bookkeeping":
@@ -854,6 +889,9 @@ class PerExampleGradients:
                                  "pad every micro-batch to one shape (finetune.dp.sampling)")
             return
         self._shapes = shapes
+        if self.rows_per_unit is not None and shapes[0][0] % self.rows_per_unit:
+            raise ValueError(f"a micro-batch of {shapes[0][0]} rows is not whole units of "
+                             f"{self.rows_per_unit} rows (finetune.dp.units.unit_micro_batches)")
         if self.method == "bookkeeping" and self.tapped:
             self._cell = self._tapped_cell(inputs)
             return
@@ -870,7 +908,8 @@ class PerExampleGradients:
             warnings.warn(f"per-example gradients: {self.method_reason}", stacklevel=3)
         elif not self.tapped:
             _check_losses(self.network(*_zeros_like(inputs)), inputs)
-        self._cell = _VmapClipSum(self.loss_network, self.params, self.geometry, len(inputs))
+        self._cell = _VmapClipSum(self.loss_network, self.params, self.geometry, len(inputs),
+                                  self.rows_per_unit)
 
     # ---- use --------------------------------------------------------------------------------
     def clipped_sum(self, inputs: Sequence, mask, clip: float):
