@@ -168,7 +168,7 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
           evaluate: bool = True, dist=None, check_sync_every: int = 0, resume=None,
           checkpoint=None, checkpoint_every: int | None = None,
           checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
-          stop_event=None, log_private_stats: bool = False) -> TrainResult:
+          stop_event=None, log_private_stats: bool = False, units=None) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     The sampling rate and number of steps come from ``table`` (a run that does not match it is
@@ -211,10 +211,22 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     that stops before its planned steps says why in ``metrics["stopped_early"]``.  The progress bar
     shows ``non-private`` or an upper bound on the epsilon spent after every step
     (``finetune.dp.epsilon_trace``).
+
+    Unit-level (person-level) DP: ``units`` (``finetune.dp.units.UnitLayout`` of the training rows)
+    samples units at the table's rate ``q`` (Poisson over units), at most ``m`` rows each, clips
+    each unit's summed gradient as one and divides by ``q * n_units``; a micro-batch holds
+    ``max(1, micro_batch_size // m)`` whole units.  One process only.
     """
     if dist is not None and dist.world_size == 1:
         dist = None
     n = int(len(train_ids))
+    if units is not None:
+        if dist is not None:
+            raise ValueError("unit-level training runs in one process (no msrun)")
+        if units.dataset_size != n:
+            raise ValueError(f"the unit layout has {units.dataset_size} rows, the training data {n}")
+        micro_batch_size = units.max_rows_per_unit * max(1, micro_batch_size // units.max_rows_per_unit)
+        n = units.n_units            # q, the table check and the divisor q * n are over units
     if dist is not None:
         dist.check_same("the training data", hashlib.blake2b(
             np.ascontiguousarray(train_ids).tobytes() + np.ascontiguousarray(train_mask).tobytes())
@@ -248,8 +260,13 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         reduce_sum = dist.allreduce_sum_f64
     dp = DPOptimizer(optimizer, model, table if private else None, max_grad_norm=max_grad_norm,
                      expected_batch_size=q * n, per_example=per_example, rng=rng, guard=guard,
-                     private=private, reduce_sum=reduce_sum)
-    sampler = PoissonSampler(n, q, t, rng=rng)
+                     private=private, reduce_sum=reduce_sum,
+                     rows_per_unit=None if units is None else units.max_rows_per_unit)
+    if units is not None:
+        from .dp.units import UnitSampler
+        sampler = UnitSampler(units, q, t, rng=rng)
+    else:
+        sampler = PoissonSampler(n, q, t, rng=rng)
     history = _new_history(log_private_stats)
     if resume is not None:
         history = _restore(dp, sampler, resume, log_private_stats)

@@ -201,3 +201,90 @@ def test_person_report_unit_level_is_the_certificate_and_record_level_fails_clos
         person_report(rec.certificate.epsilon, None, 1e-6, unit="record", sampling="poisson",
                       record_people=people, person_cap=10)
 
+
+# ---- python -m finetune --privacy-unit person ------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from accountant.certify import certify
+    from accountant.mechanism import Mechanism
+    from accountant.noise import Gaussian
+    from accountant.table import write_certified_table
+    from finetune.data import generate_records, write_jsonl
+
+    d = tmp_path_factory.mktemp("units")
+    recs = generate_records(60, seed=0, val_fraction=0.0)
+    write_jsonl([dict(r, user=f"u{i % 12}") for i, r in enumerate(recs)], d / "users.jsonl")
+    write_jsonl([dict(r, people=[i % 12] if i % 7 else [i % 12, (i + 1) % 12]) for i, r in enumerate(recs)],
+                d / "people.jsonl")
+    write_jsonl([dict(r, people=[i % 12]) if i else r for i, r in enumerate(recs)], d / "nopeople.jsonl")
+    noise = Gaussian(1.0)
+    cert = certify(Mechanism(noise, 1.0, "l2", 0.25, 2), 1e-5)
+    write_certified_table(d / "t.npz", noise, eps_target=cert.epsilon, delta=1e-5, sampling_rate=0.25, steps=2,
+                          geometry="l2", certificate=cert, gaussian_sigma=1.0)
+    return d
+
+
+def _cli(d, data, out, *extra):
+    from finetune.__main__ import main
+
+    return main(["--table", str(d / "t.npz"), "--model", "tiny", "--method", "bitfit", "--data", str(d / data),
+                 "--out", str(out), "--seq-len", "16", "--micro-batch", "8", "--quiet", *extra])
+
+
+@pytest.mark.slow      # compiles GPT-2 tiny with vmap: about 40 s of CPU
+def test_cli_person_run_reports_person_epsilon_in_metrics_and_ledger(corpus, tmp_path, capsys):
+    import json
+
+    from accountant.ledger import PrivacyLedger
+
+    out = tmp_path / "person"
+    assert _cli(corpus, "users.jsonl", out, "--privacy-unit", "person", "--max-records-per-unit", "4") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ledger_json = json.loads((out / "ledger.json").read_text())
+    ledger = PrivacyLedger.from_json((out / "ledger.json").read_text())
+    assert metrics["privacy_unit"] == "person" and metrics["n_units"] == 12
+    assert metrics["max_records_per_unit"] == 4 and metrics["per_example"] == "vmap"
+    assert metrics["expected_batch_size"] == pytest.approx(0.25 * 12)      # q over persons
+    assert metrics["person_method"] == "unit-level"
+    assert metrics["person_epsilon"] == metrics["epsilon_spent"] == pytest.approx(ledger.epsilon())
+    assert ledger_json["person_epsilon"] == metrics["person_epsilon"] and ledger_json["privacy_unit"] == "person"
+    assert "person-level epsilon" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, extra, message", [
+    ("people.jsonl", ["--privacy-unit", "person", "--max-records-per-unit", "4"], "name several people"),
+    ("people.jsonl", ["--privacy-unit", "person"], "needs --max-records-per-unit"),
+    ("nopeople.jsonl", ["--privacy-unit", "person", "--max-records-per-unit", "4"], "has PII but no 'people'"),
+    ("users.jsonl", ["--max-records-per-unit", "4"], "are for --privacy-unit person"),
+    ("users.jsonl", ["--privacy-unit", "person", "--max-records-per-unit", "4", "--no-dp"], "no privacy unit"),
+])
+def test_cli_person_refusals_are_one_line(corpus, tmp_path, capsys, data, extra, message):
+    assert _cli(corpus, data, tmp_path / "r", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([e for e in err if "error" in e]) == 1 and message in err[-1]
+    assert not (tmp_path / "r").exists()
+
+
+def test_drop_keeps_exactly_the_single_owner_records_and_removing_a_person_removes_only_theirs():
+    """Method B (corpus_units(..., multi_owner='drop')) is record-local: S(D minus R_X) = S(D) minus R_X."""
+    from finetune.dp.units import corpus_units
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        recs = [{"id": i, "people": sorted(set(rng.integers(0, 8, rng.integers(0, 4)).tolist()))}
+                for i in range(40)]
+        full = corpus_units(recs, "person", "drop")
+        kept = {recs[i]["id"]: u for i, u in zip(full.keep, full.unit_ids)}
+        assert all(len(r["people"]) == 1 for r in recs if r["id"] in kept)
+        assert full.dropped == sum(len(r["people"]) != 1 for r in recs)
+        for x in range(8):
+            rest = [r for r in recs if x not in r["people"]]
+            if not any(len(r["people"]) == 1 for r in rest):
+                continue
+            sub = corpus_units(rest, "person", "drop")
+            assert {rest[i]["id"] for i in sub.keep} == {i for i, u in kept.items() if u != x}
+    with pytest.raises(ValueError, match="name several people"):
+        corpus_units([{"people": [0, 1]}, {"people": [0]}], "person")
+    assert corpus_units([{"people": [0, 1]}, {"people": [0]}], "person", "record-sampling").record_people == \
+        [[0, 1], [0]]
+    assert corpus_units([{"user": "a", "people": [0, 1]}], "person").unit_ids == ["a"]   # user wins

@@ -216,8 +216,13 @@ def person_report(epsilon: float, mechanism, delta: float, *, unit: str, samplin
     except ImportError:
         return {"person_epsilon": None, "person_k": k,
                 "person_method": "person-level accountant (accountant.person) not available"}
-    cert = person_epsilon(mechanism, delta=delta, k=k)
-    return {"person_epsilon": float(cert.epsilon), "person_k": int(cert.k), "person_method": str(cert.method)}
+    try:
+        cert = person_epsilon(mechanism, delta=delta, k=k)
+        return {"person_epsilon": float(cert.epsilon), "person_k": int(cert.k),
+                "person_method": str(cert.method)}
+    except (TypeError, ValueError, AttributeError) as exc:   # fail closed: no number rather than a guess
+        return {"person_epsilon": None, "person_k": k,
+                "person_method": f"person-level accountant failed ({type(exc).__name__}: {exc})"}
 
 
 MULTI_OWNER = ("record-sampling", "drop")
