@@ -287,4 +287,7 @@ def test_drop_keeps_exactly_the_single_owner_records_and_removing_a_person_remov
         corpus_units([{"people": [0, 1]}, {"people": [0]}], "person")
     assert corpus_units([{"people": [0, 1]}, {"people": [0]}], "person", "record-sampling").record_people == \
         [[0, 1], [0]]
-    assert corpus_units([{"user": "a", "people": [0, 1]}], "person").unit_ids == ["a"]   # user wins
+    assert corpus_units([{"user": "a", "people": ["a"]}, {"user": "b", "pii": [["name", "B"]]}],
+                        "person").unit_ids == ["a", "b"]
+    with pytest.raises(ValueError, match="name several people"):   # the owner's record names someone else
+        corpus_units([{"user": "a", "people": [0]}, {"user": "b"}], "person")

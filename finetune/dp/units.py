@@ -245,16 +245,15 @@ class CorpusUnits:
     note: str = ""
 
 
-def _people_of(records) -> list | None:
-    """Each record's person ids: ``[user]`` when every record has ``user``, else ``people``
-    (``None`` when some record lacks both).  PII without ``people`` is refused by the caller."""
-    if records and all(r.get("user") is not None for r in records):
-        return [[r["user"]] for r in records]
+def _people_of(records) -> list:
+    """Each record's persons: its ``user`` (owner) followed by the persons its ``people`` names, without
+    repeats.  A record with PII but neither field is refused (person-level DP cannot protect a person
+    it cannot see); one with neither and no PII names nobody."""
     out = []
     for i, r in enumerate(records):
         people = r.get("people")
         if people is None:
-            if r.get("pii"):
+            if r.get("pii") and r.get("user") is None:
                 raise UnitConfigError(f"record {r.get('id', i)} has PII but no 'people' field: person-level "
                                       "DP needs to know whom each record names")
             people = []
@@ -263,16 +262,22 @@ def _people_of(records) -> list | None:
             raise UnitConfigError(f"record {r.get('id', i)}: 'people' must be a list of person ids")
         if len(set(people)) != len(people):
             raise UnitConfigError(f"record {r.get('id', i)} names a person twice in 'people'")
-        out.append(list(people))
+        user = r.get("user")
+        if isinstance(user, (bool, float, list, dict)):
+            raise UnitConfigError(f"record {r.get('id', i)}: 'user' must be a person id")
+        ids = ([] if user is None else [user]) + [p for p in people if p != user]
+        out.append(ids)
     return out
 
 
 def corpus_units(records, privacy_unit: str = "record", multi_owner: str | None = None) -> CorpusUnits:
     """The privacy unit of a run over ``records`` (dicts with ``user`` and/or ``people``).
 
+    A record's persons are its ``user`` (owner) and the persons its ``people`` names.
     ``record``: every record trained; ``record_people`` for the person-level report when every record
-    says whom it names.  ``person``: units are ``user`` when every record has one, else the persons
-    ``people`` names.  A record naming several people has no single owner: ``multi_owner`` must be
+    says whom it names.  ``person``: the unit of a record is its one person (the ``user`` when every
+    record has one, else from ``people``).  A record naming several people (an owner and someone
+    else, or two people) has no single owner: ``multi_owner`` must be
     ``"record-sampling"`` (record-level sampling of every record, person-level accounting with k =
     the most records naming one person) or ``"drop"`` (unit-level over the records naming exactly one
     person; the rule looks at each record alone, so removing a person removes exactly their records).
