@@ -291,3 +291,20 @@ def test_drop_keeps_exactly_the_single_owner_records_and_removing_a_person_remov
                         "person").unit_ids == ["a", "b"]
     with pytest.raises(ValueError, match="name several people"):   # the owner's record names someone else
         corpus_units([{"user": "a", "people": [0]}, {"user": "b"}], "person")
+
+
+def test_dataset_rows_of_a_unit_run_are_whole_units():
+    """engine.dataset(...) (mindspore.train.Model) cuts the same unit layout into whole units."""
+    from finetune.dp.dataset import MicroBatchRows
+
+    ids = [0] * 5 + [1] * 2 + [2, 3]
+    x = np.arange(len(ids), dtype=np.float32)[:, None] * np.ones((1, D), np.float32)
+    _, engine = _engine(x, ids, m=2, batch_size=2, steps=6, micro_batch_size=4)
+    rows = MicroBatchRows([x], list(engine.plan()), engine.micro_batch_size, engine.ticket)
+    assert len(rows)
+    for i in range(len(rows)):
+        data, mask = rows[i][0], rows[i][1]
+        assert data.shape == (4, D) and mask.shape == (4,)
+        for unit_rows, unit_mask in zip(data[:, 0].reshape(2, 2), mask.reshape(2, 2)):
+            owners = {ids[int(r)] for r, k in zip(unit_rows, unit_mask) if k}
+            assert len(owners) <= 1 and unit_mask.sum() <= 2
