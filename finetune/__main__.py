@@ -7,6 +7,12 @@ Writes to ``--out``: ``adapter.safetensors`` (LoRA / BiTFiT: only the trained te
 ``metrics.json`` and ``checkpoint.safetensors`` (the last training checkpoint).  User mistakes end
 with a one-line error and exit code 2.
 
+Privacy unit: ``--privacy-unit person --max-records-per-unit M`` protects every record of a person
+(units from the data's ``user`` field, else its ``people``; ``finetune.dp.units``): persons are
+sampled at the table's rate and each person's summed gradient over at most M records is clipped as
+one.  Records naming several people need ``--multi-owner drop|record-sampling``.  Every private run
+reports ``person_epsilon``, ``person_k`` and ``person_method`` (no number when none is sound).
+
 Randomness: the Poisson sampler and the noise come from ChaCha20 keyed with fresh OS entropy
 (``accountant.randomness.SecureRandom``; a resumed run is re-keyed).  ``--seed N`` makes them
 reproducible by anyone who knows ``N`` and prints a warning.  Model and LoRA initialisation and the
@@ -52,6 +58,10 @@ PROG = "python -m finetune"
 #: public seed of model / LoRA initialisation and of the train/validation split without --seed
 #: (they do not depend on the private data; the sampling and the noise never use it)
 INIT_SEED = 0
+
+#: the privacy unit and the person-level report, in metrics.json and ledger.json
+PERSON_KEYS = ("privacy_unit", "n_units", "max_records_per_unit", "person_epsilon", "person_k",
+               "person_method")
 
 #: flags that may be given again with --resume (everything else comes from the checkpoint)
 RESUME_FLAGS = {"resume", "quiet", "checkpoint_every", "checkpoint_minutes", "table", "data", "method"}
@@ -127,6 +137,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--lora-targets", default="c_attn",
                    help="comma-separated regular expressions of Linear layers to adapt (default c_attn)")
+    p.add_argument("--privacy-unit", choices=("record", "person"), default="record",
+                   help="what the epsilon protects: one record (default) or all records of one person "
+                        "(units from the data's 'user' field, else its 'people'); a person-level run "
+                        "samples persons at the table's rate q (q = expected persons per step / persons)")
+    p.add_argument("--max-records-per-unit", type=int, default=None, metavar="M",
+                   help="person-level run: at most M records of a sampled person are used in a step, "
+                        "their summed gradient clipped as one (required with --privacy-unit person)")
+    p.add_argument("--multi-owner", choices=("record-sampling", "drop"), default=None,
+                   help="person-level run over records naming several people: 'record-sampling' (every "
+                        "record, record-level sampling and person-level accounting) or 'drop' (only the "
+                        "records naming one person, person units)")
+    p.add_argument("--person-cap", type=int, default=None, metavar="K",
+                   help="declared public bound on the records naming one person for the person-level "
+                        "epsilon of a record-level run (refused if a person exceeds it; default: the "
+                        "largest count in the training data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -166,6 +191,7 @@ def _check_args(args) -> None:
         raise UserError(f"--data: no such file: {args.data}")
     if args.table is not None and not os.path.isfile(args.table):
         raise UserError(f"--table: no such file: {args.table}")
+    _check_unit_args(args)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if not (args.checkpoint_minutes > 0 and math.isfinite(args.checkpoint_minutes)):
@@ -175,6 +201,74 @@ def _check_args(args) -> None:
             re.compile(target)
         except re.error as e:
             raise UserError(f"--lora-targets: {target!r} is not a regular expression ({e})") from None
+
+
+def _check_unit_args(args) -> None:
+    """The privacy-unit flags fit together (one line each)."""
+    unit = getattr(args, "privacy_unit", "record")
+    m, multi, cap = (getattr(args, k, None) for k in ("max_records_per_unit", "multi_owner", "person_cap"))
+    if unit == "record" and (m is not None or multi is not None):
+        raise UserError("--max-records-per-unit and --multi-owner are for --privacy-unit person")
+    if unit == "person" and args.no_dp:
+        raise UserError("--privacy-unit person with --no-dp: a non-private run has no privacy unit")
+    if m is not None and m < 1:
+        raise UserError(f"--max-records-per-unit must be >= 1, got {m}")
+    if unit == "person" and multi != "record-sampling" and m is None:
+        raise UserError("--privacy-unit person needs --max-records-per-unit M (the most records of one "
+                        "person used in a step)")
+    if unit == "person" and multi == "record-sampling" and m is not None:
+        raise UserError("--multi-owner record-sampling samples records, not persons: drop "
+                        "--max-records-per-unit")
+    if cap is not None and cap < 1:
+        raise UserError(f"--person-cap must be >= 1, got {cap}")
+    if cap is not None and unit == "person" and multi != "record-sampling":
+        raise UserError("--person-cap bounds the records of a person in a record-level run; a person-unit "
+                        "run bounds them with --max-records-per-unit")
+
+
+def _person_plan(args, data, dist):
+    """(training data, unit layout or None, per-record persons or None) of the run's privacy unit."""
+    from .dp.units import UnitConfigError, UnitLayout, corpus_units, person_counts
+
+    unit = getattr(args, "privacy_unit", "record")
+    try:
+        plan = corpus_units(data.train.records, unit, getattr(args, "multi_owner", None))
+    except UnitConfigError as e:
+        raise UserError(str(e)) from None
+    cap = getattr(args, "person_cap", None)
+    if plan.record_people is not None and cap is not None:
+        most = max(person_counts(plan.record_people).values(), default=0)
+        if most > cap:
+            raise UserError(f"a person is named in {most} training records, more than --person-cap {cap}")
+    if plan.unit_ids is None:
+        return data, None, plan.record_people
+    if dist.world_size > 1:
+        raise UserError("--privacy-unit person runs in one process (not under msrun)")
+    if plan.note:
+        sys.stderr.write(f"{PROG}: person units from '{plan.source}': {plan.note}\n")
+    from .data import Dataset, EncodedSplit
+
+    tr = data.train
+    train = EncodedSplit(tr.ids[plan.keep], tr.mask[plan.keep], [tr.records[i] for i in plan.keep],
+                         tr.n_truncated)
+    return Dataset(train, data.val), UnitLayout(plan.unit_ids, args.max_records_per_unit), None
+
+
+def _person_metrics(args, result, units, record_people) -> dict:
+    """person_epsilon, person_k, person_method (and the unit) of a finished run; None and why when
+    no sound number is available."""
+    from .dp.units import person_report
+
+    guard = result.guard
+    out = {"privacy_unit": "record" if units is None else "person",
+           "n_units": None if units is None else units.n_units,
+           "max_records_per_unit": None if units is None else units.max_rows_per_unit}
+    if guard is None:
+        return out | {"person_epsilon": None, "person_k": None, "person_method": "non-private run"}
+    report = person_report(guard.epsilon_spent(), guard.mechanism.with_steps(max(1, guard.steps_taken)),
+                           guard.delta, unit="record" if units is None else "person", sampling="poisson",
+                           record_people=record_people, person_cap=getattr(args, "person_cap", None))
+    return out | report
 
 
 def _prepare_resume(args, given):
@@ -333,6 +427,7 @@ def run(args, given=None, stopper=None) -> dict:
                             val_fraction=args.val_fraction, seed=init_seed)
     except (DataError, OSError, ValueError) as e:
         raise UserError(f"cannot load data {args.data}: {e}") from None
+    data, units, record_people = _person_plan(args, data, dist)
     try:
         if args.method == "lora":
             targets = tuple(t for t in args.lora_targets.split(",") if t)
@@ -366,7 +461,7 @@ def run(args, given=None, stopper=None) -> dict:
                            checkpoint_every=args.checkpoint_every,
                            checkpoint_seconds=60.0 * args.checkpoint_minutes, stop_event=stop,
                            evaluate=args.log_private_stats,
-                           log_private_stats=args.log_private_stats)
+                           log_private_stats=args.log_private_stats, units=units)
     except TrainingInterrupted as e:
         eps = "not private" if e.epsilon is None else f"epsilon spent {e.epsilon:.4g}"
         kept = (f"; {run_dir.out} keeps the previous run until this one finishes"
@@ -387,6 +482,7 @@ def run(args, given=None, stopper=None) -> dict:
             shutil.rmtree(run_dir.staging, ignore_errors=True)
         raise UserError(str(e) if resume is None else f"cannot resume {args.resume}: {e}") from None
 
+    result.metrics.update(_person_metrics(args, result, units, record_people))
     metrics = _write_outputs(args, model, data, result, run_dir, run_info, write=write)
     if write:
         try:
@@ -458,7 +554,9 @@ def _write_outputs(args, model, data, result, run_dir, run_info, write: bool = T
                for k, v in metrics.items()}
     if write:
         if result.guard is not None:
-            atomic_write(run_dir.path("ledger.json"), result.guard.ledger.to_json().encode())
+            ledger = json.loads(result.guard.ledger.to_json())   # with the unit and the person numbers
+            ledger.update({k: metrics.get(k) for k in PERSON_KEYS})
+            atomic_write(run_dir.path("ledger.json"), json.dumps(ledger, indent=1).encode())
         atomic_write(run_dir.path(METRICS_NAME),
                      json.dumps(metrics, indent=1, default=str).encode())
     metrics["_wrote"] = bool(write)
@@ -492,6 +590,12 @@ def main(argv=None) -> int:
         val = metrics["val_perplexity"]
         stats = (f"train perplexity {metrics['train_perplexity']:.3f}, val perplexity "
                  f"{'n/a' if val is None else f'{val:.3f}'} (not covered by epsilon), ")
+    if metrics["private"]:
+        person = metrics.get("person_epsilon")
+        k = f", k {metrics['person_k']}" if metrics.get("person_k") is not None else ""
+        eps_txt += (f", person-level epsilon {person:.4g} ({metrics.get('person_method')}{k})"
+                    if person is not None else f", person-level epsilon not computed "
+                    f"({metrics.get('person_method')})")
     print(f"{metrics['steps']} steps, {eps_txt}, {stats}{metrics['seconds_per_step'] or 0:.3f} "
           f"s/step; {where}")
     return 0

@@ -202,7 +202,13 @@ class PrivateEngine:
     ``poisson_epsilon`` (shuffle with ``compare_poisson``: the certificate of Poisson sampling at
     ``q = B / N`` for the same steps and noise, under add/remove),
     ``optimizer`` (the ``DPOptimizer``) and ``guard`` (the ledger and hard stop).
+    Privacy unit: ``unit`` (``"record"``, or the name of a unit-level run's units, e.g. ``"person"``),
+    ``n_units`` and ``max_rows_per_unit`` (unit-level runs: ``sampling_rate`` is over units) and the
+    person-level report ``person_epsilon``, ``person_k``, ``person_method`` (``finetune.dp.units``).
     """
+
+    unit, n_units, max_rows_per_unit = "record", None, None
+    person_epsilon, person_k, person_method = None, None, None
 
     def __init__(self, *, dp_optimizer, guard, sampler, sampling, relation, dataset_size, batch_size,
                  micro_batch_size, steps, epochs, sampling_rate, delta, noise, geometry, certificate,
@@ -261,7 +267,8 @@ class PrivateEngine:
         for step, idx in self.plan():
             idx = self._local(idx)
             micro = [(rows.take(m.indices), m.mask) for m in micro_batches(idx, self.micro_batch_size)]
-            yield LogicalBatch(step, self.sampling, self.ticket, int(idx.size), micro)
+            real = int(np.count_nonzero(np.asarray(idx) >= 0))    # a unit layout pads with -1
+            yield LogicalBatch(step, self.sampling, self.ticket, real, micro)
 
     def step(self, batch: LogicalBatch):
         """One DP step on a batch of :meth:`batches`; returns ``finetune.dp.optimizer.StepStats``."""
@@ -345,7 +352,8 @@ class PrivateEngine:
                 "noise": None if noise is None else noise.family,
                 "params": None if noise is None else noise.params,
                 "max_grad_norm": self.optimizer.max_grad_norm if self.private else None,
-                "secure": self.secure}
+                "secure": self.secure} | ({} if self.unit == "record" else {
+                "unit": self.unit, "n_units": self.n_units, "max_rows_per_unit": self.max_rows_per_unit})
 
     def state_dict(self) -> dict:
         """The run's state for a checkpoint: steps taken, the ledger, the sampler's position (its
@@ -642,7 +650,9 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
                  seed: int | None = None, micro_batch_size: int | None = None,
                  per_example: str = "auto", save_table=None, compare_poisson: bool = True,
                  epsilon_budget: float | None = None, resume=None, dist=None,
-                 verbose: bool = False) -> PrivateEngine:
+                 verbose: bool = False, unit_ids=None, max_rows_per_unit: int | None = None,
+                 unit_name: str = "unit", record_people=None, person_cap: int | None = None
+                 ) -> PrivateEngine:
     """Make ``optimizer`` (any MindSpore optimizer over the parameters to train) private for ``net``.
 
     ``net(*inputs)`` returns per-example losses (shape [B]; a mean loss is refused at the first
@@ -679,6 +689,13 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
     ``epsilon_budget`` (e.g. a table's claimed epsilon; ``train()`` passes it): a ceiling: a run
     whose certificate exceeds it stops before the first step that would take the certified epsilon
     above it (``PrivacyBudgetExceeded`` at once if no step fits).
+
+    Unit-level (e.g. person-level) DP, ``finetune.dp.units``: ``unit_ids`` (one id per row) and
+    ``max_rows_per_unit`` ``m``; ``batch_size`` then counts units (``q = batch_size / n_units``, Poisson
+    over units), a sampled unit contributes at most ``m`` rows and its summed gradient is clipped as
+    one; ``micro_batch_size`` (rows) must be a multiple of ``m``.  ``unit_name`` names the units in
+    the summary (``"person"``).  A record-level run given ``record_people`` (the person ids of each
+    row) reports the person-level epsilon of its most frequent person (or of ``person_cap``).
     """
     from .dp.optimizer import DPOptimizer
     from .dp.release_guard import ReleaseGuard
@@ -733,29 +750,40 @@ def make_private(net, optimizer, *, dataset_size: int, batch_size: int | None = 
 
     micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
     dist = dist if dist is not None and dist.world_size > 1 else None
+    units = _unit_plan(unit_ids, max_rows_per_unit, n, sampling, batch_size, micro_batch_size)
+    if units is not None and dist is not None:
+        raise EngineConfigError("unit-level runs train in one process (no msrun data parallelism yet)")
     sample_rng, noise_rng, secure = _rng_pair(seed, secure, dist)
-    plan = _plan(sampling, n, batch_size, epochs, steps, table)
+    plan_n = n if units is None else units.n_units           # q is over units in a unit-level run
+    plan = _plan(sampling, plan_n, batch_size, epochs, steps, table)
     n_coords = int(sum(int(np.prod(p.shape)) for p in optimizer.parameters))
     noise_law, geometry, sigma, cert = _noise_and_certificate(
         plan, sampling, relation, delta, table, target_epsilon, noise_multiplier, n_coords, verbose)
     q, steps, steps_in_epoch, expected_batch = plan.q, plan.steps, plan.steps_in_epoch, plan.expected_batch
 
-    sampler = _sampler(sampling, n, q, batch_size, plan, sample_rng)
+    if units is not None:   # Poisson over units, rows by the unit-local rule
+        from .dp.units import UnitSampler
+
+        sampler = UnitSampler(units, q, steps, rng=sample_rng)
+    else:
+        sampler = _sampler(sampling, n, q, batch_size, plan, sample_rng)
     release = release_mechanism(noise_law, geometry, sampling, relation, plan.accounted_rate)
     guard = ReleaseGuard(release, sampling=sampling, relation=relation, steps=steps,
                          steps_in_epoch=steps_in_epoch, delta=delta, budget=cert.epsilon,
                          expected_batch_size=expected_batch, cap=epsilon_budget)
     dp = DPOptimizer(optimizer, net, _NoiseSpec(noise_law, geometry), max_grad_norm=max_grad_norm,
                      expected_batch_size=expected_batch, per_example=per_example, rng=noise_rng,
-                     guard=guard, reduce_sum=None if dist is None else dist.allreduce_sum_f64)
+                     guard=guard, reduce_sum=None if dist is None else dist.allreduce_sum_f64,
+                     rows_per_unit=None if units is None else units.max_rows_per_unit)
     engine = PrivateEngine(
         dp_optimizer=dp, guard=guard, sampler=sampler, sampling=sampling, relation=relation,
-        dataset_size=n, batch_size=batch_size if batch_size is not None else q * n,
-        micro_batch_size=micro_batch_size or int(min(32, max(1, round(expected_batch)))),
+        dataset_size=n, batch_size=batch_size if batch_size is not None else q * plan_n,
+        micro_batch_size=micro_batch_size or _default_micro(expected_batch, units),
         steps=steps, epochs=plan.epochs, sampling_rate=q, delta=delta, noise=noise_law, geometry=geometry,
         certificate=cert, noise_multiplier=sigma, epsilon_target=target_epsilon, secure=secure,
         sample_rng=sample_rng, noise_rng=noise_rng, steps_in_epoch=steps_in_epoch, table=table,
         dist=dist, seeded=seed is not None)
+    _unit_report(engine, units, unit_name, record_people, person_cap)
     if sampling in ("shuffle", "fixed") and compare_poisson:
         engine.poisson_epsilon = certify(Mechanism(noise_law, 1.0, geometry, q, steps), delta).epsilon
     if sampling == "fixed" and compare_poisson:
@@ -853,8 +881,14 @@ def _summary(e: PrivateEngine, max_grad_norm: float) -> str:
                      f"{e.epochs} epochs, {e.steps} steps; no amplification: one release per epoch")
     target = f" (target {e.epsilon_target:g})" if e.epsilon_target is not None else ""
     lines.append(f"  certificate: epsilon {e.certificate.epsilon:.4f}{target} at delta {e.delta:g}, "
-                 f"relation {RELATION_TEXT[e.relation]}; accountants {_fmt_routes(e.certificate)}")
+                 f"relation {_relation_text(e)}; accountants {_fmt_routes(e.certificate)}")
     lines.append(f"  per-example gradients: {e.optimizer.grads.method_reason}")
+    if e.unit != "record":
+        lines[1] = (f"  sampling: poisson over {e.n_units} {e.unit}s, rate q = {e.sampling_rate:.6g} "
+                    f"(expected {e.sampling_rate * e.n_units:.4g} {e.unit}s of at most "
+                    f"{e.max_rows_per_unit} rows each, {e.dataset_size} rows), T = {e.steps} steps "
+                    f"({e.epochs:.3g} epochs)")
+    lines.append("  " + _person_line(e))
     if e.poisson_epsilon is not None:
         lines.append(f"  Poisson sampling at q = {e.sampling_rate:.6g} for {e.steps} steps with the same "
                      "noise "
@@ -879,3 +913,66 @@ def _save(engine: PrivateEngine, path) -> None:
         Path(path), engine.noise, eps_target=target, delta=engine.delta, sampling_rate=mech.sampling_rate,
         steps=mech.steps, geometry=engine.geometry, certificate=cert, gaussian_sigma=engine.noise_multiplier,
         extra={"sampling": engine.sampling, "relation": engine.relation})
+
+
+# ---- unit-level runs and the person-level report (finetune.dp.units) ---------------------------
+def _unit_plan(unit_ids, max_rows_per_unit, n, sampling, batch_size, micro_batch_size):
+    """The unit layout of a unit-level run (``None`` for a record-level run); refusals in one line."""
+    from .dp.units import UnitConfigError, UnitLayout
+
+    if unit_ids is None:
+        if max_rows_per_unit is not None:
+            raise EngineConfigError("max_rows_per_unit needs unit_ids (one unit id per row)")
+        return None
+    if sampling != "poisson":
+        raise EngineConfigError(f"sampling={sampling!r} with unit_ids: only Poisson sampling over units "
+                                "has a certificate for unit-level runs")
+    try:
+        units = UnitLayout(unit_ids, max_rows_per_unit, dataset_size=n)
+    except UnitConfigError as exc:
+        raise EngineConfigError(str(exc)) from None
+    if batch_size is not None and batch_size > units.n_units:
+        raise EngineConfigError(f"batch_size counts units with unit_ids: {batch_size} exceeds the "
+                                f"{units.n_units} units")
+    if micro_batch_size is not None and micro_batch_size % units.max_rows_per_unit:
+        raise EngineConfigError(f"micro_batch_size {micro_batch_size} must be a multiple of "
+                                f"max_rows_per_unit {units.max_rows_per_unit} (whole units per call)")
+    return units
+
+
+def _default_micro(expected_batch, units) -> int:
+    """Rows per compiled call: up to 32 examples, or whole units (at least one) of ``m`` rows."""
+    if units is None:
+        return int(min(32, max(1, round(expected_batch))))
+    m = units.max_rows_per_unit
+    return m * int(max(1, min(round(expected_batch), 32 // m)))
+
+
+def _unit_report(engine, units, unit_name, record_people, person_cap) -> None:
+    from .dp.units import person_report
+
+    if units is not None:
+        engine.unit, engine.n_units, engine.max_rows_per_unit = str(unit_name), units.n_units, \
+            units.max_rows_per_unit
+    run = _table_mechanism(engine)
+    mech = Mechanism(engine.noise, sensitivity(engine.relation), engine.geometry, run.sampling_rate, run.steps)
+    try:
+        report = person_report(engine.certificate.epsilon, mech, engine.delta, unit=engine.unit,
+                               sampling=engine.sampling, record_people=record_people,
+                               person_cap=person_cap)
+    except ValueError as exc:
+        raise EngineConfigError(str(exc)) from None
+    engine.person_epsilon, engine.person_k, engine.person_method = (
+        report["person_epsilon"], report["person_k"], report["person_method"])
+
+
+def _relation_text(e: PrivateEngine) -> str:
+    text = RELATION_TEXT[e.relation]
+    return text if e.unit == "record" else text.replace("one example", f"one {e.unit} (all its rows)")
+
+
+def _person_line(e: PrivateEngine) -> str:
+    if e.person_epsilon is None:
+        return f"person-level epsilon: not computed ({e.person_method})"
+    k = "" if e.person_k is None else f", k = {e.person_k} records"
+    return f"person-level epsilon {e.person_epsilon:.4f} at delta {e.delta:g} ({e.person_method}{k})"

@@ -129,7 +129,7 @@ def _restored_history(saved, private_stats: bool) -> dict:
 
 
 def _engine(model, n, table, private, optimizer, lr, max_grad_norm, sampling_rate, steps,
-            micro_batch_size, per_example, seed, secure, dist, resume):
+            micro_batch_size, per_example, seed, secure, dist, resume, units=None):
     """The run's ``PrivateEngine``: ``make_private`` over the table (its q, at most its T, its
     claim as the budget), or ``make_baseline`` without a table's noise for ``private=False``."""
     from .engine import make_baseline, make_private
@@ -137,7 +137,8 @@ def _engine(model, n, table, private, optimizer, lr, max_grad_norm, sampling_rat
     if private and table is None:
         raise TableMismatchError("a private run needs a certified noise table")
     if table is not None:
-        q, t = check_table(table, dataset_size=n, sampling_rate=sampling_rate, steps=steps)
+        q, t = check_table(table, dataset_size=n if units is None else units.n_units,
+                           sampling_rate=sampling_rate, steps=steps)
     else:
         if sampling_rate is None or steps is None:
             raise ValueError("without a table, give sampling_rate and steps")
@@ -151,7 +152,9 @@ def _engine(model, n, table, private, optimizer, lr, max_grad_norm, sampling_rat
     return make_private(model, optimizer, dataset_size=n, noise=table, steps=t,
                         max_grad_norm=max_grad_norm, seed=seed, secure=secure,
                         micro_batch_size=micro_batch_size, per_example=per_example,
-                        epsilon_budget=certified_epsilon(table), resume=resume, dist=dist)
+                        epsilon_budget=certified_epsilon(table), resume=resume, dist=dist,
+                        **({} if units is None else {"unit_ids": units.ids, "unit_name": "person",
+                                                     "max_rows_per_unit": units.max_rows_per_unit}))
 
 
 def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndarray | None = None,
@@ -163,7 +166,7 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
           evaluate: bool = True, dist=None, check_sync_every: int = 0, resume=None,
           checkpoint=None, checkpoint_every: int | None = None,
           checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
-          stop_event=None, log_private_stats: bool = False) -> TrainResult:
+          stop_event=None, log_private_stats: bool = False, units=None) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters with DP-SGD (or without, ``private=False``).
 
     A loop over ``finetune.make_private(model, optimizer, noise=table, ...)``: the engine samples,
@@ -203,6 +206,12 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     ``PrivacyBudgetExceeded`` before any step; a run that stops before its planned steps says why
     in ``metrics["stopped_early"]``.  The progress bar shows ``non-private`` or ``engine.epsilon()``
     (an upper bound on the epsilon spent) after every step.
+
+    Unit-level (person-level) DP: ``units`` (``finetune.dp.units.UnitLayout`` of the training rows)
+    is passed to the engine (``make_private(unit_ids=..., max_rows_per_unit=...)``): Poisson over
+    units at the table's rate ``q``, at most ``m`` rows each, each unit's summed gradient clipped as
+    one, divided by ``q * n_units``; a micro-batch holds ``max(1, micro_batch_size // m)`` whole
+    units.  One process only.
     """
     from .engine import refuse_pipeline
 
@@ -210,12 +219,18 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
     if dist is not None and dist.world_size == 1:
         dist = None
     n = int(len(train_ids))
+    if units is not None:
+        if dist is not None:
+            raise ValueError("unit-level training runs in one process (no msrun)")
+        if units.dataset_size != n:
+            raise ValueError(f"the unit layout has {units.dataset_size} rows, the training data {n}")
+        micro_batch_size = units.max_rows_per_unit * max(1, micro_batch_size // units.max_rows_per_unit)
     if dist is not None:
         dist.check_same("the training data", hashlib.blake2b(
             np.ascontiguousarray(train_ids).tobytes() + np.ascontiguousarray(train_mask).tobytes())
             .digest())
     engine = _engine(model, n, table, private, optimizer, lr, max_grad_norm, sampling_rate, steps,
-                     micro_batch_size, per_example, seed, secure, dist, resume)
+                     micro_batch_size, per_example, seed, secure, dist, resume, units)
     dp, guard, t = engine.optimizer, engine.guard, engine.steps
     params = list(model.trainable_params())
     saved = (engine.checkpoint_state or {}).get("history")

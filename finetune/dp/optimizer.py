@@ -123,6 +123,8 @@ class DPOptimizer:
         *before* the noise is added, so the noise is added once to the global sum (never per worker
         and then averaged, which would divide its variance by the number of workers).
         ``finetune.dp.distributed.Distributed.allreduce_sum_f64`` is such a callable.
+    rows_per_unit: unit-level clipping (``finetune.dp.units``): micro-batches are unit-major with
+        this many rows per unit and each unit's summed gradient is clipped as one.
     prefetch_noise: draw each step's noise in a background thread while the device computes
         (:meth:`step` only; same draws as without).  ``last_timings`` holds the host-side phases
         of the last step in seconds (``clipped_sum``: device work of all micro-batches; ``d2h``;
@@ -134,10 +136,11 @@ class DPOptimizer:
                  max_grad_norm: float = 1.0, expected_batch_size: float,
                  per_example: str = "auto", seed: int | None = None, secure: bool = False,
                  rng=None, guard=None, private: bool = True, add_noise: bool = True,
-                 reduce_sum=None, prefetch_noise: bool = True):
+                 reduce_sum=None, prefetch_noise: bool = True, rows_per_unit: int | None = None):
         if reduce_sum is not None and not callable(reduce_sum):
             raise TypeError("reduce_sum must be a callable (or None for one process)")
         self.reduce_sum = reduce_sum
+        self.rows_per_unit = int(rows_per_unit or 1)
         self.optimizer = optimizer
         self.params = list(optimizer.parameters)
         self._sizes = [int(np.prod(p.shape)) for p in self.params]
@@ -157,7 +160,7 @@ class DPOptimizer:
                 raise ValueError(f"max_grad_norm must be positive and finite, got {max_grad_norm}")
             self.noise = table.noise
             self.grads = PerExampleGradients(network, self.params, geometry=self.geometry,
-                                             method=per_example)
+                                             method=per_example, rows_per_unit=self.rows_per_unit)
         else:
             self.geometry = None
             self.max_grad_norm = math.inf
@@ -207,8 +210,8 @@ class DPOptimizer:
         real = mask > 0
         self._stats[0] += float(losses.asnumpy()[real].astype(np.float64).sum())
         self._stats[1] += int(real.sum())
-        if self.private:
-            norms = norms.asnumpy()[real]
+        if self.private:      # one norm per unit (per row when rows_per_unit is 1)
+            norms = norms.asnumpy()[real.reshape(-1, self.rows_per_unit).any(axis=1)]
             self._stats[2] += int((norms > self.max_grad_norm * (1 - 1e-4)).sum())
             self._track_zero_norms(norms, losses.asnumpy()[real])
         self._t_clip += time.perf_counter() - start

@@ -195,11 +195,19 @@ def micro_batches(indices: Sequence[int], micro_batch_size: int) -> list[MicroBa
     """Split a logical batch into fixed-size micro-batches; pad the last one (mask 0).
 
     Every sampled index appears exactly once with mask 1.  An empty batch gives one all-padding
-    micro-batch so the (noise-only) step is still taken.
+    micro-batch so the (noise-only) step is still taken.  A unit-level step (``[units, m]`` layout,
+    ``finetune.dp.units``) is cut into micro-batches of whole units, ``micro_batch_size // m`` each.
     """
     b = int(micro_batch_size)
     if b < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if np.ndim(indices) == 2:
+        from .units import unit_micro_batches
+
+        m = np.shape(indices)[1]
+        if b % m:
+            raise ValueError(f"micro_batch_size {b} is not a multiple of the {m} rows per unit")
+        return unit_micro_batches(indices, b // m)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     n_chunks = max(1, -(-idx.size // b))
     out = []
