@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 import mindspore as ms
-from mindspore import nn, ops  # noqa: E402
+from mindspore import nn  # noqa: E402
 
 from accountant.certify import certify  # noqa: E402
 from accountant.mechanism import Mechanism  # noqa: E402
@@ -17,17 +17,9 @@ from accountant.shuffle import run_mechanism  # noqa: E402
 from finetune import make_private  # noqa: E402
 from finetune.dp.sampling import FixedSizeSampler, uniform_below  # noqa: E402
 from finetune.engine import EngineConfigError  # noqa: E402
+from helpers import Clf  # noqa: E402
 
 N, DELTA = 200, 1e-5
-
-
-class Clf(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
-
-    def construct(self, x, y):
-        return ops.cross_entropy(self.fc(x), y, reduction="none")
 
 
 def test_fixed_size_sampler_draws_every_subset_equally_often():

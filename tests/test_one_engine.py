@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from accountant.certify import certify
 from accountant.ledger import PrivacyLedger
@@ -22,6 +22,7 @@ from accountant.table import load_table, write_certified_table
 from finetune import make_private
 from finetune.data import generate_records, write_jsonl
 from finetune.engine import EngineConfigError
+from helpers import Clf
 
 STEPS, Q, DELTA = 4, 0.1, 1e-5
 ARGS = ("--seq-len", "24", "--micro-batch", "8", "--method", "lora", "--quiet", "--seed", "0")
@@ -218,15 +219,6 @@ def test_a_shuffle_batch_pipeline_is_refused_on_every_path(files):
 # make_private as the front door (a small classifier)
 # ---------------------------------------------------------------------------------------------
 N = 200
-
-
-class Clf(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Dense(4, 3, weight_init="zeros", bias_init="zeros")
-
-    def construct(self, x, y):
-        return ops.cross_entropy(self.fc(x), y, reduction="none")
 
 
 def _clf_data():

@@ -80,12 +80,7 @@ class PoissonSampler:
         if (int(state["dataset_size"]) != self.dataset_size
                 or float(state["sampling_rate"]) != self.sampling_rate):
             raise ValueError("the saved sampler state is for another dataset size or sampling rate")
-        seeded = isinstance(self.rng, np.random.Generator)
-        if seeded != ("secure" not in state["rng"]):
-            raise ValueError("the saved sampler used another kind of generator (seeded vs secure)")
-        if seeded:
-            self.rng.bit_generator.state = state["rng"]
-        self.position = int(state["position"])
+        _restore_position(self, state)
 
     @property
     def expected_batch_size(self) -> float:
@@ -176,12 +171,7 @@ class FixedSizeSampler:
         """Continue from :meth:`state_dict`; refuses another dataset size or batch size."""
         if (int(state["dataset_size"]) != self.dataset_size or int(state["batch_size"]) != self.batch_size):
             raise ValueError("the saved sampler state is for another dataset size or batch size")
-        seeded = isinstance(self.rng, np.random.Generator)
-        if seeded != ("secure" not in state["rng"]):
-            raise ValueError("the saved sampler used another kind of generator (seeded vs secure)")
-        if seeded:
-            self.rng.bit_generator.state = state["rng"]
-        self.position = int(state["position"])
+        _restore_position(self, state)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for _ in range(self.steps):
@@ -224,3 +214,14 @@ def micro_batches(indices: Sequence[int], micro_batch_size: int) -> list[MicroBa
 def pack(arrays: Sequence[np.ndarray], micro: MicroBatch) -> list[np.ndarray]:
     """Gather the rows of each dataset array for one micro-batch (padding rows repeat row 0)."""
     return [np.asarray(a)[micro.indices] for a in arrays]
+
+
+def _restore_position(sampler, state: dict) -> None:
+    """Continue ``sampler`` (its ``rng`` and ``position``) from a saved state: a seeded generator's
+    state is restored, a secure one stays freshly keyed (its key is never stored)."""
+    seeded = isinstance(sampler.rng, np.random.Generator)
+    if seeded != ("secure" not in state["rng"]):
+        raise ValueError("the saved sampler used another kind of generator (seeded vs secure)")
+    if seeded:
+        sampler.rng.bit_generator.state = state["rng"]
+    sampler.position = int(state["position"])
