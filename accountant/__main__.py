@@ -43,12 +43,12 @@ from accountant.audit_cli import add_audit_command
 from accountant.cli_common import (DEFAULT_SAMPLING_RATE, DEFAULT_STEPS, EPSILON_FLAGS, OneLineParser,
                                    failure_line, marked, positive_count, round_down, round_up, run_settings,
                                    settings_json)
-from accountant.certify import Accuracy, CertificationError, calibrate, certify, delta_for_epsilon
+from accountant.certify import Accuracy, calibrate, certify, delta_for_epsilon
 from accountant.laws import cli_laws
 from accountant.mechanism import GEOMETRIES, SAMPLING_RELATION, Mechanism
-from accountant.noise import LMO, NoiseParameterError
+from accountant.noise import LMO
 from accountant.output_path import check_output_file
-from accountant.table import TableError, compare_claim, load_table, table_mechanism, write_certified_table
+from accountant.table import compare_claim, load_table, table_mechanism, write_certified_table
 
 LMO_KEYS = ("a1", "a3", "a4", "G_k", "G_theta", "E_lambda", "U_a", "U_b")
 # laws read from files, not from --PARAM options

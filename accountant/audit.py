@@ -48,7 +48,7 @@ from accountant import composition
 from accountant.certify import certify
 from accountant.mechanism import Mechanism
 from accountant.noise import Gaussian, Noise, Tabulated
-from accountant.privacy_loss import TAIL_NEGLIGIBLE, level_set_masses
+from accountant.privacy_loss import TAIL_NEGLIGIBLE
 
 #: lattice points snap onto a lattice value within this fraction of a step (a stated float tolerance)
 SNAP = 1e-9

@@ -20,7 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from accountant.certify import Accuracy, CertificationError, certify, pld_epsilon
+from accountant.certify import Accuracy, certify, pld_epsilon
 from accountant.mechanism import Mechanism, UnsupportedMechanism, step_pair
 
 TIGHT = "tight mixture"

@@ -228,11 +228,20 @@ def _check_unit_args(args) -> None:
 
 def _person_plan(args, data, dist):
     """(training data, unit layout or None, per-record persons or None) of the run's privacy unit."""
+    from .data import DataError, record_people
     from .dp.units import UnitConfigError, UnitLayout, corpus_units, person_counts
 
     unit = getattr(args, "privacy_unit", "record")
+    records = data.train.records
     try:
-        plan = corpus_units(data.train.records, unit, getattr(args, "multi_owner", None))
+        people = record_people(records)
+    except DataError as e:   # a record with PII but nobody named: no person report, no person units
+        if unit == "person":
+            raise UserError(str(e)) from None
+        people = None
+    source = "user" if records and all(r.get("user") is not None for r in records) else "people"
+    try:
+        plan = corpus_units(people, unit, getattr(args, "multi_owner", None), source=source)
     except UnitConfigError as e:
         raise UserError(str(e)) from None
     cap = getattr(args, "person_cap", None)

@@ -302,9 +302,9 @@ class PrivateEngine:
 
         Cheap enough to call every step: an upper bound that is never below the certificate of the
         steps taken (``ReleaseGuard.epsilon_bound``: 0 before the first step, the run's certificate
-        after its last, in between the smaller of the whole planned run's certificate and a coarse
-        pessimistic PLD bound computed in the background).  ``exact=True`` certifies the ledger
-        itself (both accountants; seconds)."""
+        after its last, in between the smallest known certificate of at least the steps taken: the
+        whole planned run's, or one at a geometric checkpoint of ``IncrementalEpsilon`` computed in
+        the background).  ``exact=True`` certifies the ledger itself (both accountants; seconds)."""
         return self.guard.epsilon_spent() if exact else self.guard.epsilon_bound()
 
     # ---- mindspore.train.Model -------------------------------------------------------------------

@@ -270,13 +270,14 @@ def test_cli_person_refusals_are_one_line(corpus, tmp_path, capsys, data, extra,
 
 def test_drop_keeps_exactly_the_single_owner_records_and_removing_a_person_removes_only_theirs():
     """Method B (corpus_units(..., multi_owner='drop')) is record-local: S(D minus R_X) = S(D) minus R_X."""
+    from finetune.data import record_people
     from finetune.dp.units import corpus_units
 
     rng = np.random.default_rng(7)
     for _ in range(30):
         recs = [{"id": i, "people": sorted(set(rng.integers(0, 8, rng.integers(0, 4)).tolist()))}
                 for i in range(40)]
-        full = corpus_units(recs, "person", "drop")
+        full = corpus_units(record_people(recs), "person", "drop")
         kept = {recs[i]["id"]: u for i, u in zip(full.keep, full.unit_ids)}
         assert all(len(r["people"]) == 1 for r in recs if r["id"] in kept)
         assert full.dropped == sum(len(r["people"]) != 1 for r in recs)
@@ -284,16 +285,18 @@ def test_drop_keeps_exactly_the_single_owner_records_and_removing_a_person_remov
             rest = [r for r in recs if x not in r["people"]]
             if not any(len(r["people"]) == 1 for r in rest):
                 continue
-            sub = corpus_units(rest, "person", "drop")
+            sub = corpus_units(record_people(rest), "person", "drop")
             assert {rest[i]["id"] for i in sub.keep} == {i for i, u in kept.items() if u != x}
     with pytest.raises(ValueError, match="name several people"):
-        corpus_units([{"people": [0, 1]}, {"people": [0]}], "person")
-    assert corpus_units([{"people": [0, 1]}, {"people": [0]}], "person", "record-sampling").record_people == \
-        [[0, 1], [0]]
-    assert corpus_units([{"user": "a", "people": ["a"]}, {"user": "b", "pii": [["name", "B"]]}],
+        corpus_units(record_people([{"people": [0, 1]}, {"people": [0]}]), "person")
+    assert corpus_units(record_people([{"people": [0, 1]}, {"people": [0]}]), "person",
+                        "record-sampling").record_people == [(0, 1), (0,)]
+    assert corpus_units(record_people([{"user": "a", "people": ["a"]}, {"user": "b", "pii": [["name", "B"]]}]),
                         "person").unit_ids == ["a", "b"]
     with pytest.raises(ValueError, match="name several people"):   # the owner's record names someone else
-        corpus_units([{"user": "a", "people": [0]}, {"user": "b"}], "person")
+        corpus_units(record_people([{"user": "a", "people": [0]}, {"user": "b"}]), "person")
+    with pytest.raises(TypeError, match="record_people"):          # the records themselves: refused
+        corpus_units([{"user": "a"}, {"user": "b"}], "person")
 
 
 def test_dataset_rows_of_a_unit_run_are_whole_units():

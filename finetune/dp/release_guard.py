@@ -16,7 +16,10 @@ run instead of being exceeded), and a claim that not even one release fits is re
 """
 from __future__ import annotations
 
-from accountant.ledger import PrivacyLedger
+import logging
+import threading
+
+from accountant.ledger import IncrementalEpsilon, PrivacyLedger
 from accountant.mechanism import Mechanism
 from accountant.shuffle import releases
 
@@ -26,6 +29,10 @@ __all__ = ["ReleaseGuard", "SamplingMismatch", "StepCounter"]
 
 #: relative slack when a run's certificate is compared with a table's claim (float round-off)
 _CLAIM_RTOL = 1e-9
+#: checkpoint growth of the per-step bound: it is at most the certificate of 19% more releases
+_GROWTH = 2 ** 0.25
+
+log = logging.getLogger(__name__)
 
 
 class SamplingMismatch(ValueError):
@@ -50,7 +57,7 @@ class ReleaseGuard:
         self.ledger = PrivacyLedger(self.delta, self.budget, sampling=sampling, relation=relation)
         self.steps_taken = 0
         self._eps_cache = (0, 0.0)
-        self._trace = None
+        self._bound = None
         self.epsilon_at_limit = self.budget
         if cap is not None and self.budget > float(cap) * (1 + _CLAIM_RTOL):
             self._cap_limit(float(cap))
@@ -131,13 +138,16 @@ class ReleaseGuard:
         return self._eps_cache[1]
 
     def epsilon_bound(self) -> float:
-        """An upper bound on :meth:`epsilon_spent`, cheap enough for every step.
+        """An upper bound on :meth:`epsilon_spent`, cheap enough for every step (no certificate
+        is computed on the caller's thread).
 
         0 before the first release; the run's certificate once its last release is charged; in
-        between the smaller of the certificate of all planned releases (composing more releases of
-        the same mechanism never lowers epsilon, so it bounds any prefix) and the coarse pessimistic
-        PLD bound of ``finetune.dp.epsilon_trace`` (computed in a background thread, started on the
-        first call).  Never below the certified epsilon of the releases so far."""
+        between the smallest certificate known of a run of at least the releases so far: the planned
+        run's, or one at a checkpoint of ``accountant.ledger.IncrementalEpsilon`` (computed in a
+        background thread started on the first call, one checkpoint ahead).  Composing more releases
+        of the same mechanism never lowers epsilon (the first releases are a post-processing of all
+        of them), so each bounds the epsilon spent; never below the certificate of the releases so
+        far."""
         done = self._releases(self.steps_taken)
         if done == 0:
             return 0.0
@@ -145,16 +155,14 @@ class ReleaseGuard:
             return self.epsilon_at_limit
         if self._eps_cache[0] == self.steps_taken and self.steps_taken:
             return self._eps_cache[1]   # already certified exactly
-        if self._trace is None:
-            from .epsilon_trace import EpsilonTrace
-            self._trace = EpsilonTrace(self.release, self.delta, self._releases(self.limit),
-                                       self.epsilon_at_limit)
-        return self._trace.upper_bound(done)
+        if self._bound is None:
+            self._bound = _CheckpointBound(self, self._releases(self.limit), self.epsilon_at_limit)
+        return self._bound.upper_bound(done)
 
     def close(self) -> None:
-        """Stop the background bound of :meth:`epsilon_bound` (if one was started)."""
-        if self._trace is not None:
-            self._trace.close()
+        """Stop the background certificates of :meth:`epsilon_bound` (if they were started)."""
+        if self._bound is not None:
+            self._bound.close()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -183,6 +191,74 @@ class ReleaseGuard:
         ledger.epsilon_budget = self.budget
         self.ledger, self.steps_taken = ledger, steps
         self._eps_cache = (0, 0.0)
+
+
+class _CheckpointBound:
+    """Certificates of prefixes of the run at the checkpoints of
+    :class:`accountant.ledger.IncrementalEpsilon`, computed in a daemon thread on its own ledger
+    (the guard's ledger always holds ``done`` releases of one mechanism; the thread never reads it).
+
+    ``upper_bound(done)`` returns at once: the smallest certificate known for ``done`` or more
+    releases (the planned run's until a checkpoint's is ready).  The thread certifies the
+    checkpoint covering the releases so far, then the next one, and waits for the run to move on."""
+
+    def __init__(self, guard: "ReleaseGuard", horizon: int, ceiling: float):
+        self.ledger = PrivacyLedger(guard.delta, sampling=guard.sampling, relation=guard.relation,
+                                    accuracy=guard.ledger.accuracy)
+        self.incremental = IncrementalEpsilon(self.ledger, growth=_GROWTH, horizon=horizon)
+        self.release, self.horizon = guard.release, horizon
+        self.known = {horizon: float(ceiling)}   # replaced, never mutated: read without the lock
+        self.error: Exception | None = None
+        self._done, self._stopped, self._busy = 0, False, False
+        self._cv = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="epsilon-bound").start()
+
+    def upper_bound(self, done: int) -> float:
+        if done > self._done:
+            with self._cv:
+                self._done = done
+                self._cv.notify_all()
+        return min(eps for c, eps in self.known.items() if c >= done)
+
+    def _next(self) -> int | None:
+        """The checkpoint to certify next (the one covering the releases so far, else the one after
+        it), or ``None`` when both are known, after an error or once closed."""
+        if self._stopped or self.error is not None:
+            return None
+        c = self.incremental.checkpoint(max(self._done, 1))
+        if c in self.known:
+            c = self.incremental.checkpoint(c + 1)
+        return None if c in self.known or not self.ledger.steps < c < self.horizon else c
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while (c := self._next()) is None:
+                    if self._stopped or self.error is not None:
+                        return
+                    self._cv.wait()
+                self.ledger.record(self.release, c - self.ledger.steps)
+                self._busy = True
+            try:
+                eps = float(self.incremental.epsilon())
+            except Exception as exc:   # the bound stays valid: the planned run's certificate
+                log.warning("the per-step epsilon bound stays at the run's certificate: %s", exc)
+                eps, self.error = None, exc
+            with self._cv:
+                if eps is not None:
+                    self.known = {**self.known, c: eps}
+                self._busy = False
+                self._cv.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every checkpoint the thread would certify now is known (tests, benchmarks)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._busy and self._next() is None, timeout)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
 
 
 class StepCounter:

@@ -243,55 +243,32 @@ class CorpusUnits:
     note: str = ""
 
 
-def _people_of(records) -> list:
-    """Each record's persons: its ``user`` (owner) followed by the persons its ``people`` names, without
-    repeats.  A record with PII but neither field is refused (person-level DP cannot protect a person
-    it cannot see); one with neither and no PII names nobody."""
-    out = []
-    for i, r in enumerate(records):
-        people = r.get("people")
-        if people is None:
-            if r.get("pii") and r.get("user") is None:
-                raise UnitConfigError(f"record {r.get('id', i)} has PII but no 'people' field: person-level "
-                                      "DP needs to know whom each record names")
-            people = []
-        if not isinstance(people, (list, tuple)) or any(isinstance(p, (bool, float)) or p is None
-                                                        for p in people):
-            raise UnitConfigError(f"record {r.get('id', i)}: 'people' must be a list of person ids")
-        if len(set(people)) != len(people):
-            raise UnitConfigError(f"record {r.get('id', i)} names a person twice in 'people'")
-        user = r.get("user")
-        if isinstance(user, (bool, float, list, dict)):
-            raise UnitConfigError(f"record {r.get('id', i)}: 'user' must be a person id")
-        ids = ([] if user is None else [user]) + [p for p in people if p != user]
-        out.append(ids)
-    return out
+def corpus_units(record_people, privacy_unit: str = "record", multi_owner: str | None = None, *,
+                 source: str = "people") -> CorpusUnits:
+    """The privacy unit of a run whose training record ``i`` names the persons ``record_people[i]``
+    (its ``user``, the owner, first, then the persons its ``people`` names: what
+    ``finetune.data.record_people`` reads and checks; ``None`` when the records do not say whom
+    they name, which only a record-level run accepts).  ``source`` (``"user"`` when every record
+    has an owner, else ``"people"``) is where the units come from, for the note.
 
-
-def corpus_units(records, privacy_unit: str = "record", multi_owner: str | None = None) -> CorpusUnits:
-    """The privacy unit of a run over ``records`` (dicts with ``user`` and/or ``people``).
-
-    A record's persons are its ``user`` (owner) and the persons its ``people`` names.
-    ``record``: every record trained; ``record_people`` for the person-level report when every record
-    says whom it names.  ``person``: the unit of a record is its one person (the ``user`` when every
-    record has one, else from ``people``).  A record naming several people (an owner and someone
-    else, or two people) has no single owner: ``multi_owner`` must be
-    ``"record-sampling"`` (record-level sampling of every record, person-level accounting with k =
-    the most records naming one person) or ``"drop"`` (unit-level over the records naming exactly one
-    person; the rule looks at each record alone, so removing a person removes exactly their records).
-    Records naming nobody have no unit and are dropped from a unit-level run."""
+    ``record``: every record trained; ``record_people`` for the person-level report when some
+    record names somebody.  ``person``: the unit of a record is its one person.  A record naming
+    several people (an owner and someone else, or two people) has no single owner: ``multi_owner``
+    must be ``"record-sampling"`` (record-level sampling of every record, person-level accounting
+    with k = the most records naming one person) or ``"drop"`` (unit-level over the records naming
+    exactly one person; the rule looks at each record alone, so removing a person removes exactly
+    their records).  Records naming nobody have no unit and are dropped from a unit-level run."""
+    if record_people is not None and not all(isinstance(p, (list, tuple)) for p in record_people):
+        raise TypeError("corpus_units takes the persons of each record (finetune.data.record_people), "
+                        "not the records")
     if privacy_unit == "record":
-        try:
-            people = _people_of(records)
-        except UnitConfigError:
-            people = None
-        if people is not None and not any(people):
-            people = None
+        people = None if record_people is None or not any(record_people) else list(record_people)
         return CorpusUnits(record_people=people)
     if privacy_unit != "person":
         raise UnitConfigError(f"privacy unit must be 'record' or 'person', got {privacy_unit!r}")
-    source = "user" if records and all(r.get("user") is not None for r in records) else "people"
-    people = _people_of(records)
+    if record_people is None:
+        raise UnitConfigError("person units need every record to say whom it names ('user' or 'people')")
+    people = list(record_people)
     multi = sum(len(p) >= 2 for p in people)
     if multi and multi_owner is None:
         raise UnitConfigError(

@@ -48,7 +48,7 @@ import numpy as np
 
 from mindspore import ops
 
-from .gpt2 import (GPT2LMHeadModel, Linear, _gelu_tanh, _param, _per_example, assign_parameter,
+from .gpt2 import (Linear, _gelu_tanh, _param, _per_example, assign_parameter,
                    refresh_parameter_names)
 
 __all__ = ["LoRALinear", "AdaptedLinear", "apply_lora", "apply_bitfit", "apply_norm_only",
