@@ -143,3 +143,16 @@ def test_person_extraction_counts_unattributed_pii_of_member_records():
                               member_all={("name", "Ann"), ("name", "Bo"), ("email", "pair@x.org")})
     assert r["precision"] == 1.0 and r["recall"] == pytest.approx(2 / 3)
     assert r["member_persons_exposed"] == 0.5
+
+
+def test_person_summary_line_of_a_unit_level_run_names_no_record_count():
+    """A unit-level run has no person_k (its certificate covers a person whatever their count); the
+    printed line said "a person in at most None records"."""
+    from finetune.evaluation.report import _person_lines
+
+    unit = _person_lines({"person_epsilon": 0.99977, "person_k": None, "person_method": "unit-level",
+                          "epsilon": 0.99977})[0]
+    assert "None" not in unit and "(unit-level)" in unit and "person-level epsilon 0.9998" in unit
+    rec = _person_lines({"person_epsilon": 18.31, "person_k": 12, "person_method": "tight mixture",
+                         "epsilon": 0.99977})[0]
+    assert "a person in at most 12 records; tight mixture" in rec

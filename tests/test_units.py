@@ -314,3 +314,35 @@ def test_dataset_rows_of_a_unit_run_are_whole_units():
         for unit_rows, unit_mask in zip(data[:, 0].reshape(2, 2), mask.reshape(2, 2)):
             owners = {ids[int(r)] for r, k in zip(unit_rows, unit_mask) if k}
             assert len(owners) <= 1 and unit_mask.sum() <= 2
+
+
+def test_cli_person_metrics_of_a_finished_guarded_run():
+    """python -m finetune's person_epsilon of a table run (ReleaseGuard) is the person-level accountant
+    at the steps charged so far, k = the most records naming one person; a unit-level run's is its own
+    epsilon.  (It read ``guard.mechanism``, which ReleaseGuard does not have: every private CLI run
+    ended in an AttributeError after its last step.)"""
+    from types import SimpleNamespace
+
+    from accountant.mechanism import Mechanism
+    from accountant.noise import Gaussian
+    from accountant.person import person_epsilon
+    from accountant.shuffle import check_sampling
+    from finetune.__main__ import _person_metrics
+    from finetune.dp.release_guard import ReleaseGuard
+
+    release = Mechanism(Gaussian(1.0), 1.0, "l2", 0.25, 1)
+    guard = ReleaseGuard(release, sampling="poisson", relation=check_sampling("poisson", None), steps=5,
+                         steps_in_epoch=None, delta=1e-5, budget=50.0, expected_batch_size=3.0)
+    for _ in range(3):
+        guard.record_step()
+    args = SimpleNamespace(person_cap=None)
+    people = [[0], [0, 1], [0], [2], [1]]                           # person 0 in 3 records
+    m = _person_metrics(args, SimpleNamespace(guard=guard), None, people)
+    expect = person_epsilon(Mechanism(Gaussian(1.0), 1.0, "l2", 0.25, 3), delta=1e-5, k=3)
+    assert m["privacy_unit"] == "record" and m["person_k"] == 3
+    assert m["person_epsilon"] == pytest.approx(expect.epsilon, rel=1e-9)
+    assert m["person_epsilon"] > guard.epsilon_spent() > 0
+    units = UnitLayout([0, 0, 1, 2], 2)
+    u = _person_metrics(args, SimpleNamespace(guard=guard), units, None)
+    assert u["person_method"] == "unit-level" and u["person_epsilon"] == guard.epsilon_spent()
+    assert u["n_units"] == 3 and u["max_records_per_unit"] == 2

@@ -414,8 +414,9 @@ def _at_seq_len(s: dict) -> str:
 def _person_lines(s: dict) -> list:
     """The person-level lines of the printed summary."""
     if s.get("person_epsilon") is not None:
-        head = (f"  persons   person-level epsilon {_rounded(s['person_epsilon'])} (a person in at most "
-                f"{s.get('person_k')} records; {s.get('person_method')})")
+        k = s.get("person_k")         # None for a unit-level run: its certificate covers any count
+        head = (f"  persons   person-level epsilon {_rounded(s['person_epsilon'])} ("
+                + ("" if k is None else f"a person in at most {k} records; ") + f"{s.get('person_method')})")
     elif s.get("epsilon") is not None:
         head = "  persons   record-level run: no person-level bound"
     else:
