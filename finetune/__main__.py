@@ -265,8 +265,9 @@ def _person_metrics(args, result, units, record_people) -> dict:
            "max_records_per_unit": None if units is None else units.max_rows_per_unit}
     if guard is None:
         return out | {"person_epsilon": None, "person_k": None, "person_method": "non-private run"}
-    report = person_report(guard.epsilon_spent(), guard.mechanism.with_steps(max(1, guard.steps_taken)),
-                           guard.delta, unit="record" if units is None else "person", sampling="poisson",
+    released = guard.release.with_steps(max(1, guard._releases(guard.steps_taken)))  # charged so far
+    report = person_report(guard.epsilon_spent(), released, guard.delta,
+                           unit="record" if units is None else "person", sampling="poisson",
                            record_people=record_people, person_cap=getattr(args, "person_cap", None))
     return out | report
 
