@@ -1,7 +1,7 @@
 """Cost of differential privacy in finetune, measured side by side in one run.
 
     python benchmarks/finetune_bench.py [--steps 20] [--gpt2-small [--json]] [--no-memory]
-    python benchmarks/finetune_bench.py --llama [--llama-steps 4] [--merge-rounds 8] [--json]
+    python benchmarks/finetune_bench.py --llama [--llama-steps 3] [--llama-rounds 2] [--json]
 
 1. Tiny GPT-2 (2 layers, width 128, vocabulary 5000, sequence 64, batch 16), one optimizer step:
    DP-BiTFiT, DP-LoRA and DP full fine-tuning vs their non-private counterparts.  Step times are
@@ -30,9 +30,9 @@
 5. ``--llama`` (only this section): the ~100M Llama preset (``llama-100m``: 12 layers, width 640,
    GQA 10/5 heads, vocabulary 32000, random init), sequence 128, batch 16 in one micro-batch; LoRA
    (rank 8, q/v projections), norm-only (RMSNorm gains) and full fine-tuning, the DP step
-   (book-keeping) vs the fused non-private step.  The two run in two live processes stepped
-   alternately (one compiled graph each; peak memory is each process's own), then the merged LoRA
-   adapter's forward latency vs the base model (``benchmarks/merge_latency.py``).
+   (book-keeping) vs the fused non-private step, one subprocess each (peak memory is its own), in
+   rounds whose order alternates; then the merged LoRA adapter's forward latency vs the base model
+   (``benchmarks/merge_latency.py``).
 6. ``--checkpoint`` (only this section): the cost of one training checkpoint
    (``finetune.checkpointing``: trained weights, optimizer state, ledger and generator state in one
    checksummed safetensors file, written atomically with fsync) and of loading it back, for the
@@ -299,100 +299,34 @@ def _spawn(name: str, spec_name: str, steps: int, table, pynative: bool = False,
     return json.loads(lines[-1])
 
 
-def _lockstep_worker(name: str, spec_name: str, table_path: str) -> None:
-    """Subprocess for interleaved timing across processes: build and compile one configuration,
-    print ``{"ready": ...}``, then run one step per ``step`` line read from stdin and print its time;
-    on ``done`` print the peak resident memory and exit."""
-    import mindspore as ms
-
-    from accountant.table import load_table
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    method, mode = CONFIGS[name]
-    table = load_table(table_path) if mode.startswith("dp") else None
-    runner = _Runner(method, mode, SPECS[spec_name], table)
-    print(json.dumps({"ready": runner.step(), "trainable": runner.n_params}), flush=True)
-    phases = []
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        t = runner.step()
-        if mode.startswith("dp"):
-            phases.append(dict(runner.dp.last_timings))
-        print(json.dumps({"t": t}), flush=True)
-    out = {"peak_rss_mb": _rss_mb()}
-    if phases:
-        out["host_phases"] = _median_timings(phases)
-    print(json.dumps(out), flush=True)
-
-
-class _Lockstep:
-    """A worker process of :func:`_lockstep_worker`, driven one step at a time."""
-
-    def __init__(self, name: str, spec_name: str, table):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", spec_name,
-               "--table", table[1], "--lockstep"]
-        self.name = name
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.first = self._read()
-        self.times = []
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"worker {self.name} ended (exit code {self.proc.wait()}; a kill "
-                                   "for memory ends it with -9)")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def step(self) -> None:
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        self.times.append(self._read()["t"])
-
-    def finish(self) -> dict:
-        self.proc.stdin.write("done\n")
-        self.proc.stdin.flush()
-        out = self._read()
-        self.proc.wait()
-        return dict(out, median_step_s=float(np.median(self.times)), first_step_s=self.first["ready"],
-                    trainable=self.first["trainable"])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def bench_llama(args, table) -> dict:
     """Llama (``--llama-spec``, default the ~100M preset at sequence 128, batch 16): for LoRA (rank 8,
-    q/v), norm-only and full fine-tuning, the DP step (book-keeping) and the fused non-private step
-    run in two live processes, stepped alternately (DP, non-private, non-private, DP, ...), so machine
-    load affects both alike; peak memory is each process's own. Then the merged adapter's inference
-    latency vs the base model (``benchmarks/merge_latency.py``, its own process)."""
+    q/v), norm-only and full fine-tuning, the DP step (book-keeping) and the fused non-private step,
+    each in its own subprocess (so peak memory is its own: two ~10 GB processes at once would not fit
+    a 24 GB machine), back to back in ``--llama-rounds`` rounds whose order alternates (DP first, then
+    non-private first, ...); the step time is the median over rounds of each run's median. Then the
+    merged adapter's inference latency vs the base model (``benchmarks/merge_latency.py``)."""
     spec = SPECS[args.llama_spec]
     print(f"\n== Llama ({spec['preset']}, random init, seq {spec['seq']}, batch {spec['batch']}, one "
-          "micro-batch): DP (book-keeping) vs fused non-private step, two processes stepped "
-          "alternately ==", flush=True)
+          "micro-batch): DP (book-keeping) vs fused non-private step, one subprocess each, "
+          f"{args.llama_rounds} round(s) of {args.llama_steps} steps, order alternating ==", flush=True)
     summary = {}
     for method in LLAMA_METHODS:
         label = LABEL[method]
-        workers = []
+        runs = {"dp": [], "base": []}
         try:
-            workers = [_Lockstep(f"DP-{label}", args.llama_spec, table),
-                       _Lockstep(f"{label} fused", args.llama_spec, table)]
-            for i in range(args.llama_steps):
-                for w in (workers if i % 2 == 0 else workers[::-1]):
-                    w.step()
-            dp, base = (w.finish() for w in workers)
+            for i in range(args.llama_rounds):     # order alternates round by round
+                order = (("dp", f"DP-{label}"), ("base", f"{label} fused"))
+                for key, name in (order if i % 2 == 0 else order[::-1]):
+                    runs[key].append(_spawn(name, args.llama_spec, args.llama_steps, table))
         except RuntimeError as e:   # e.g. killed for memory: say so, measure the other methods
             print(f"  {label}: failed ({str(e).strip()[-300:]})", flush=True)
             summary[method] = {"time_ratio": None, "memory_ratio": None, "error": str(e)[-300:]}
             continue
-        finally:
-            for w in workers:
-                w.kill()
+        dp, base = ({"median_step_s": float(np.median([r["median_step_s"] for r in rs])),
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "trainable": rs[0]["trainable"],
+                     "first_step_s": rs[0]["first_step_s"], "host_phases": rs[0].get("host_phases", {})}
+                    for rs in (runs["dp"], runs["base"]))
         t_ratio = dp["median_step_s"] / base["median_step_s"]
         m_ratio = dp["peak_rss_mb"] / base["peak_rss_mb"]
         t_target, m_target = TARGETS[method]
@@ -407,7 +341,8 @@ def bench_llama(args, table) -> dict:
         summary[method] = {"time_ratio": round(t_ratio, 4), "memory_ratio": round(m_ratio, 4),
                            "dp_step_s": dp["median_step_s"], "nonprivate_step_s": base["median_step_s"],
                            "dp_peak_rss_mb": dp["peak_rss_mb"], "nonprivate_peak_rss_mb": base["peak_rss_mb"],
-                           "trainable": dp["trainable"], "dp_phases_s": host, "steps": args.llama_steps}
+                           "trainable": dp["trainable"], "dp_phases_s": host, "steps": args.llama_steps,
+                           "rounds": args.llama_rounds}
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "merge_latency.py"), "--models", spec["preset"],
            "--batch", str(spec["batch"]), "--seq", str(spec["seq"]), "--rounds", str(args.merge_rounds),
            "--json"]
@@ -564,23 +499,21 @@ def main(argv=None) -> int:
     p.add_argument("--llama", action="store_true",
                    help="only the Llama section: LoRA, norm-only and full on the ~100M Llama preset "
                         "(seq 128, batch 16), DP vs non-private, and the merged adapter's latency")
-    p.add_argument("--llama-steps", type=int, default=4,
-                   help="timed steps per Llama configuration, alternating DP and non-private (default 4)")
+    p.add_argument("--llama-steps", type=int, default=3,
+                   help="timed steps per Llama run (default 3)")
+    p.add_argument("--llama-rounds", type=int, default=2,
+                   help="runs of each Llama configuration, DP and non-private alternating (default 2)")
     p.add_argument("--llama-spec", default="llama100m", choices=("llama100m", "llama-tiny128"),
                    help="model of --llama: the ~100M preset (default) or, as a quick check of the same "
                         "shapes, llama-tiny")
     p.add_argument("--merge-rounds", type=int, default=8,
                    help="alternating base/merged forward rounds of --llama's latency (default 8)")
-    p.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
     p.add_argument("--pynative", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker and args.lockstep:
-        _lockstep_worker(args.worker, args.spec, args.table)
-        return 0
     if args.worker:
         _worker(args.worker, args.spec, args.steps, args.table, args.pynative, args.profile)
         return 0
