@@ -25,14 +25,20 @@ import shutil
 import sys
 import tempfile
 
-from ..cli import OneLineParser, UserError
+from accountant import cli_common
 
 PROG = "python -m finetune.models.create"
 PRESETS = ("llama-tiny", "llama-100m")
 
 
+class _Parser(cli_common.OneLineParser):
+    """Usage mistakes in one line, ``PROG: error: ...``, exit code 2 (as the finetune programs)."""
+
+    name_the_program = True
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Write a random-init Llama-family checkpoint folder "
+    p = _Parser(prog=PROG, description="Write a random-init Llama-family checkpoint folder "
                                              "(config.json, model.safetensors, tokenizer.json).")
     p.add_argument("--preset", required=True, choices=PRESETS, help="model shape")
     p.add_argument("--out", required=True, help="folder to create (refused if it exists, unless --overwrite)")
