@@ -319,6 +319,10 @@ def bench_llama(args, table) -> dict:
                 order = (("dp", f"DP-{label}"), ("base", f"{label} fused"))
                 for key, name in (order if i % 2 == 0 else order[::-1]):
                     runs[key].append(_spawn(name, args.llama_spec, args.llama_steps, table))
+                    r = runs[key][-1]      # printed at once: a later worker may be killed for memory
+                    print(f"    {name:18s} median step {r['median_step_s']:7.2f} s, peak RSS "
+                          f"{r['peak_rss_mb']:7.0f} MB (first step incl. compile {r['first_step_s']:.0f} s)",
+                          flush=True)
         except RuntimeError as e:   # e.g. killed for memory: say so, measure the other methods
             print(f"  {label}: failed ({str(e).strip()[-300:]})", flush=True)
             summary[method] = {"time_ratio": None, "memory_ratio": None, "error": str(e)[-300:]}
