@@ -1,6 +1,7 @@
 """Cost of differential privacy in finetune, measured side by side in one run.
 
     python benchmarks/finetune_bench.py [--steps 20] [--gpt2-small [--json]] [--no-memory]
+    python benchmarks/finetune_bench.py --llama [--llama-steps 3] [--llama-rounds 2] [--json]
 
 1. Tiny GPT-2 (2 layers, width 128, vocabulary 5000, sequence 64, batch 16), one optimizer step:
    DP-BiTFiT, DP-LoRA and DP full fine-tuning vs their non-private counterparts.  Step times are
@@ -26,7 +27,13 @@
    Each DP step is also timed through ``make_private``'s engine (``engine.step`` on the batches of
    ``engine.batches``, rate 1 so the batch is the same 16 examples): its ratio to the bare
    ``DPOptimizer`` step is the engine's overhead.
-5. ``--checkpoint`` (only this section): the cost of one training checkpoint
+5. ``--llama`` (only this section): the ~100M Llama preset (``llama-100m``: 12 layers, width 640,
+   GQA 10/5 heads, vocabulary 32000, random init), sequence 128, batch 16 in one micro-batch; LoRA
+   (rank 8, q/v projections), norm-only (RMSNorm gains) and full fine-tuning, the DP step
+   (book-keeping) vs the fused non-private step, one subprocess each (peak memory is its own), in
+   rounds whose order alternates; then the merged LoRA adapter's forward latency vs the base model
+   (``benchmarks/merge_latency.py``).
+6. ``--checkpoint`` (only this section): the cost of one training checkpoint
    (``finetune.checkpointing``: trained weights, optimizer state, ledger and generator state in one
    checksummed safetensors file, written atomically with fsync) and of loading it back, for the
    tiny model and GPT-2 small, per method (``--checkpoint-methods``), next to the default interval
@@ -50,8 +57,10 @@ if ROOT not in sys.path:
 
 TINY = dict(preset="tiny", seq=64, batch=16)
 SMALL = dict(preset="small", seq=128, batch=16)
-SPECS = {"tiny": TINY, "small": SMALL,
-         "tiny128": dict(preset="tiny", seq=SMALL["seq"], batch=SMALL["batch"])}  # the small shape
+LLAMA = dict(preset="llama-100m", seq=128, batch=16)
+SPECS = {"tiny": TINY, "small": SMALL, "llama100m": LLAMA,
+         "tiny128": dict(preset="tiny", seq=SMALL["seq"], batch=SMALL["batch"]),  # the small shape
+         "llama-tiny128": dict(preset="llama-tiny", seq=LLAMA["seq"], batch=LLAMA["batch"])}
 METHODS = ("bitfit", "lora", "full")
 CONFIGS = {  # name -> (method, mode); mode: dp (book-keeping), dp-vmap, nodp (pipeline), fused
     "DP-BiTFiT": ("bitfit", "dp"),
@@ -68,8 +77,11 @@ CONFIGS = {  # name -> (method, mode); mode: dp (book-keeping), dp-vmap, nodp (p
     "DP-BiTFiT (make_private)": ("bitfit", "engine"),
     "DP-LoRA (make_private)": ("lora", "engine"),
     "DP-full (make_private)": ("full", "engine"),
+    "DP-norm-only": ("norm_only", "dp"),            # Llama family (no biases: BiTFiT's analogue)
+    "norm-only fused": ("norm_only", "fused"),
 }
-LABEL = {"bitfit": "BiTFiT", "lora": "LoRA", "full": "full"}
+LABEL = {"bitfit": "BiTFiT", "lora": "LoRA", "full": "full", "norm_only": "norm-only"}
+LLAMA_METHODS = ("lora", "norm_only", "full")
 
 
 def _table(expected_batch: float, n: int):
@@ -96,14 +108,17 @@ class _Runner:
         from mindspore import Tensor, nn
 
         from finetune.dp.optimizer import DPOptimizer
-        from finetune.models.gpt2 import GPT2Config, GPT2LMHeadModel
-        from finetune.models.peft import apply_bitfit, apply_lora
+        from finetune.models.checkpoint import from_pretrained
+        from finetune.models.peft import apply_bitfit, apply_lora, apply_norm_only
 
-        self.model = GPT2LMHeadModel(GPT2Config.preset(spec["preset"]), seed=seed)
-        if method == "lora":
-            apply_lora(self.model, r=8, alpha=16.0, targets=("c_attn",))
+        self.model = from_pretrained(spec["preset"], seed=seed)
+        llama = spec["preset"].startswith("llama")
+        if method == "lora":   # the attention projections (Hu et al.: W_q and W_v for Llama-style)
+            apply_lora(self.model, r=8, alpha=16.0, targets=("q_proj", "v_proj") if llama else ("c_attn",))
         elif method == "bitfit":
             apply_bitfit(self.model)
+        elif method == "norm_only":
+            apply_norm_only(self.model)
         params = self.model.trainable_params()
         self.n_params = int(sum(int(np.prod(p.shape)) for p in params))
         opt = nn.Adam(params, learning_rate=1e-4)
@@ -284,6 +299,72 @@ def _spawn(name: str, spec_name: str, steps: int, table, pynative: bool = False,
     return json.loads(lines[-1])
 
 
+def bench_llama(args, table) -> dict:
+    """Llama (``--llama-spec``, default the ~100M preset at sequence 128, batch 16): for LoRA (rank 8,
+    q/v), norm-only and full fine-tuning, the DP step (book-keeping) and the fused non-private step,
+    each in its own subprocess (so peak memory is its own: two ~10 GB processes at once would not fit
+    a 24 GB machine), back to back in ``--llama-rounds`` rounds whose order alternates (DP first, then
+    non-private first, ...); the step time is the median over rounds of each run's median. Then the
+    merged adapter's inference latency vs the base model (``benchmarks/merge_latency.py``)."""
+    spec = SPECS[args.llama_spec]
+    print(f"\n== Llama ({spec['preset']}, random init, seq {spec['seq']}, batch {spec['batch']}, one "
+          "micro-batch): DP (book-keeping) vs fused non-private step, one subprocess each, "
+          f"{args.llama_rounds} round(s) of {args.llama_steps} steps, order alternating ==", flush=True)
+    summary = {}
+    for method in LLAMA_METHODS:
+        label = LABEL[method]
+        runs = {"dp": [], "base": []}
+        try:
+            for i in range(args.llama_rounds):     # order alternates round by round
+                order = (("dp", f"DP-{label}"), ("base", f"{label} fused"))
+                for key, name in (order if i % 2 == 0 else order[::-1]):
+                    runs[key].append(_spawn(name, args.llama_spec, args.llama_steps, table))
+                    r = runs[key][-1]      # printed at once: a later worker may be killed for memory
+                    print(f"    {name:18s} median step {r['median_step_s']:7.2f} s, peak RSS "
+                          f"{r['peak_rss_mb']:7.0f} MB (first step incl. compile {r['first_step_s']:.0f} s)",
+                          flush=True)
+        except RuntimeError as e:   # e.g. killed for memory: say so, measure the other methods
+            print(f"  {label}: failed ({str(e).strip()[-300:]})", flush=True)
+            summary[method] = {"time_ratio": None, "memory_ratio": None, "error": str(e)[-300:]}
+            continue
+        dp, base = ({"median_step_s": float(np.median([r["median_step_s"] for r in rs])),
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "trainable": rs[0]["trainable"],
+                     "first_step_s": rs[0]["first_step_s"], "host_phases": rs[0].get("host_phases", {})}
+                    for rs in (runs["dp"], runs["base"]))
+        t_ratio = dp["median_step_s"] / base["median_step_s"]
+        m_ratio = dp["peak_rss_mb"] / base["peak_rss_mb"]
+        t_target, m_target = TARGETS[method]
+        print(f"  {label:9s} ({dp['trainable']} trainable)  DP {dp['median_step_s']:7.2f} s, "
+              f"{dp['peak_rss_mb']:7.0f} MB   non-private {base['median_step_s']:7.2f} s, "
+              f"{base['peak_rss_mb']:7.0f} MB   ratio time {t_ratio:5.2f} (target <= {t_target})  "
+              f"memory {m_ratio:5.2f} (target <= {m_target})   [first steps incl. compile: "
+              f"{dp['first_step_s']:.0f} s / {base['first_step_s']:.0f} s]", flush=True)
+        host = dp.get("host_phases", {})
+        print("            DP step phases (s): " + "  ".join(f"{k} {v:.3f}" for k, v in host.items()),
+              flush=True)
+        summary[method] = {"time_ratio": round(t_ratio, 4), "memory_ratio": round(m_ratio, 4),
+                           "dp_step_s": dp["median_step_s"], "nonprivate_step_s": base["median_step_s"],
+                           "dp_peak_rss_mb": dp["peak_rss_mb"], "nonprivate_peak_rss_mb": base["peak_rss_mb"],
+                           "trainable": dp["trainable"], "dp_phases_s": host, "steps": args.llama_steps,
+                           "rounds": args.llama_rounds}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "merge_latency.py"), "--models", spec["preset"],
+           "--batch", str(spec["batch"]), "--seq", str(spec["seq"]), "--rounds", str(args.merge_rounds),
+           "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
+    if r.returncode != 0 or not lines:
+        print(f"  merged-adapter latency: failed ({r.stderr.strip()[-300:]})")
+        summary["merged_latency"] = {"ratio": None}
+    else:
+        m = json.loads(lines[-1])[0]
+        print(f"  merged LoRA adapter (rank {m['rank']}, all seven projections) vs base, {m['rounds']} "
+              f"alternating rounds: base {m['base_s']:.3f} s, merged {m['merged_s']:.3f} s, ratio "
+              f"{m['ratio']:.3f} (target <= 1.02)", flush=True)
+        summary["merged_latency"] = m
+    return summary
+
+
 def bench_tiny(steps: int, table) -> dict:
     import mindspore as ms
     from tqdm import tqdm
@@ -419,6 +500,18 @@ def main(argv=None) -> int:
                    help="methods for --checkpoint (default bitfit,lora,full)")
     p.add_argument("--checkpoint-specs", default="tiny,small",
                    help="models for --checkpoint (default tiny,small)")
+    p.add_argument("--llama", action="store_true",
+                   help="only the Llama section: LoRA, norm-only and full on the ~100M Llama preset "
+                        "(seq 128, batch 16), DP vs non-private, and the merged adapter's latency")
+    p.add_argument("--llama-steps", type=int, default=3,
+                   help="timed steps per Llama run (default 3)")
+    p.add_argument("--llama-rounds", type=int, default=2,
+                   help="runs of each Llama configuration, DP and non-private alternating (default 2)")
+    p.add_argument("--llama-spec", default="llama100m", choices=("llama100m", "llama-tiny128"),
+                   help="model of --llama: the ~100M preset (default) or, as a quick check of the same "
+                        "shapes, llama-tiny")
+    p.add_argument("--merge-rounds", type=int, default=8,
+                   help="alternating base/merged forward rounds of --llama's latency (default 8)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
@@ -431,6 +524,12 @@ def main(argv=None) -> int:
     if args.checkpoint:
         result = bench_checkpoint([s for s in args.checkpoint_specs.split(",") if s],
                                   [m for m in args.checkpoint_methods.split(",") if m])
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    if args.llama:
+        spec = SPECS[args.llama_spec]
+        result = bench_llama(args, _table(spec["batch"], 1000))
         if args.json:
             print(json.dumps(result))
         return 0
@@ -502,7 +601,7 @@ def bench_timing(args, tables) -> None:
           f"observed {tail['observed_fraction_beyond_last_edge']:.3g}")
 
 
-TARGETS = {"bitfit": (1.10, 1.10), "lora": (1.20, 1.15), "full": (1.50, 1.30)}
+TARGETS = {"bitfit": (1.10, 1.10), "lora": (1.20, 1.15), "full": (1.50, 1.30), "norm_only": (1.10, 1.10)}
 PHASES = ("forward", "backward_to_taps", "per_example_norms", "clipped_sum", "d2h", "noise_draw",
           "noise_wait", "noise_add", "h2d", "update")
 

@@ -1,6 +1,14 @@
-"""``python -m finetune``: DP (or non-private) LoRA / BiTFiT / full fine-tuning of GPT-2.
+"""``python -m finetune``: DP (or non-private) LoRA / BiTFiT / norm-only / adapter / full fine-tuning
+of GPT-2 and of Llama-family models (Llama, Qwen2, Mistral checkpoints).
 
     python -m finetune --table noise.npz --method lora --model tiny --data data.jsonl --out runs/x
+
+``--model`` is a preset (``tiny``, ``small``, ``llama-tiny``, ``llama-100m``; random init) or a Hugging
+Face checkpoint folder, loaded by ``finetune.models.checkpoint.from_pretrained`` on its
+``config.json``'s ``model_type``. Tokenizer: GPT-2's BPE for GPT-2 and for the presets (cut to the
+model's vocabulary, ``finetune.models.tokenizer``); a Llama-family folder's own ``tokenizer.json``.
+A full fine-tuning run of a Llama-family model writes that tokenizer beside its weights, so the run
+folder is itself a checkpoint.
 
 Writes to ``--out``: ``adapter.safetensors`` (LoRA / BiTFiT: only the trained tensors) or
 ``model.safetensors`` + ``config.json`` (full), ``ledger.json`` (the privacy ledger),
@@ -64,6 +72,12 @@ PERSON_KEYS = ("privacy_unit", "n_units", "max_records_per_unit", "person_epsilo
                "person_method")
 
 #: flags that may be given again with --resume (everything else comes from the checkpoint)
+#: --method -> what finetune.models.peft applies ("full": nothing)
+METHOD_CHOICES = ("lora", "bitfit", "norm-only", "adapters", "full")
+
+#: presets of finetune.models.checkpoint.from_pretrained (names, not paths)
+PRESETS = ("tiny", "small", "llama-tiny", "llama-100m")
+
 RESUME_FLAGS = {"resume", "quiet", "checkpoint_every", "checkpoint_minutes", "table", "data", "method"}
 
 
@@ -79,12 +93,15 @@ def _parser() -> argparse.ArgumentParser:
                "config.json (full), ledger.json, metrics.json.")
     p.add_argument("--table", help="certified noise table (.npz, table format v1); required unless "
                                    "--no-dp is given with --sampling-rate and --steps")
-    p.add_argument("--method", choices=("lora", "bitfit", "full"),
-                   help="what to train: LoRA adapters, biases only (BiTFiT), or all weights "
-                        "(required)")
+    p.add_argument("--method", choices=METHOD_CHOICES,
+                   help="what to train: LoRA adapters, biases only (BiTFiT; Llama and Mistral have "
+                        "none), RMSNorm gains only (norm-only; Llama family), Houlsby bottleneck "
+                        "adapters (adapters), or all weights (required)")
     p.add_argument("--model",
-                   help="'tiny' or 'small' (random init) or a directory with config.json and "
-                        "model.safetensors / model.ckpt (Hugging Face GPT-2 layout) (required)")
+                   help="a preset ('tiny', 'small': GPT-2; 'llama-tiny', 'llama-100m': Llama; random "
+                        "init) or a Hugging Face checkpoint folder: config.json with model_type gpt2, "
+                        "llama, qwen2 or mistral, and model.safetensors (GPT-2 also model.ckpt); a "
+                        "Llama-family folder also needs its tokenizer.json (required)")
     p.add_argument("--data", help="jsonl corpus, one {'text': ...} per line "
                                   "(python -m finetune.data writes one) (required)")
     p.add_argument("--out", help="output directory; must not exist unless --overwrite (required)")
@@ -135,8 +152,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation share when the jsonl has no 'split' field (default 0.1)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--lora-targets", default="c_attn",
-                   help="comma-separated regular expressions of Linear layers to adapt (default c_attn)")
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated regular expressions of Linear layers to adapt (default "
+                        "c_attn for GPT-2, q_proj,v_proj for the Llama family)")
+    p.add_argument("--adapter-size", type=int, default=16,
+                   help="bottleneck units of each Houlsby adapter (--method adapters; default 16)")
     p.add_argument("--privacy-unit", choices=("record", "person"), default="record",
                    help="what the epsilon protects: one record (default) or all records of one person "
                         "(units from the data's 'user' field, else its 'people'); a person-level run "
@@ -196,7 +216,9 @@ def _check_args(args) -> None:
         raise UserError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if not (args.checkpoint_minutes > 0 and math.isfinite(args.checkpoint_minutes)):
         raise UserError(f"--checkpoint-minutes must be a positive number, got {args.checkpoint_minutes}")
-    for target in args.lora_targets.split(","):
+    if args.adapter_size < 1:
+        raise UserError(f"--adapter-size must be >= 1, got {args.adapter_size}")
+    for target in (args.lora_targets or "").split(","):
         try:
             re.compile(target)
         except re.error as e:
@@ -425,13 +447,10 @@ def run(args, given=None, stopper=None) -> dict:
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # a malformed config.json
         raise UserError(f"cannot load model {args.model}: invalid config.json "
                         f"({type(e).__name__}: {e})") from None
-    try:
-        tokenizer = load_tokenizer(model.config.vocab_size)
-    except ValueError as e:
-        raise UserError(f"no tokenizer for vocabulary size {model.config.vocab_size}: {e}") from None
-    if args.seq_len > model.config.n_positions:
-        raise UserError(f"--seq-len {args.seq_len} exceeds the model's n_positions "
-                        f"{model.config.n_positions}")
+    tokenizer = _tokenizer(args.model, model)
+    n_positions = _max_positions(model.config)
+    if args.seq_len > n_positions:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's n_positions {n_positions}")
     try:
         data = load_dataset(args.data, tokenizer, seq_len=args.seq_len,
                             val_fraction=args.val_fraction, seed=init_seed)
@@ -440,11 +459,15 @@ def run(args, given=None, stopper=None) -> dict:
     data, units, record_people = _person_plan(args, data, dist)
     try:
         if args.method == "lora":
-            targets = tuple(t for t in args.lora_targets.split(",") if t)
+            targets = tuple(t for t in (args.lora_targets or "").split(",") if t) or None
             peft.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, targets=targets,
                             seed=init_seed)
         elif args.method == "bitfit":
             peft.apply_bitfit(model)
+        elif args.method == "norm-only":
+            peft.apply_norm_only(model)
+        elif args.method == "adapters":
+            peft.apply_adapters(model, size=args.adapter_size, seed=init_seed)
     except peft.AdapterError as e:
         raise UserError(str(e)) from None
     if stop is not None and stop.is_set():  # interrupted before anything was written
@@ -503,6 +526,60 @@ def run(args, given=None, stopper=None) -> dict:
     return metrics
 
 
+def _is_llama_family(model) -> bool:
+    return getattr(model.config, "model_type", "gpt2") != "gpt2"
+
+
+def _max_positions(config) -> int:
+    """Longest sequence the model takes (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def _tokenizer(model_arg: str, model):
+    """The run's tokenizer: a Llama-family checkpoint folder's own ``tokenizer.json``; else (GPT-2,
+    and the random-init presets) GPT-2's BPE cut to the model's vocabulary. Every id it can emit,
+    and the end-of-sequence and padding ids, must be rows of the model's embedding."""
+    from .models.tokenizer import TokenizerError, load_tokenizer, load_tokenizer_from_dir
+
+    vocab = model.config.vocab_size
+    if _is_llama_family(model) and os.path.isdir(model_arg):
+        try:
+            tok = load_tokenizer_from_dir(model_arg)
+        except TokenizerError as e:
+            raise UserError(str(e)) from None
+        if tok.eos_id is None:
+            raise UserError(f"{model_arg}: the tokenizer names no end-of-sequence token (eos_token in "
+                            "tokenizer_config.json or eos_token_id in config.json)")
+        size = tok._tok.get_vocab_size(with_added_tokens=True)
+        if size > vocab:
+            raise UserError(f"{model_arg}: tokenizer.json has {size} tokens but the model's "
+                            f"vocab_size is {vocab}")
+        return tok
+    try:
+        return load_tokenizer(vocab)
+    except ValueError as e:
+        raise UserError(f"no tokenizer for vocabulary size {vocab}: {e}") from None
+
+
+def _save_tokenizer(model_arg: str, model, directory: str) -> None:
+    """Put the run's tokenizer beside a full Llama-family checkpoint: the base folder's tokenizer
+    files, or (a preset) GPT-2's BPE as ``tokenizer.json`` with its end-of-sequence token."""
+    import shutil
+
+    from .export import TOKENIZER_FILES
+    from .models.tokenizer import EOS_TOKEN, load_tokenizer
+
+    if os.path.isdir(model_arg):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(model_arg, name)):
+                shutil.copyfile(os.path.join(model_arg, name), os.path.join(directory, name))
+        return
+    load_tokenizer(model.config.vocab_size)._tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}, f, indent=2)
+        f.write("\n")
+
+
 def _run_info(args, resume) -> dict:
     """What a checkpoint records about the run: its arguments (paths made absolute) and the
     sha256 of its table and data files."""
@@ -514,7 +591,7 @@ def _run_info(args, resume) -> dict:
     for k in ("table", "data"):
         if saved.get(k) is not None:
             saved[k] = os.path.abspath(saved[k])
-    if saved.get("model") not in ("tiny", "small"):
+    if saved.get("model") not in PRESETS:
         saved["model"] = os.path.abspath(saved["model"])
     saved["out"] = os.path.abspath(args.out)
     return {"args": saved, "table_sha256": file_sha256(args.table) if args.table else None,
@@ -542,6 +619,8 @@ def _write_outputs(args, model, data, result, run_dir, run_info, write: bool = T
         weights = "model.safetensors" if args.method == "full" else "adapter.safetensors"
     elif args.method == "full":
         weights = checkpoint.save_pretrained(model, run_dir.staging)
+        if _is_llama_family(model):  # the run folder is a checkpoint, tokenizer included
+            _save_tokenizer(args.model, model, run_dir.staging)
     else:
         weights = os.path.join(run_dir.staging, "adapter.safetensors")
         peft.save_adapter(model, weights)
