@@ -428,7 +428,6 @@ def run(args, given=None, stopper=None) -> dict:
     from .dp.guard import PrivacyBudgetExceeded, TableMismatchError
     from .dp.per_example import BookkeepingError
     from .engine import EngineConfigError
-    from .models.tokenizer import load_tokenizer
     from .train import TrainingInterrupted, train
     from accountant.randomness import KnownSeedWarning
 
