@@ -11,7 +11,7 @@ so the whole Llama path (loading, DP fine-tuning, export) can be tried offline.
 
 ``--model-type qwen2`` writes the Qwen2 variant of the preset (q/k/v biases, output head tied to the
 embedding); ``mistral`` the Mistral one (no biases, no sliding window). The weights are random (the
-preset's public initialisation seed ``--seed``, default 0): the folder is for trying the tools, not a
+preset's public initialisation seed ``--init-seed``, default 0): the folder is for trying the tools, not a
 language model. An existing ``--out`` is refused unless ``--overwrite``; mistakes end in one line,
 exit code 2.
 """
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create (refused if it exists, unless --overwrite)")
     p.add_argument("--model-type", default="llama", choices=("llama", "qwen2", "mistral"),
                    help="family of config.json (default llama; qwen2: q/k/v biases and a tied head)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (public; default 0)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the random initial weights (public, not a privacy seed; default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     parent = os.path.dirname(os.path.abspath(out))
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=parent)
     try:
-        write_checkpoint(stage, args.preset, args.model_type, args.seed)
+        write_checkpoint(stage, args.preset, args.model_type, args.init_seed)
         if os.path.exists(out):        # --overwrite: replaced only once the new folder is complete
             shutil.rmtree(out)
         os.rename(stage, out)
