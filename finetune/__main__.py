@@ -69,7 +69,7 @@ INIT_SEED = 0
 
 #: the privacy unit and the person-level report, in metrics.json and ledger.json
 PERSON_KEYS = ("privacy_unit", "n_units", "max_records_per_unit", "person_epsilon", "person_k",
-               "person_method")
+               "person_method", "record_epsilon")
 
 #: flags that may be given again with --resume (everything else comes from the checkpoint)
 #: --method -> what finetune.models.peft applies ("full": nothing)
@@ -295,7 +295,8 @@ def _person_metrics(args, result, units, record_people) -> dict:
            "n_units": None if units is None else units.n_units,
            "max_records_per_unit": None if units is None else units.max_rows_per_unit}
     if guard is None:
-        return out | {"person_epsilon": None, "person_k": None, "person_method": "non-private run"}
+        return out | {"person_epsilon": None, "person_k": None, "person_method": "non-private run",
+                      "record_epsilon": None}
     released = guard.release.with_steps(max(1, guard._releases(guard.steps_taken)))  # charged so far
     report = person_report(guard.epsilon_spent(), released, guard.delta,
                            unit="record" if units is None else "person", sampling="poisson",
@@ -684,6 +685,10 @@ def main(argv=None) -> int:
         eps_txt += (f", person-level epsilon {person:.4g} ({metrics.get('person_method')}{k})"
                     if person is not None else f", person-level epsilon not computed "
                     f"({metrics.get('person_method')})")
+        if metrics.get("privacy_unit") not in (None, "record"):
+            from .dp.units import record_epsilon_text
+
+            eps_txt += ", " + record_epsilon_text(metrics.get("record_epsilon"))
     print(f"{metrics['steps']} steps, {eps_txt}, {stats}{metrics['seconds_per_step'] or 0:.3f} "
           f"s/step; {where}")
     return 0

@@ -204,11 +204,12 @@ class PrivateEngine:
     ``optimizer`` (the ``DPOptimizer``) and ``guard`` (the ledger and hard stop).
     Privacy unit: ``unit`` (``"record"``, or the name of a unit-level run's units, e.g. ``"person"``),
     ``n_units`` and ``max_rows_per_unit`` (unit-level runs: ``sampling_rate`` is over units) and the
-    person-level report ``person_epsilon``, ``person_k``, ``person_method`` (``finetune.dp.units``).
+    person-level report ``person_epsilon``, ``person_k``, ``person_method`` and ``record_epsilon``
+    (a unit-level run's epsilon for one record changed; ``finetune.dp.units``).
     """
 
     unit, n_units, max_rows_per_unit = "record", None, None
-    person_epsilon, person_k, person_method = None, None, None
+    person_epsilon, person_k, person_method, record_epsilon = None, None, None, None
 
     def __init__(self, *, dp_optimizer, guard, sampler, sampling, relation, dataset_size, batch_size,
                  micro_batch_size, steps, epochs, sampling_rate, delta, noise, geometry, certificate,
@@ -962,8 +963,8 @@ def _unit_report(engine, units, unit_name, record_people, person_cap) -> None:
                                person_cap=person_cap)
     except ValueError as exc:
         raise EngineConfigError(str(exc)) from None
-    engine.person_epsilon, engine.person_k, engine.person_method = (
-        report["person_epsilon"], report["person_k"], report["person_method"])
+    engine.person_epsilon, engine.person_k, engine.person_method, engine.record_epsilon = (
+        report["person_epsilon"], report["person_k"], report["person_method"], report["record_epsilon"])
 
 
 def _relation_text(e: PrivateEngine) -> str:
@@ -975,4 +976,9 @@ def _person_line(e: PrivateEngine) -> str:
     if e.person_epsilon is None:
         return f"person-level epsilon: not computed ({e.person_method})"
     k = "" if e.person_k is None else f", k = {e.person_k} records"
-    return f"person-level epsilon {e.person_epsilon:.4f} at delta {e.delta:g} ({e.person_method}{k})"
+    line = f"person-level epsilon {e.person_epsilon:.4f} at delta {e.delta:g} ({e.person_method}{k})"
+    if e.unit != "record":
+        from .dp.units import record_epsilon_text
+
+        line += "; " + record_epsilon_text(e.record_epsilon)
+    return line

@@ -221,6 +221,20 @@ RECORD_LEVEL_BASIS = ("record-level run: no person-level bound (limits shown at 
                       "epsilon, which does not bound a person with several records)")
 
 
+DROPPED_CANARIES = ("n/a: the run trained only the records naming exactly one person "
+                    "(--multi-owner drop), and the exposure and audit canaries name nobody")
+
+
+def record_level_epsilon(metrics, eps):
+    """The epsilon the record-level checks (membership bound, one-run audit) are held to: the run's
+    ``eps`` for a record-level run; for a unit-level run its ``record_epsilon`` (one record changed
+    inside a unit, larger than the per-unit ``eps``; ``finetune.dp.units``), None (no record-level
+    limit drawn) when the run did not record one."""
+    if eps is None or metrics.get("privacy_unit") in (None, "record"):
+        return eps
+    return metrics.get("record_epsilon")
+
+
 def person_privacy(metrics, eps, delta):
     """The run's person-level privacy for the report: the ``person_epsilon`` (with ``person_k``,
     ``person_method``) the run recorded; for a private run without one, its record-level epsilon
@@ -416,8 +430,10 @@ def evaluate_runs(args, out_dir=None):
         private = bool(metrics.get("private", metrics.get("epsilon_spent") is not None))
         eps = metrics.get("epsilon_spent") if private else None
         delta = metrics.get("delta") if private else None
-        res = report.evaluate_model(sc_ft, sc_base, data, opts, epsilon=eps, delta=delta, progress=bar,
-                                    person=person_privacy(metrics, eps, delta))
+        res = report.evaluate_model(sc_ft, sc_base, data, opts, epsilon=record_level_epsilon(metrics, eps),
+                                    delta=delta, progress=bar, person=person_privacy(metrics, eps, delta))
+        if (metrics.get("run_args") or {}).get("multi_owner") == "drop":
+            res["canaries"] = {"note": DROPPED_CANARIES}
         results[run_dir] = (metrics, eps, delta, res)
 
     metrics, eps, delta, res = results[args.run]
@@ -455,7 +471,8 @@ def evaluate_runs(args, out_dir=None):
     for run_dir, (m, _, _, r) in results.items():
         for attack, (fpr, tpr) in r["membership"]["curves"].items():
             curves[f"{label(run_dir, m)}, {attack}"] = (fpr, tpr)
-    pngs = {"roc": plots.plot_roc(curves, os.path.join(out_dir, "roc.png"), eps, delta or 0.0)}
+    pngs = {"roc": plots.plot_roc(curves, os.path.join(out_dir, "roc.png"), record_level_epsilon(metrics, eps),
+                                  delta or 0.0)}
     pts = [(label(r, m), (m.get("epsilon_spent") if m.get("private", True) else None),
             res_["utility"]["val_perplexity"]) for r, (m, _, _, res_) in results.items()]
     pngs["perplexity_vs_epsilon"] = plots.plot_perplexity_vs_epsilon(

@@ -156,3 +156,15 @@ def test_person_summary_line_of_a_unit_level_run_names_no_record_count():
     rec = _person_lines({"person_epsilon": 18.31, "person_k": 12, "person_method": "tight mixture",
                          "epsilon": 0.99977})[0]
     assert "a person in at most 12 records; tight mixture" in rec
+
+
+def test_record_level_checks_of_a_unit_level_run_use_its_record_epsilon():
+    """A person-level run's epsilon covers a whole person, not one record changed inside a person
+    who stays: the record-level membership bound and audit are held to ``record_epsilon``."""
+    from finetune.evaluate import record_level_epsilon
+
+    assert record_level_epsilon({"privacy_unit": "person", "record_epsilon": 2.46}, 0.9998) == 2.46
+    assert record_level_epsilon({"privacy_unit": "person"}, 0.9998) is None     # not recorded: no limit
+    assert record_level_epsilon({"privacy_unit": "record", "record_epsilon": 1.0}, 1.0) == 1.0
+    assert record_level_epsilon({}, 0.5) == 0.5                                  # older record-level runs
+    assert record_level_epsilon({"privacy_unit": "person", "record_epsilon": 2.46}, None) is None

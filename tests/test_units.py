@@ -185,6 +185,7 @@ def test_person_report_unit_level_is_the_certificate_and_record_level_fails_clos
     _, engine = _engine(x, ids, m=200, batch_size=5, unit_name="person")
     assert engine.unit == "person"
     assert engine.person_epsilon == engine.certificate.epsilon and engine.person_method == "unit-level"
+    assert engine.record_epsilon > engine.person_epsilon and "record-level epsilon" in engine.summary
     _, rec = _engine(x, batch_size=20)
     assert rec.person_epsilon is None and "no person ids" in rec.person_method
     from accountant.mechanism import Mechanism
@@ -202,6 +203,37 @@ def test_person_report_unit_level_is_the_certificate_and_record_level_fails_clos
     with pytest.raises(ValueError, match="person_cap"):
         person_report(rec.certificate.epsilon, None, 1e-6, unit="record", sampling="poisson",
                       record_people=people, person_cap=3)
+
+
+def test_record_epsilon_of_a_unit_level_run_bounds_a_record_changed_inside_its_unit():
+    """One record removed from a unit that keeps others moves that unit's clipped sum from v to v'
+    (both in the C-ball) when the unit is sampled: the worst scalar case, v = C and v' = -C, is the
+    pair ((1-q) N(0) + q N(C), (1-q) N(0) + q N(-C)), integrated here by quadrature.  The unit-level
+    epsilon does not cover it; the reported record_epsilon does."""
+    from scipy import integrate, stats
+
+    from accountant.certify import certify
+    from accountant.mechanism import Mechanism
+    from accountant.noise import Gaussian
+
+    q, sigma, delta = 0.5, 2.0, 1e-5
+    mech = Mechanism(Gaussian(sigma), 1.0, "l2", q, 1)
+    unit_eps = certify(mech, delta).epsilon
+    report = person_report(unit_eps, mech, delta, unit="person", sampling="poisson")
+    assert report["person_epsilon"] == unit_eps and report["person_method"] == "unit-level"
+
+    def exact_delta(eps):
+        def excess(x):
+            p = (1 - q) * stats.norm.pdf(x, 0, sigma) + q * stats.norm.pdf(x, 1, sigma)
+            p2 = (1 - q) * stats.norm.pdf(x, 0, sigma) + q * stats.norm.pdf(x, -1, sigma)
+            return max(0.0, p - np.exp(eps) * p2)
+        return integrate.quad(excess, -40, 40, points=[0.0], limit=500, epsabs=1e-14)[0]
+
+    assert exact_delta(unit_eps) > 10 * delta                 # the unit-level epsilon is not enough
+    assert report["record_epsilon"] > unit_eps
+    assert exact_delta(report["record_epsilon"]) <= delta     # the reported one holds
+    record = person_report(unit_eps, mech, delta, unit="record", sampling="poisson", record_people=None)
+    assert record["record_epsilon"] == unit_eps               # a record-level run: its own epsilon
 
 
 # ---- python -m finetune --privacy-unit person ------------------------------------------------
@@ -345,4 +377,5 @@ def test_cli_person_metrics_of_a_finished_guarded_run():
     units = UnitLayout([0, 0, 1, 2], 2)
     u = _person_metrics(args, SimpleNamespace(guard=guard), units, None)
     assert u["person_method"] == "unit-level" and u["person_epsilon"] == guard.epsilon_spent()
+    assert u["record_epsilon"] > u["person_epsilon"] and m["record_epsilon"] == guard.epsilon_spent()
     assert u["n_units"] == 3 and u["max_records_per_unit"] == 2

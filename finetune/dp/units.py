@@ -34,7 +34,8 @@ from accountant.randomness import raw_words
 from .sampling import MicroBatch, PoissonSampler
 
 __all__ = ["UnitLayout", "UnitSampler", "unit_micro_batches", "UnitConfigError", "person_counts",
-           "person_report", "corpus_units", "CorpusUnits", "MULTI_OWNER"]
+           "person_report", "record_epsilon_of_unit_run", "record_epsilon_text", "corpus_units",
+           "CorpusUnits", "MULTI_OWNER"]
 
 
 class UnitConfigError(ValueError):
@@ -178,20 +179,54 @@ def person_counts(record_people: Sequence) -> dict:
 
 def person_report(epsilon: float, mechanism, delta: float, *, unit: str, sampling: str,
                   record_people=None, person_cap: int | None = None) -> dict:
-    """``person_epsilon``, ``person_k``, ``person_method`` of a run (fail closed: ``None`` and why).
+    """``person_epsilon``, ``person_k``, ``person_method`` and ``record_epsilon`` of a run (fail
+    closed: ``None`` and why).
 
     ``epsilon`` is the run's record- or unit-level epsilon (its certificate, or what was spent),
     ``mechanism`` the per-step ``accountant.mechanism.Mechanism`` with its step count.
 
     * unit-level run: removing a unit is the certified neighbouring relation, so the person-level
-      epsilon *is* ``epsilon`` (units = persons), method ``"unit-level"``;
+      epsilon *is* ``epsilon`` (units = persons), method ``"unit-level"``; its ``record_epsilon``
+      (one record changed) is larger (:func:`record_epsilon_of_unit_run`);
     * record-level Poisson run with ``record_people``: ``k`` = the most rows naming one person (or the
       declared ``person_cap``, refused if a person exceeds it).  ``k = 1`` is the record-level pair
       itself.  ``k > 1`` needs the person-level accountant ``accountant.person`` (the privacy loss
       of ``k`` independently sampled records); without it no number is reported, never a guess.
     """
     if unit != "record":
-        return {"person_epsilon": float(epsilon), "person_k": None, "person_method": "unit-level"}
+        return {"person_epsilon": float(epsilon), "person_k": None, "person_method": "unit-level",
+                "record_epsilon": record_epsilon_of_unit_run(epsilon, mechanism, delta)}
+    return {"record_epsilon": float(epsilon)} | _record_run_person_report(
+        epsilon, mechanism, delta, sampling, record_people, person_cap)
+
+
+def record_epsilon_of_unit_run(epsilon: float, mechanism, delta: float) -> float | None:
+    """The record-level epsilon of a unit-level run (docs/privacy.md, section 9, "One record of a
+    unit-level run"): the larger of ``epsilon`` (a unit's only record removed removes the unit) and
+    the certificate of the substitution pair of section 10 with ``gamma = q`` at sensitivity ``2C``
+    (a record removed or added inside a unit that stays moves that unit's clipped sum, of norm
+    ``<= C`` before and after, by at most ``2C``, and only in the steps that sample the unit, with
+    probability ``q`` independently of the other units; Balle, Barthe & Gaboardi 2018).  ``None``
+    when the accountant refuses the pair (no guess)."""
+    from accountant.certify import CertificationError, certify
+    from accountant.mechanism import Mechanism, UnsupportedMechanism
+
+    try:
+        within = Mechanism(mechanism.noise, 2 * mechanism.sensitivity, mechanism.geometry,
+                           mechanism.sampling_rate, mechanism.steps, sampling="fixed")
+        return max(float(epsilon), float(certify(within, delta).epsilon))
+    except (CertificationError, UnsupportedMechanism):
+        return None
+
+
+def record_epsilon_text(record_epsilon) -> str:
+    """A unit-level run's ``record_epsilon``, as the summaries print it."""
+    if record_epsilon is None:
+        return "record-level epsilon: not computed"
+    return f"record-level epsilon {record_epsilon:.4f} (one record changed inside its unit)"
+
+
+def _record_run_person_report(epsilon, mechanism, delta, sampling, record_people, person_cap) -> dict:
     if record_people is None:
         return {"person_epsilon": None, "person_k": None,
                 "person_method": "no person ids for the records"}

@@ -269,6 +269,7 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
     adds them under a key that says so)."""
     u, mia, p, c = result["utility"], result["membership"], result["pii"], result["canaries"]
     att = mia["attacks"]
+    bounded = epsilon is not None and all(a.get("dp_bound") is not None for a in att.values())
     best = max(att, key=lambda k: att[k]["auc"])
     one = c.get("one_run_audit")
     s = {
@@ -291,11 +292,11 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
         "mia_reference_auc": att["reference"]["auc"],
         # consistent with TPR <= e^eps FPR + delta at 95% confidence (no significant violation by
         # either attack); the raw empirical excess can be slightly positive from sampling noise
-        "mia_inside_dp_bound": (None if epsilon is None else
+        "mia_inside_dp_bound": (None if not bounded else
                                 not any(a["dp_bound"]["significant_violation"] for a in att.values())),
-        "mia_dp_bound_max_excess": (None if epsilon is None else
+        "mia_dp_bound_max_excess": (None if not bounded else
                                     max(a["dp_bound"]["max_excess"] for a in att.values())),
-        "mia_significant_dp_violation": (None if epsilon is None else
+        "mia_significant_dp_violation": (None if not bounded else
                                          any(a["dp_bound"]["significant_violation"]
                                              for a in att.values())),
         "pii_precision": p["precision"],
@@ -305,6 +306,7 @@ def summarise(result: dict, run_metrics: dict, epsilon, delta, sampler_audit: di
         "canary_exposure_mean": c.get("exposure", {}).get("mean"),
         "canary_exposure_max": c.get("exposure", {}).get("max"),
         "audit_epsilon_lower_bound": None if one is None else one["epsilon_lower_bound"],
+        "canary_note": c.get("note"),
         "sampler_audit_epsilon_lower_bound": (None if sampler_audit is None
                                               else sampler_audit.get("epsilon_lower_bound")),
         "sampler_certified_epsilon": (None if sampler_audit is None
@@ -320,6 +322,8 @@ def _person_summary(result: dict, run_metrics: dict) -> dict:
     pc = result["canaries"].get("person") or {}
     s = {"person_epsilon": run_metrics.get("person_epsilon"), "person_k": run_metrics.get("person_k"),
          "person_method": run_metrics.get("person_method"),
+         "privacy_unit": run_metrics.get("privacy_unit") or "record",
+         "record_epsilon": run_metrics.get("record_epsilon", run_metrics.get("epsilon_spent")),
          "person_bound_basis": per.get("dp_limits_basis"), "person_note": per.get("note"),
          "n_member_persons": per.get("n_member_persons"),
          "n_never_seen_persons": per.get("n_never_seen_persons")}
@@ -456,8 +460,12 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     line per term. ``s`` is the dictionary of ``summarise`` plus ``baselines`` (same keys)."""
     eps = s["epsilon"]
     pct = lambda x: None if x is None else 100.0 * x
+    unit = s.get("privacy_unit") or "record"
     lines = [f"epsilon {_rounded(eps)} (delta {_num(s['delta'], '{:g}')})"
-             + ("" if eps is not None else " [non-private]"),
+             + ("" if eps is not None else " [non-private]")
+             + ("" if eps is None or unit == "record" else
+                f" per {unit}; record-level epsilon {_rounded(s.get('record_epsilon'))} (one record "
+                f"changed inside its {unit}: the MIA bound and the audit below are checked at it)"),
              f"  utility   val perplexity {_num(s['val_perplexity'], '{:.2f}')}{_at_seq_len(s)} (base "
              f"{_num(s['base_val_perplexity'], '{:.2f}')}), "
              f"{_num(s.get('train_seconds_per_step'), '{:.3f}')} s/step, inference overhead "
@@ -465,7 +473,7 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     mia = (f"  MIA       AUC {_num(s['mia_auc'])} [{_num(s['mia_auc_ci'][0])}, "
            f"{_num(s['mia_auc_ci'][1])}] ({s['mia_attack']} attack), TPR@1%FPR "
            f"{_num(s['mia_tpr_at_1pct_fpr'])}")
-    if eps is not None:
+    if s.get("mia_inside_dp_bound") is not None:
         mia += (f", inside the DP bound at 95%: {'yes' if s['mia_inside_dp_bound'] else 'NO'}"
                 f" (largest empirical excess {_num(s['mia_dp_bound_max_excess'], '{:+.3f}')})")
     lines.append(mia)
@@ -480,12 +488,14 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     if s.get("canary_exposure_max") is not None:
         lines.append(f"  canaries  exposure mean {_num(s['canary_exposure_mean'], '{:.2f}')}, max "
                      f"{_num(s['canary_exposure_max'], '{:.2f}')} bits")
-    if s.get("audit_epsilon_lower_bound") is None:
+    if s.get("canary_note"):
+        lines.append(f"  audit     {s['canary_note']}")
+    elif s.get("audit_epsilon_lower_bound") is None:
         lines.append("  audit     n/a: the corpus has no canaries (add them before training with "
                      "python -m finetune.evaluation.prepare)")
     else:
         lines.append(f"  audit     one-run empirical eps >= {_rounded(s['audit_epsilon_lower_bound'], 3, up=False)} "
-                     f"(95%), certified {_rounded(eps)}")
+                     f"(95%), certified {_rounded(s.get('record_epsilon', eps))}")
     if s.get("sampler_audit_epsilon_lower_bound") is not None:
         lines.append(f"  sampler   noise-table audit: empirical eps >= "
                      f"{_rounded(s['sampler_audit_epsilon_lower_bound'], 3, up=False)} (95%), certified for one "
