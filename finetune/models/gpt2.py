@@ -387,7 +387,28 @@ class GPT2Model(nn.Cell):
         return h, saved + s_f
 
 
-class GPT2LMHeadModel(nn.Cell):
+class TappedCausalLM(nn.Cell):
+    """What GPT-2 and the Llama family share as book-keeping models (the tap protocol of
+    ``finetune.dp.per_example.taps``): subclasses give ``taps()``, the layers whose outputs take a
+    probe, in probe order."""
+
+    def tap_names(self):
+        """Names (HF layout, e.g. 'transformer.h.0.attn.c_attn') of the taps, in probe order."""
+        ids = {id(c): n for n, c in self.cells_and_names()}
+        return [ids[id(c)] for c in self.taps()]
+
+    def probe_shapes(self, batch: int, seq: int):
+        return [(batch, seq, c.n_out) for c in self.taps()]
+
+    def zero_probes(self, batch: int, seq: int):
+        return tuple(ops.zeros(s, ms.float32) for s in self.probe_shapes(batch, seq))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        ps = self.trainable_params() if trainable_only else self.get_parameters()
+        return int(sum(int(np.prod(p.shape)) for p in ps))
+
+
+class GPT2LMHeadModel(TappedCausalLM):
     """GPT-2 with the tied language-model head. See the module docstring for the API."""
 
     def __init__(self, config: GPT2Config, seed: int = 0):
@@ -438,14 +459,6 @@ class GPT2LMHeadModel(nn.Cell):
         out.extend(self.transformer.ln_f.taps())
         return out
 
-    def tap_names(self):
-        """Names (HF layout, e.g. 'transformer.h.0.attn.c_attn') of the taps, in probe order."""
-        ids = {id(c): n for n, c in self.cells_and_names()}
-        return [ids[id(c)] for c in self.taps()]
-
-    def probe_shapes(self, batch: int, seq: int):
-        return [(batch, seq, c.n_out) for c in self.taps()]
-
     def embeddings(self):
         """(token embedding, position embedding) Parameters; the token embedding is tied to the head.
 
@@ -460,12 +473,6 @@ class GPT2LMHeadModel(nn.Cell):
     def embedding_probe_shapes(self, batch: int, seq: int):
         return [(batch, seq, self.config.n_embd), (batch, seq, self.config.vocab_size)]
 
-    def zero_probes(self, batch: int, seq: int):
-        return tuple(ops.zeros(s, ms.float32) for s in self.probe_shapes(batch, seq))
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        ps = self.trainable_params() if trainable_only else self.get_parameters()
-        return int(sum(int(np.prod(p.shape)) for p in ps))
 
 
 def _masked_nll(logits, input_ids, attention_mask):

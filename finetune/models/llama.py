@@ -48,7 +48,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .gpt2 import _NEG, Embedding, Linear, _masked_nll, _param, refresh_parameter_names, run_tap
+from .gpt2 import (_NEG, Embedding, Linear, TappedCausalLM, _masked_nll, _param, refresh_parameter_names,
+                   run_tap)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "MODEL_TYPES"]
 
@@ -367,7 +368,7 @@ class LlamaModel(nn.Cell):
         return h, saved + s, i
 
 
-class LlamaForCausalLM(nn.Cell):
+class LlamaForCausalLM(TappedCausalLM):
     """Llama / Qwen2 / Mistral decoder with its language-model head (tied or not)."""
 
     def __init__(self, config: LlamaConfig, seed: int = 0):
@@ -428,13 +429,6 @@ class LlamaForCausalLM(nn.Cell):
         out = self.model.taps()
         return list(out if self.config.tie_word_embeddings else out + self.lm_head.taps())
 
-    def tap_names(self):
-        ids = {id(c): n for n, c in self.cells_and_names()}
-        return [ids[id(c)] for c in self.taps()]
-
-    def probe_shapes(self, batch: int, seq: int):
-        return [(batch, seq, c.n_out) for c in self.taps()]
-
     def embeddings(self):
         """(token embedding, None): rotary positions have no table."""
         return self.model.embed_tokens.weight, None
@@ -444,7 +438,3 @@ class LlamaForCausalLM(nn.Cell):
 
     def embedding_probe_shapes(self, batch: int, seq: int):
         return [(batch, seq, self.config.hidden_size), (batch, seq, self.config.vocab_size)]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        ps = self.trainable_params() if trainable_only else self.get_parameters()
-        return int(sum(int(np.prod(p.shape)) for p in ps))
