@@ -299,6 +299,19 @@ def _spawn(name: str, spec_name: str, steps: int, table, pynative: bool = False,
     return json.loads(lines[-1])
 
 
+def _print_ratios(label: str, width: int, method: str, dp: dict, base: dict) -> tuple[float, float]:
+    """Print one method's DP vs non-private line; return (time ratio, memory ratio)."""
+    t_ratio = dp["median_step_s"] / base["median_step_s"]
+    m_ratio = dp["peak_rss_mb"] / base["peak_rss_mb"]
+    t_target, m_target = TARGETS[method]
+    print(f"  {label:{width}s} ({dp['trainable']} trainable)  DP {dp['median_step_s']:7.2f} s, "
+          f"{dp['peak_rss_mb']:7.0f} MB   non-private {base['median_step_s']:7.2f} s, "
+          f"{base['peak_rss_mb']:7.0f} MB   ratio time {t_ratio:5.2f} (target <= {t_target})  "
+          f"memory {m_ratio:5.2f} (target <= {m_target})   [first steps incl. compile: "
+          f"{dp['first_step_s']:.0f} s / {base['first_step_s']:.0f} s]", flush=True)
+    return t_ratio, m_ratio
+
+
 def bench_llama(args, table) -> dict:
     """Llama (``--llama-spec``, default the ~100M preset at sequence 128, batch 16): for LoRA (rank 8,
     q/v), norm-only and full fine-tuning, the DP step (book-keeping) and the fused non-private step,
@@ -331,14 +344,7 @@ def bench_llama(args, table) -> dict:
                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "trainable": rs[0]["trainable"],
                      "first_step_s": rs[0]["first_step_s"], "host_phases": rs[0].get("host_phases", {})}
                     for rs in (runs["dp"], runs["base"]))
-        t_ratio = dp["median_step_s"] / base["median_step_s"]
-        m_ratio = dp["peak_rss_mb"] / base["peak_rss_mb"]
-        t_target, m_target = TARGETS[method]
-        print(f"  {label:9s} ({dp['trainable']} trainable)  DP {dp['median_step_s']:7.2f} s, "
-              f"{dp['peak_rss_mb']:7.0f} MB   non-private {base['median_step_s']:7.2f} s, "
-              f"{base['peak_rss_mb']:7.0f} MB   ratio time {t_ratio:5.2f} (target <= {t_target})  "
-              f"memory {m_ratio:5.2f} (target <= {m_target})   [first steps incl. compile: "
-              f"{dp['first_step_s']:.0f} s / {base['first_step_s']:.0f} s]", flush=True)
+        t_ratio, m_ratio = _print_ratios(label, 9, method, dp, base)
         host = dp.get("host_phases", {})
         print("            DP step phases (s): " + "  ".join(f"{k} {v:.3f}" for k, v in host.items()),
               flush=True)
@@ -629,14 +635,7 @@ def bench_small(args, tables, methods) -> dict:
                 dp["profile_spec"] = spec
             except RuntimeError as e:
                 print(f"  ({label}: device-phase profile on {spec} failed: {str(e)[:200]})")
-        t_ratio = dp["median_step_s"] / base["median_step_s"]
-        m_ratio = dp["peak_rss_mb"] / base["peak_rss_mb"]
-        t_target, m_target = TARGETS[method]
-        print(f"  {label:7s} ({dp['trainable']} trainable)  DP {dp['median_step_s']:7.2f} s, "
-              f"{dp['peak_rss_mb']:7.0f} MB   non-private {base['median_step_s']:7.2f} s, "
-              f"{base['peak_rss_mb']:7.0f} MB   ratio time {t_ratio:5.2f} (target <= {t_target})  "
-              f"memory {m_ratio:5.2f} (target <= {m_target})   [first steps incl. compile: "
-              f"{dp['first_step_s']:.0f} s / {base['first_step_s']:.0f} s]")
+        t_ratio, m_ratio = _print_ratios(label, 7, method, dp, base)
         host = dp.get("host_phases", {})
         phases = {"device (forward, backward, norms, clipped sum)": host.get("clipped_sum", 0.0)}
         for k in ("d2h", "noise_draw", "noise_wait", "noise_add", "h2d", "update"):

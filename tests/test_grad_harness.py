@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops  # noqa: E402
 
 from finetune import make_private  # noqa: E402
-from helpers import Clf  # noqa: E402
+from helpers import Clf, apply_llama_method  # noqa: E402
 from finetune.dp.per_example import CLIP_MARGIN, PerExampleGradients, SharedLayerError, \
     register_dense  # noqa: E402
 
@@ -308,17 +308,9 @@ LLAMA_METHODS = ("full", "lora", "norm_only", "houlsby")
 def _tiny_llama(name, method, seed=2):
     """A tiny Llama-family model with ``method`` applied; the zero-initialised halves of LoRA and
     the adapters get random values so that every trained parameter has a non-trivial gradient."""
-    from finetune.models import peft
     from finetune.models.llama import LlamaForCausalLM
 
-    model = LlamaForCausalLM(_llama_configs()[name], seed=seed)
-    if method == "lora":
-        peft.apply_lora(model, r=2, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"))
-    elif method == "norm_only":
-        peft.apply_norm_only(model)
-    elif method == "houlsby":
-        peft.apply_adapters(model, size=3)
+    model = apply_llama_method(LlamaForCausalLM(_llama_configs()[name], seed=seed), method, r=2, size=3)
     rs = np.random.RandomState(seed)
     for p in model.trainable_params():
         if p.name.endswith("lora_B") or ".adapter_up." in p.name or p.name.endswith("layernorm.weight"):

@@ -11,8 +11,8 @@ import pytest
 from mindspore import Tensor, nn
 
 from finetune import make_private
-from finetune.models import peft
 from finetune.models.llama import LlamaConfig, LlamaForCausalLM
+from helpers import apply_llama_method
 
 N, T = 64, 12
 
@@ -32,14 +32,7 @@ def _mean_loss(model, ids, mask):
 @pytest.mark.slow     # > 20 s each on a shared 2-core machine
 @pytest.mark.parametrize("method", ["lora", "norm_only", "houlsby", "full"])
 def test_make_private_on_llama_tiny_uses_bookkeeping_and_learns(method):
-    model = LlamaForCausalLM(LlamaConfig.preset("llama-tiny"), seed=0)
-    if method == "lora":
-        peft.apply_lora(model, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"))
-    elif method == "norm_only":
-        peft.apply_norm_only(model)
-    elif method == "houlsby":
-        peft.apply_adapters(model, size=8)
+    model = apply_llama_method(LlamaForCausalLM(LlamaConfig.preset("llama-tiny"), seed=0), method, r=4, size=8)
     ids, mask = _data()
     before = _mean_loss(model, ids, mask)
     # gains scale logits that start near zero: norm-only needs larger steps to move the loss
