@@ -24,11 +24,7 @@ class Logistic(Noise):
     scale_param = "width"
 
     def __init__(self, width: float):
-        self.width = float(width)
-
-    @property
-    def params(self):
-        return {"width": self.width}
+        self.width = float(width)       # params (the JSON round trip) default to cli_params' names
 
     def logpdf(self, x):
         z = -np.abs(np.asarray(x, dtype=np.float64)) / self.width

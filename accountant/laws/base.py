@@ -99,7 +99,11 @@ class Noise:
 
     @property
     def params(self) -> dict:
-        raise NotImplementedError
+        """The constructor's keyword arguments (JSON round trip); by default the attributes named by
+        ``cli_params``.  A law whose constructor takes other arguments overrides it."""
+        if not self.cli_params:
+            raise NotImplementedError(f"{type(self).__name__} must define params")
+        return {name: getattr(self, name) for name in self.cli_params}
 
     # --- density and tails -------------------------------------------------------------------
     def logpdf(self, x):

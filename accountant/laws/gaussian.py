@@ -22,10 +22,6 @@ class Gaussian(Noise):
     def __init__(self, sigma: float):
         self.sigma = _positive("sigma", sigma)
 
-    @property
-    def params(self):
-        return {"sigma": self.sigma}
-
     def logpdf(self, x):
         x = np.asarray(x, dtype=np.float64) / self.sigma
         return -0.5 * x * x - math.log(self.sigma * math.sqrt(2 * math.pi))

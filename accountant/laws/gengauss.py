@@ -25,10 +25,6 @@ class GeneralizedGaussian(Noise):
         self.log_concave = self.beta >= 1
         self._lognorm = math.log(self.beta / (2 * self.scale)) - special.gammaln(1 / self.beta)
 
-    @property
-    def params(self):
-        return {"scale": self.scale, "beta": self.beta}
-
     def logpdf(self, x):
         return self._lognorm - np.abs(np.asarray(x, dtype=np.float64) / self.scale) ** self.beta
 

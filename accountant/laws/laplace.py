@@ -20,10 +20,6 @@ class Laplace(Noise):
     def __init__(self, scale: float):
         self.scale = _positive("scale", scale)
 
-    @property
-    def params(self):
-        return {"scale": self.scale}
-
     def logpdf(self, x):
         return -np.abs(np.asarray(x, dtype=np.float64)) / self.scale - math.log(2 * self.scale)
 
