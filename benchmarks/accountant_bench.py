@@ -108,13 +108,16 @@ def print_row(r):
 
 def scale(further: bool = True):
     """The full certificate (both routes, add and remove) against dp-accounting's built-in PLD, side
-    by side in one run; the last line is one JSON object of the time ratios of the main table."""
+    by side in one run, after one untimed warm-up of both at T 10 (the first call in a process
+    pays one-time imports and caches); the last line is one JSON object of the time ratios of the
+    main table."""
     family, sigma, q, delta = SCALE_CASE
     print(f"Full certificate (PLD + PRV routes, add and remove) vs dp-accounting built-in PLD "
           f"(vdi min(1e-4, q/scale/10)), delta {delta:g} unless stated")
     print("| noise | q | T | dp-accounting PLD, one route | this library, two routes | ratio | value vs dp |")
     print("|---|---|---|---|---|---|---|")
     ratios = {}
+    scale_row(family, sigma, q, 10, delta)   # warm-up: one-time imports and caches of both libraries
     for steps in SCALE_T:
         row = scale_row(family, sigma, q, steps, delta)
         print_row(row)

@@ -298,7 +298,8 @@ def train(model, train_ids: np.ndarray, train_mask: np.ndarray, val_ids: np.ndar
         "per_example": dp.method,
         "steps": guard.steps_taken,
         "sampling_rate": engine.sampling_rate,
-        "expected_batch_size": engine.sampling_rate * n,
+        # the divisor of the noisy sum: q times the rows, or, in a person-unit run, the units
+        "expected_batch_size": dp.expected_batch_size if private else engine.sampling_rate * n,
         "epsilon_spent": float(guard.epsilon_spent()) if private else math.inf,
         "delta": float(table.delta) if table is not None else None,
         "certified_epsilon_of_table": certified_epsilon(table) if private else None,
