@@ -71,7 +71,7 @@ def _corpus(big_norm=100.0, n_small=9):
 
 
 def test_one_unit_of_200_rows_moves_the_weights_by_at_most_lr_C_over_q_n_units():
-    """Unit clipping bounds a unit: one of 200 aligned rows moves the weights by at most lr C / (q n_units)
+    """Unit clipping: one unit of 200 aligned rows moves the weights by at most lr C / (q n_units)
     plus the noise. Fails before unit clipping (the 200 rows were clipped one by one: 200x)."""
     lr, C = 0.5, 1.0
     x, ids = _corpus()
