@@ -774,3 +774,24 @@ def test_cli_refuses_pii_without_persons_by_index(stub_run, capsys):
     err = capsys.readouterr().err
     assert _one_line(err) and "has PII but no 'people' field" in err and secret not in err
     assert _nothing_left(stub_run)
+
+
+def test_summary_of_a_person_level_run_names_its_record_level_epsilon_and_dropped_canaries():
+    from finetune.evaluate import DROPPED_CANARIES
+    from finetune.evaluation.report import summary_text
+
+    person = dict(privacy_unit="person", person_epsilon=0.99981234, person_method="unit-level")
+    text = summary_text(_summary(record_epsilon=2.46107, audit_epsilon_lower_bound=0.1, **person))
+    head = text.splitlines()[0]
+    assert head.startswith("epsilon 0.9999 (delta 1e-05) per person; record-level epsilon 2.462")
+    assert "audit     one-run empirical eps >= 0.1 (95%), certified 2.462" in text
+    # a run that did not record one: said, and no record-level verdict drawn
+    text = summary_text(_summary(record_epsilon=None, mia_inside_dp_bound=None, **person))
+    assert "record-level epsilon not recorded by the run" in text.splitlines()[0]
+    assert "inside the DP bound" not in text.split("terms (one line each):")[0]
+    # a --multi-owner drop run never trained the exposure and audit canaries: n/a and why
+    text = summary_text(_summary(record_epsilon=2.46, canary_note=DROPPED_CANARIES,
+                                 audit_epsilon_lower_bound=None, canary_exposure_max=None, **person))
+    assert f"audit     {DROPPED_CANARIES}" in text
+    # a record-level run is unchanged
+    assert "per person" not in summary_text(_summary()).splitlines()[0]

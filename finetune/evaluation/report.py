@@ -464,6 +464,8 @@ def summary_text(s: dict, out_dir: str | None = None) -> str:
     lines = [f"epsilon {_rounded(eps)} (delta {_num(s['delta'], '{:g}')})"
              + ("" if eps is not None else " [non-private]")
              + ("" if eps is None or unit == "record" else
+                f" per {unit}; record-level epsilon not recorded by the run (no record-level limit below)"
+                if s.get("record_epsilon") is None else
                 f" per {unit}; record-level epsilon {_rounded(s.get('record_epsilon'))} (one record "
                 f"changed inside its {unit}: the MIA bound and the audit below are checked at it)"),
              f"  utility   val perplexity {_num(s['val_perplexity'], '{:.2f}')}{_at_seq_len(s)} (base "
