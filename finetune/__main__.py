@@ -667,7 +667,8 @@ def main(argv=None) -> int:
     if code:
         return code
     out = metrics.pop("_out")
-    eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} (delta {metrics['delta']:g})"
+    unit = metrics.get("privacy_unit") or "record"      # whose privacy the epsilon protects
+    eps_txt = (f"epsilon {metrics['epsilon_spent']:.4g} per {unit} (delta {metrics['delta']:g})"
                if metrics["private"] else "non-private")
     where = f"wrote {out}" if metrics.pop("_wrote", True) else "rank 0 writes the outputs"
     stopped = metrics.get("stopped_early")
@@ -685,7 +686,7 @@ def main(argv=None) -> int:
         eps_txt += (f", person-level epsilon {person:.4g} ({metrics.get('person_method')}{k})"
                     if person is not None else f", person-level epsilon not computed "
                     f"({metrics.get('person_method')})")
-        if metrics.get("privacy_unit") not in (None, "record"):
+        if unit != "record":
             from .dp.units import record_epsilon_text
 
             eps_txt += ", " + record_epsilon_text(metrics.get("record_epsilon"))

@@ -39,10 +39,12 @@ def _run(files, out, *extra):
                  "--out", str(out), "--seq-len", "24", "--micro-batch", "8", "--quiet", *extra])
 
 
-def test_cli_dp_lora_writes_adapter_ledger_and_metrics(files, tmp_path):
+def test_cli_dp_lora_writes_adapter_ledger_and_metrics(files, tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(files, out, "--method", "lora", "--lr", "0.01", "--log-private-stats") == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    # the summary says whose privacy the epsilon protects
+    assert f"epsilon {metrics['epsilon_spent']:.4g} per record (delta" in capsys.readouterr().out
     assert METRIC_KEYS | PRIVATE_KEYS <= set(metrics)
     assert set(metrics["private_stats_not_covered_by_epsilon"]) == PRIVATE_KEYS
     assert metrics["steps"] == 4 and metrics["private"] and metrics["per_example"] == "bookkeeping"

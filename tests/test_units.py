@@ -288,6 +288,7 @@ def test_cli_person_run_reports_person_epsilon_in_metrics_and_ledger(corpus, tmp
     assert ledger_json["record_epsilon"] == metrics["record_epsilon"] > metrics["person_epsilon"]
     out_text = capsys.readouterr().out
     assert "person-level epsilon" in out_text and "record-level epsilon" in out_text
+    assert f"epsilon {metrics['epsilon_spent']:.4g} per person (delta" in out_text     # whose epsilon
 
 
 @pytest.mark.parametrize("data, extra, message", [
