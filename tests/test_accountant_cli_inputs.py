@@ -134,8 +134,14 @@ def _table_with_steps(tmp_path, steps):
 
 @pytest.mark.slow
 def test_table_claiming_1e300_steps(tmp_path):
+    """A forged table (epsilon 2 claimed for 1e300 steps, valid checksum): re-certified, it costs far
+    more than it claims, which is exit code 3 and one line, never a traceback."""
     path = _table_with_steps(tmp_path, 1e300)
-    assert_number_or_one_line(run_cli("epsilon", "--noise", "table", "--table", path))
+    proc = run_cli("epsilon", "--noise", "table", "--table", path)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1, (proc.returncode, proc.stderr)
+    claimed, certified = re.search(r"claims ([0-9.e+]+), certified ([0-9.e+]+|inf)", proc.stderr).groups()
+    assert float(claimed) == 2 and float(certified) > 1e290
 
 
 def _special_files(tmp_path):

@@ -130,7 +130,9 @@ def test_tiny_rate_many_steps_certifies_close_to_prv_builtin():
     from prv_accountant import PRVAccountant
     from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
     cert = certify(Mechanism(Gaussian(1.0), sampling_rate=1e-5, steps=1_000_000), 1e-5)
-    acc = PRVAccountant(PoissonSubsampledGaussianMechanism(1e-5, 1.0), eps_error=1e-4,
+    # eps_error 1e-3 (interval [0.0359, 0.0379], 4.7 GB, 35 s): at 1e-4 the built-in's grid has
+    # about 280 million long-double points and the process outgrew a 24 GB machine
+    acc = PRVAccountant(PoissonSubsampledGaussianMechanism(1e-5, 1.0), eps_error=1e-3,
                         delta_error=1e-8, max_self_compositions=1_000_000)
     low, _, up = acc.compute_epsilon(1e-5, 1_000_000)
     assert cert.epsilon >= low
