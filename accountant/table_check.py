@@ -115,13 +115,18 @@ def _diff(a: float, b: float) -> float:
 
 
 def _mix(ell: np.ndarray, q: float) -> np.ndarray:
-    """log(1 - q + q e^l), increasing in l (no overflow for large l)."""
+    """log(1 - q + q e^l), increasing in l (no overflow for large l).  Where the sum is below 1/2
+    (q near 1 and l very negative) it is formed as logaddexp(log(1 - q), log q + l): log1p of
+    q (e^l - 1) would cancel there (at q = 1 - 2^-53 the argument is -1 to within its own
+    rounding)."""
     if q == 1:
         return ell
-    with np.errstate(over="ignore", invalid="ignore"):
-        small = np.log1p(q * np.expm1(np.minimum(ell, 700.0)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        x = q * np.expm1(np.minimum(ell, 700.0))
+        small = np.log1p(x)
+        low = np.logaddexp(math.log1p(-q), math.log(q) + np.minimum(ell, 0.0))
         large = ell + math.log(q) + np.log1p((1 - q) / q * np.exp(-np.maximum(ell, 700.0)))
-    return np.where(ell > 700, large, small)
+    return np.where(ell > 700, large, np.where(x < -0.5, low, small))
 
 
 def step_atoms(cells, q: float, direction: str) -> StepAtoms:

@@ -356,10 +356,12 @@ def test_near_atom_delta_at_epsilon_5_is_above_the_event_bound():
     assert delta_for_epsilon(Mechanism(tab, 1.0, "scalar", q, steps), 5.0) >= bound
 
 
-def optimistic_composition_epsilon(tab, q, steps, delta, direction, step=2e-3):
+def optimistic_composition_epsilon(tab, q, steps, delta, direction, step=2e-3, reach=60.0):
     """A lower bound on the epsilon of ``steps`` composed releases, independent of the library: the
     exact cells' loss rounded DOWN to a grid of ``step`` (a pointwise smaller loss gives a smaller
-    delta(eps) = E_upper[(1 - e^(eps - L))_+]), composed by FFT, round-off allowance 1e-12."""
+    delta(eps) = E_upper[(1 - e^(eps - L))_+]), losses above ``reach`` rounded down to it and below
+    ``-reach`` to -inf (a steep tail or a subnormal centre bin reaches losses of 1e6, whose grid
+    did not fit in memory), composed by FFT, round-off allowance 1e-12."""
     from scipy.signal import fftconvolve
 
     cells, outer = exact_cells(tab, 1.0)
@@ -386,8 +388,8 @@ def optimistic_composition_epsilon(tab, q, steps, delta, direction, step=2e-3):
             continue
         if loss == mpmath.inf:
             inf_mass += float(upper)
-        elif loss != -mpmath.inf:
-            losses.append(int(mpmath.floor(loss / step)))
+        elif loss >= -reach:        # below -reach: as if -inf (smaller, so still a lower bound)
+            losses.append(int(mpmath.floor(min(loss, reach) / step)))     # above reach: rounded down
             masses.append(float(upper))
     lo = min(losses)
     one = np.zeros(max(losses) - lo + 1)
