@@ -343,8 +343,10 @@ def test_cli_under_msrun_releases_once_and_matches_one_process(tmp_path):
     assert wrote == ["worker_0.log"]
     assert "rank 0 writes the outputs" in logs["worker_1.log"]
     assert "steps, epsilon" not in logs["scheduler.log"]  # the scheduler trained nothing
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
-        ["adapter.safetensors", "ledger.json", "metrics.json"]
+    # the same files as one process writes (the last training checkpoint included)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()) == \
+        ["adapter.safetensors", "checkpoint.safetensors", "ledger.json", "metrics.json"]
     assert not (tmp_path / "log" / "two").exists()
 
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
