@@ -498,16 +498,15 @@ def test_sigkill_at_random_moments_leaves_a_consistent_checkpoint(files, referen
     kills = 0
     for attempt in range(6):
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if attempt:  # wait for this session's first step, then kill at a random moment
-            ckpt = staging / run_dir.CHECKPOINT_NAME
-            before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
-            t0 = time.monotonic()
-            while (not ckpt.exists() or ckpt.stat().st_mtime_ns == before) and proc.poll() is None \
-                    and time.monotonic() - t0 < 300:
-                time.sleep(0.02)
-        else:
-            time.sleep(rnd.uniform(2.0, 20.0))
-        time.sleep(rnd.uniform(0.0, 1.5))
+        # wait for this session's first checkpoint (a run takes seconds), then kill at a random
+        # moment of the next steps and checkpoint writes
+        ckpt = staging / run_dir.CHECKPOINT_NAME
+        before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+        t0 = time.monotonic()
+        while (not ckpt.exists() or ckpt.stat().st_mtime_ns == before) and proc.poll() is None \
+                and time.monotonic() - t0 < 300:
+            time.sleep(0.005)
+        time.sleep(rnd.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
