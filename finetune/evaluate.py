@@ -430,10 +430,10 @@ def evaluate_runs(args, out_dir=None):
         private = bool(metrics.get("private", metrics.get("epsilon_spent") is not None))
         eps = metrics.get("epsilon_spent") if private else None
         delta = metrics.get("delta") if private else None
+        dropped = (metrics.get("run_args") or {}).get("multi_owner") == "drop"
         res = report.evaluate_model(sc_ft, sc_base, data, opts, epsilon=record_level_epsilon(metrics, eps),
-                                    delta=delta, progress=bar, person=person_privacy(metrics, eps, delta))
-        if (metrics.get("run_args") or {}).get("multi_owner") == "drop":
-            res["canaries"] = {"note": DROPPED_CANARIES}
+                                    delta=delta, progress=bar, person=person_privacy(metrics, eps, delta),
+                                    canary_note=DROPPED_CANARIES if dropped else None)
         results[run_dir] = (metrics, eps, delta, res)
 
     metrics, eps, delta, res = results[args.run]
