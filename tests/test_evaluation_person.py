@@ -168,3 +168,32 @@ def test_record_level_checks_of_a_unit_level_run_use_its_record_epsilon():
     assert record_level_epsilon({"privacy_unit": "record", "record_epsilon": 1.0}, 1.0) == 1.0
     assert record_level_epsilon({}, 0.5) == 0.5                                  # older record-level runs
     assert record_level_epsilon({"privacy_unit": "person", "record_epsilon": 2.46}, None) is None
+
+
+def test_canaries_a_drop_run_never_trained_are_skipped_but_per_person_canaries_are_scored():
+    """A --multi-owner drop run never sees the exposure and audit canaries (they name nobody): the
+    report says so instead of scoring them, and still scores the per-person canaries (each names
+    its person and is trained)."""
+    from finetune.evaluation import canary
+    from finetune.evaluation.report import EvalData, EvalOptions, canary_report
+
+    class Scorer:                           # log-perplexity: the trained secrets score lowest
+        def __init__(self, trained):
+            self.trained, self.calls = set(trained), 0
+
+        def log_perplexity(self, texts):
+            self.calls += 1
+            return np.array([0.0 if t in self.trained else 10.0 for t in texts])
+
+        def losses(self, texts):
+            raise AssertionError("the audit canaries of a drop run must not be scored")
+
+    secret = lambda i: canary.format_secret(i, 2)      # noqa: E731
+    persons = [canary.Canary(secret(i)) for i in (11, 22, 33, 44)]
+    data = EvalData(members=[], nonmembers=[], exposure_canaries=[canary.Canary(secret(55))],
+                    canary_digits=2, audit_canaries=["a", "b"], audit_included=[True, False],
+                    person_canaries=persons, person_canary_inserted=[True, True, False, False])
+    ft = Scorer([c.text for c in persons[:2]])
+    out = canary_report(ft, ft, data, EvalOptions(), 2.46, 1e-5, note="n/a: never trained")
+    assert out["note"] == "n/a: never trained" and "exposure" not in out and "one_run_audit" not in out
+    assert out["person"]["n_members"] == 2 and out["person"]["member_mean"] > out["person"]["never_seen_mean"]

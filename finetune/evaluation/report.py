@@ -176,9 +176,12 @@ def pii_extraction(ft, base, data: EvalData, opts: EvalOptions) -> dict:
     return res
 
 
-def canary_report(ft, base, data: EvalData, opts: EvalOptions, epsilon, delta) -> dict:
-    out = {}
-    if data.exposure_canaries:
+def canary_report(ft, base, data: EvalData, opts: EvalOptions, epsilon, delta,
+                  note: str | None = None) -> dict:
+    """Exposure canaries, the one-run audit and the per-person canaries; with ``note`` (the run
+    never trained the exposure and audit canaries) those two are skipped and ``note`` says why."""
+    out = {"note": note} if note else {}
+    if data.exposure_canaries and not note:
         rng = np.random.default_rng(opts.seed + 7)
         exp = canary.canary_exposures(ft.log_perplexity, data.exposure_canaries, data.canary_digits,
                                       rng, n_candidates=opts.canary_candidates)
@@ -187,7 +190,7 @@ def canary_report(ft, base, data: EvalData, opts: EvalOptions, epsilon, delta) -
                            "max_possible": math.log2(canary.space_size(data.canary_digits)),
                            "method": exp[0]["method"], "per_canary": [
                                {"exposure": e["exposure"], "logppl": e["logppl"]} for e in exp]}
-    if data.audit_canaries:
+    if data.audit_canaries and not note:
         # reference-calibrated membership score: how much fine-tuning lowered each canary's loss
         scores = membership.reference_calibrated_scores(ft.losses(data.audit_canaries),
                                                         base.losses(data.audit_canaries))
@@ -250,8 +253,7 @@ def evaluate_model(ft, base, data: EvalData, opts: EvalOptions, epsilon=None, de
              ("membership", lambda: membership_inference(ft, base, members, nonmembers, epsilon,
                                                          delta or 0.0, opts.alpha)),
              ("pii", lambda: pii_extraction(ft, base, data, opts)),
-             ("canaries", lambda: {"note": canary_note} if canary_note else
-              canary_report(ft, base, data, opts, epsilon, delta)),
+             ("canaries", lambda: canary_report(ft, base, data, opts, epsilon, delta, canary_note)),
              ("persons", lambda: person_membership_inference(ft, base, data, opts, person))]
     out = {}
     for name, fn in steps:
